@@ -1,0 +1,51 @@
+"""Domain errors raised by budgets.services, in the order admission checks them (§3.3)."""
+
+from __future__ import annotations
+
+from otari.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
+
+
+class UnknownUser(NotFound):
+    code = "user_not_found"
+    message = "User not found"
+
+
+class UserBlocked(PermissionDenied):
+    code = "user_blocked"
+    message = "User is blocked"
+
+
+class ModelNotAllowed(PermissionDenied):
+    code = "model_not_allowed"
+    message = "This API key or user may not use this model"
+
+
+class BudgetExceeded(PermissionDenied):
+    code = "budget_exceeded"
+    message = "Budget exceeded"
+
+
+class PricingMissing(GatewayError):
+    status = 402
+    code = "pricing_not_found"
+    message = "No price is configured for this model"
+
+
+class InvalidAPIKey(AuthenticationFailed):
+    code = "invalid_api_key"
+    message = "Invalid API key"
+
+
+class MissingAPIKey(AuthenticationFailed):
+    code = "missing_api_key"
+    message = "Missing API key: send Authorization: Bearer <key>"
+
+
+class InactiveAPIKey(AuthenticationFailed):
+    code = "api_key_inactive"
+    message = "API key is inactive"
+
+
+class ExpiredAPIKey(AuthenticationFailed):
+    code = "api_key_expired"
+    message = "API key has expired"

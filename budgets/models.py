@@ -1,0 +1,237 @@
+"""Budgets, the users they cap, their API keys, and the reservation ledger.
+
+Schema and tiny derived properties only; every write goes through budgets/services.py.
+Money columns are `MoneyField` (Decimal, CONTRACT §3.1) and the database itself refuses
+negative amounts.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from otari.fields import MoneyField
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class ResetAlignment(models.TextChoices):
+    CALENDAR_DAY = "calendar_day", "Calendar day (UTC)"
+    CALENDAR_WEEK = "calendar_week", "Calendar week (UTC, from Monday)"
+    CALENDAR_MONTH = "calendar_month", "Calendar month (UTC)"
+
+
+class Budget(models.Model):
+    """A spending cap and its period. Shared by several users, it caps each separately."""
+
+    budget_id = models.CharField(primary_key=True, max_length=64, default=_new_id)
+    name = models.CharField(max_length=200, blank=True, default="")
+    # Null: uncapped, spend is tracked only.
+    max_budget_usd = MoneyField(null=True, blank=True)
+    budget_duration_sec = models.PositiveBigIntegerField(null=True, blank=True)
+    # Null (not ""): the check constraint below tests for "no alignment" with IS NULL.
+    reset_alignment = models.CharField(  # noqa: DJ001
+        max_length=20, choices=ResetAlignment.choices, null=True, blank=True
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(max_budget_usd__isnull=True)
+                | Q(max_budget_usd__gte=0, max_budget_usd__lte=settings.MONEY_MAX_USD),
+                name="budget_max_budget_in_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(budget_duration_sec__isnull=True) | Q(budget_duration_sec__gt=0),
+                name="budget_duration_positive",
+            ),
+            models.CheckConstraint(
+                condition=Q(budget_duration_sec__isnull=True) | Q(reset_alignment__isnull=True),
+                name="budget_one_kind_of_period",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or self.budget_id
+
+    @property
+    def has_period(self) -> bool:
+        return bool(self.budget_duration_sec) or bool(self.reset_alignment)
+
+
+class GatewayUser(models.Model):
+    """Who is billed. `spend` is this period's settled cost, `reserved` its open holds."""
+
+    user_id = models.CharField(primary_key=True, max_length=255)
+    alias = models.CharField(max_length=255, blank=True, default="")
+    budget = models.ForeignKey(
+        Budget, on_delete=models.PROTECT, null=True, blank=True, related_name="users"
+    )
+    blocked = models.BooleanField(default=False)
+    # Null: any model; []: none; entries "provider:model" or "provider:*".
+    allowed_models = models.JSONField(null=True, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+
+    spend_usd = MoneyField()
+    reserved_usd = MoneyField()
+    lifetime_spend_usd = MoneyField()
+    budget_started_at = models.DateTimeField(null=True, blank=True)
+    next_budget_reset_at = models.DateTimeField(null=True, blank=True)
+    # A temporary top-up raises this user's limit by `topup_usd` until `topup_expires_at`.
+    topup_usd = MoneyField()
+    topup_expires_at = models.DateTimeField(null=True, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        verbose_name = "user"
+        constraints = [
+            models.CheckConstraint(condition=Q(spend_usd__gte=0), name="user_spend_nonnegative"),
+            models.CheckConstraint(
+                condition=Q(reserved_usd__gte=0), name="user_reserved_nonnegative"
+            ),
+            models.CheckConstraint(
+                condition=Q(lifetime_spend_usd__gte=0), name="user_lifetime_spend_nonnegative"
+            ),
+            models.CheckConstraint(
+                condition=Q(topup_usd__gte=0, topup_usd__lte=settings.MONEY_MAX_USD),
+                name="user_topup_in_range",
+            ),
+        ]
+        indexes = [
+            # The reset sweep looks for due windows.
+            models.Index(
+                fields=["next_budget_reset_at"],
+                condition=Q(next_budget_reset_at__isnull=False),
+                name="user_due_reset_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.alias or self.user_id
+
+    @property
+    def is_deleted(self) -> bool:
+        return self.deleted_at is not None
+
+
+class Hold(models.Model):
+    """One request's reservation: taken before the provider call, closed exactly once.
+
+    open -> settled | refunded | expired, and expired -> settled for a request that
+    finished after the sweeper released its hold (its cost is still charged).
+    """
+
+    class Status(models.TextChoices):
+        OPEN = "open"
+        SETTLED = "settled"
+        REFUNDED = "refunded"
+        EXPIRED = "expired"
+
+    # The request's id: also the usage row's id and the X-Otari-Request-Id header.
+    request_id = models.UUIDField(primary_key=True)
+    user = models.ForeignKey(GatewayUser, on_delete=models.PROTECT, related_name="holds")
+    amount_usd = MoneyField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.OPEN)
+    model_key = models.CharField(max_length=255, blank=True, default="")
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount_usd__gte=0), name="hold_amount_nonnegative"),
+            models.CheckConstraint(
+                condition=Q(status__in=["open", "settled", "refunded", "expired"]),
+                name="hold_status_valid",
+            ),
+        ]
+        indexes = [
+            # The sweeper's query: open holds past their expiry.
+            models.Index(
+                fields=["expires_at"], condition=Q(status="open"), name="hold_open_expiry_idx"
+            ),
+            models.Index(fields=["user", "status"], name="hold_user_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.status} ${self.amount_usd}"
+
+
+class BudgetResetLog(models.Model):
+    """A period roll of one user: what they had spent and the window that began."""
+
+    user = models.ForeignKey(GatewayUser, on_delete=models.PROTECT, related_name="reset_logs")
+    # History outlives edits: no database constraint, so deleting a budget keeps its logs.
+    budget = models.ForeignKey(
+        Budget,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        related_name="reset_logs",
+    )
+    previous_spend_usd = MoneyField()
+    reset_at = models.DateTimeField()
+    next_reset_at = models.DateTimeField(null=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-reset_at"]
+        verbose_name = "budget reset"
+        constraints = [
+            # Belt and braces for the compare-and-swap in budgets.services: a window can
+            # only begin once for a user.
+            models.UniqueConstraint(fields=["user", "reset_at"], name="reset_log_once_per_window"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} reset at {self.reset_at:%Y-%m-%d %H:%M}"
+
+
+class APIKey(models.Model):
+    """A `gw-` key. Only its SHA-256 is stored; the secret is shown once at creation."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    user = models.ForeignKey(GatewayUser, on_delete=models.PROTECT, related_name="api_keys")
+    key_hash = models.CharField(max_length=64, unique=True)
+    key_prefix = models.CharField(max_length=10)
+    key_suffix = models.CharField(max_length=4, blank=True, default="")
+    key_name = models.CharField(max_length=200, blank=True, default="")
+    is_active = models.BooleanField(default=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    allowed_models = models.JSONField(null=True, blank=True)
+    # Cost is logged, never held or charged.
+    exclude_from_budget = models.BooleanField(default=False)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.key_prefix}… ({self.key_name or self.user_id})"
+
+
+class MasterKey(models.Model):
+    """The SHA-256 of a master key generated on first start (when OTARI_MASTER_KEY is unset)."""
+
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"master key created {self.created_at:%Y-%m-%d}"

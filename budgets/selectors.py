@@ -1,0 +1,200 @@
+"""Reads. `caller_load` is the hot path's first statement: who is calling, what their
+budget looks like, and the model's current price, in one round trip."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from asgiref.sync import sync_to_async
+
+from budgets.models import APIKey, GatewayUser
+from otari import pgpool
+from usage.models import ModelPricing
+from usage.pricing import Rates
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A generation request's caller, as of the moment it was loaded."""
+
+    user_id: str
+    blocked: bool
+    deleted: bool
+    user_allowed_models: list[str] | None
+    budget_id: str | None
+    max_budget_usd: Decimal | None
+    spend_usd: Decimal
+    reserved_usd: Decimal
+    next_budget_reset_at: datetime | None
+    topup_usd: Decimal
+    topup_expires_at: datetime | None
+    # The key it came with; None when the master key named the user.
+    api_key_id: uuid.UUID | None = None
+    key_active: bool = True
+    key_expires_at: datetime | None = None
+    key_allowed_models: list[str] | None = None
+    exclude_from_budget: bool = False
+    # The model's price as of now; None when it has no price row.
+    rates: Rates | None = None
+
+    @property
+    def allowed_models(self) -> list[str] | None:
+        """The key's list when it has one, else the user's (keys inherit it)."""
+        if self.key_allowed_models is not None:
+            return self.key_allowed_models
+        return self.user_allowed_models
+
+    def limit_usd(self, now: datetime) -> Decimal | None:
+        """The cap admission checks against: the budget plus a live top-up; None = uncapped."""
+        if self.max_budget_usd is None:
+            return None
+        if self.topup_expires_at is not None and self.topup_expires_at > now:
+            return self.max_budget_usd + self.topup_usd
+        return self.max_budget_usd
+
+
+_CALLER_COLUMNS = """
+    u.user_id, u.blocked, u.deleted_at, u.allowed_models AS user_allowed_models,
+    u.budget_id, b.max_budget_usd, u.spend_usd, u.reserved_usd, u.next_budget_reset_at,
+    u.topup_usd, u.topup_expires_at,
+    p.input_price_per_mtok_usd, p.output_price_per_mtok_usd,
+    p.cache_read_price_per_mtok_usd, p.cache_write_price_per_mtok_usd
+"""
+# The current price: the newest version that is already in effect.
+_PRICE_JOIN = """
+    LEFT JOIN budgets_budget b ON b.budget_id = u.budget_id
+    LEFT JOIN LATERAL (
+        SELECT * FROM usage_modelpricing
+        WHERE model_key = %(model_key)s AND effective_at <= %(now)s
+        ORDER BY effective_at DESC LIMIT 1
+    ) p ON TRUE
+"""
+_CALLER_BY_KEY_SQL = f"""
+SELECT {_CALLER_COLUMNS},
+       k.id AS api_key_id, k.is_active, k.expires_at AS key_expires_at,
+       k.allowed_models AS key_allowed_models, k.exclude_from_budget
+FROM budgets_apikey k
+JOIN budgets_gatewayuser u ON u.user_id = k.user_id
+{_PRICE_JOIN}
+WHERE k.key_hash = %(key_hash)s
+"""
+_CALLER_BY_USER_SQL = f"""
+SELECT {_CALLER_COLUMNS}
+FROM budgets_gatewayuser u
+{_PRICE_JOIN}
+WHERE u.user_id = %(user_id)s
+"""
+
+
+def _rates_from_row(row: dict[str, Any]) -> Rates | None:
+    if row["input_price_per_mtok_usd"] is None:
+        return None
+    return Rates(
+        input_per_mtok=row["input_price_per_mtok_usd"],
+        output_per_mtok=row["output_price_per_mtok_usd"],
+        cache_read_per_mtok=row["cache_read_price_per_mtok_usd"],
+        cache_write_per_mtok=row["cache_write_price_per_mtok_usd"],
+    )
+
+
+def _json_list(value: Any) -> list[str] | None:
+    # psycopg decodes jsonb; keep this tolerant of a text column all the same.
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _caller_from_row(row: dict[str, Any]) -> Caller:
+    return Caller(
+        user_id=row["user_id"],
+        blocked=row["blocked"],
+        deleted=row["deleted_at"] is not None,
+        user_allowed_models=_json_list(row["user_allowed_models"]),
+        budget_id=row["budget_id"],
+        max_budget_usd=row["max_budget_usd"],
+        spend_usd=row["spend_usd"],
+        reserved_usd=row["reserved_usd"],
+        next_budget_reset_at=row["next_budget_reset_at"],
+        topup_usd=row["topup_usd"],
+        topup_expires_at=row["topup_expires_at"],
+        api_key_id=row.get("api_key_id"),
+        key_active=row.get("is_active", True),
+        key_expires_at=row.get("key_expires_at"),
+        key_allowed_models=_json_list(row.get("key_allowed_models")),
+        exclude_from_budget=row.get("exclude_from_budget", False),
+        rates=_rates_from_row(row),
+    )
+
+
+def price_at(model_key: str, moment: datetime) -> ModelPricing | None:
+    """The price version in effect for `model_key` at `moment`."""
+    return (
+        ModelPricing.objects.filter(model_key=model_key, effective_at__lte=moment)
+        .order_by("-effective_at")
+        .first()
+    )
+
+
+def _caller_load_orm(
+    *, key_hash: str | None, user_id: str | None, model_key: str, now: datetime
+) -> Caller | None:
+    key: APIKey | None = None
+    if key_hash is not None:
+        key = APIKey.objects.filter(key_hash=key_hash).select_related("user__budget").first()
+        if key is None:
+            return None
+        user = key.user
+    else:
+        user = GatewayUser.objects.filter(pk=user_id).select_related("budget").first()
+        if user is None:
+            return None
+    price = price_at(model_key, now)
+    row: dict[str, Any] = {
+        "user_id": user.user_id,
+        "blocked": user.blocked,
+        "deleted_at": user.deleted_at,
+        "user_allowed_models": user.allowed_models,
+        "budget_id": user.budget_id,
+        "max_budget_usd": user.budget.max_budget_usd if user.budget else None,
+        "spend_usd": user.spend_usd,
+        "reserved_usd": user.reserved_usd,
+        "next_budget_reset_at": user.next_budget_reset_at,
+        "topup_usd": user.topup_usd,
+        "topup_expires_at": user.topup_expires_at,
+        "input_price_per_mtok_usd": price.input_price_per_mtok_usd if price else None,
+        "output_price_per_mtok_usd": price.output_price_per_mtok_usd if price else None,
+        "cache_read_price_per_mtok_usd": price.cache_read_price_per_mtok_usd if price else None,
+        "cache_write_price_per_mtok_usd": price.cache_write_price_per_mtok_usd if price else None,
+    }
+    if key is not None:
+        row.update(
+            api_key_id=key.id,
+            is_active=key.is_active,
+            key_expires_at=key.expires_at,
+            key_allowed_models=key.allowed_models,
+            exclude_from_budget=key.exclude_from_budget,
+        )
+    return _caller_from_row(row)
+
+
+async def caller_load(
+    *, key_hash: str | None = None, user_id: str | None = None, model_key: str, now: datetime
+) -> Caller | None:
+    """The caller behind an API key hash (or a user id named by the master key), or None.
+
+    Read without locks: admission re-checks the money under a lock, so a stale read here
+    can only make a request fail the fast path and take the general one.
+    """
+    if pgpool.enabled():
+        if key_hash is not None:
+            sql, params = _CALLER_BY_KEY_SQL, {"key_hash": key_hash}
+        else:
+            sql, params = _CALLER_BY_USER_SQL, {"user_id": user_id}
+        row = await pgpool.fetchone(sql, {**params, "model_key": model_key, "now": now})
+        return _caller_from_row(row) if row else None
+    return await sync_to_async(_caller_load_orm)(
+        key_hash=key_hash, user_id=user_id, model_key=model_key, now=now
+    )

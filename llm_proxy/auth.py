@@ -1,0 +1,109 @@
+"""Who is calling a generation endpoint (CONTRACT §1)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from asgiref.sync import sync_to_async
+
+from budgets import services
+from budgets.exceptions import (
+    ExpiredAPIKey,
+    InactiveAPIKey,
+    InvalidAPIKey,
+    MissingAPIKey,
+    UnknownUser,
+)
+from budgets.selectors import Caller, caller_load
+from otari.exceptions import BadRequest
+
+if TYPE_CHECKING:
+    from django.http import HttpRequest
+
+
+def credential_from_headers(request: HttpRequest) -> str:
+    """The presented secret: `Otari-Key` (optionally `Bearer ...`), then
+    `Authorization: Bearer ...`, then `x-api-key` (what the Anthropic SDK sends)."""
+    headers = request.headers
+    otari_key = headers.get("Otari-Key", "").strip()
+    if otari_key:
+        return otari_key[7:].strip() if otari_key[:7].lower() == "bearer " else otari_key
+    authorization = headers.get("Authorization", "").strip()
+    if authorization[:7].lower() == "bearer " and authorization[7:].strip():
+        return authorization[7:].strip()
+    api_key = headers.get("x-api-key", "").strip()
+    if api_key:
+        return api_key
+    raise MissingAPIKey
+
+
+async def authenticate(
+    *, credential: str, named_user: str | None, model_key: str, now: datetime
+) -> Caller:
+    """The caller behind a credential, with the model's current price.
+
+    A `gw-` key bills its own user. The master key bills the user the request names
+    (400 without one, 404 for an unknown one). Anything else is a 401 whose message says
+    what was wrong with the key, never the key.
+    """
+    if credential.startswith(services.API_KEY_PREFIX):
+        caller = await _caller_load(
+            key_hash=services.secret_hash(credential), model_key=model_key, now=now
+        )
+        if caller is None:
+            raise InvalidAPIKey
+        if not caller.key_active or caller.deleted:
+            raise InactiveAPIKey
+        if caller.key_expires_at is not None and caller.key_expires_at <= now:
+            raise ExpiredAPIKey
+        return caller
+    if await sync_to_async(services.master_key_matches)(credential):
+        if named_user is None:
+            raise BadRequest(
+                "Requests made with the master key must name the user to bill",
+                code="user_required",
+                param="user",
+            )
+        caller = await _caller_load(user_id=named_user, model_key=model_key, now=now)
+        if caller is None or caller.deleted:
+            raise UnknownUser
+        return caller
+    raise InvalidAPIKey
+
+
+async def _caller_load(
+    *, key_hash: str | None = None, user_id: str | None = None, model_key: str, now: datetime
+) -> Caller | None:
+    caller = await caller_load(key_hash=key_hash, user_id=user_id, model_key=model_key, now=now)
+    if (
+        caller is not None
+        and caller.next_budget_reset_at is not None
+        and (caller.next_budget_reset_at <= now)
+    ):
+        # The user's period has ended: roll it before anything judges the budget (§3.3).
+        await sync_to_async(services.user_period_roll)(user_id=caller.user_id, now=now)
+        caller = await caller_load(key_hash=key_hash, user_id=user_id, model_key=model_key, now=now)
+    return caller
+
+
+async def authenticate_listing(*, credential: str, now: datetime) -> Caller | None:
+    """For endpoints that bill nobody (`GET /v1/models`): the key's caller, or None for
+    the master key."""
+    if credential.startswith(services.API_KEY_PREFIX):
+        return await authenticate(credential=credential, named_user=None, model_key="", now=now)
+    if await sync_to_async(services.master_key_matches)(credential):
+        return None
+    raise InvalidAPIKey
+
+
+def model_allowed(allowed: list[str] | None, model_key: str) -> bool:
+    """Null allows any model, [] none; entries are `provider:model` or end in `*`."""
+    if allowed is None:
+        return True
+    for entry in allowed:
+        if not isinstance(entry, str):
+            continue
+        if entry == model_key or (entry.endswith("*") and model_key.startswith(entry[:-1])):
+            return True
+    return False

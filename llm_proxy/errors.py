@@ -1,0 +1,182 @@
+"""Errors on the generation endpoints: provider failures, redaction, and rendering in the
+wire shape of the API that was called (CONTRACT §2).
+
+OpenAI-style routes: `{"error": {"message", "type", "code", "param"}}`.
+Anthropic route:     `{"type": "error", "error": {"type", "message"}}`.
+Both official SDKs map these by HTTP status to their typed errors (AuthenticationError,
+PermissionDeniedError, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from django.http import HttpResponse
+
+from otari.exceptions import GatewayError
+
+ErrorStyle = Literal["openai", "anthropic"]
+
+
+class ProviderError(GatewayError):
+    """The upstream failed before the response was committed to the client."""
+
+    status = 502
+    code = "provider_error"
+    message = "LLM provider error"
+
+
+class ProviderTimeout(ProviderError):
+    status = 504
+    code = "provider_timeout"
+    message = "The LLM provider timed out"
+
+
+class ProviderUnreachable(ProviderError):
+    code = "provider_unreachable"
+    message = "LLM provider error: could not connect"
+
+
+class ProviderCredentialsRejected(ProviderError):
+    code = "provider_auth_error"
+    message = "The provider rejected the gateway's credentials"
+
+
+class ProviderRejectedRequest(ProviderError):
+    status = 400
+    code = "provider_invalid_request"
+
+
+class ProviderNotFound(ProviderError):
+    status = 404
+    code = "provider_not_found"
+
+
+class ProviderRateLimited(ProviderError):
+    status = 429
+    code = "provider_rate_limited"
+    message = "The LLM provider is rate limiting requests; retry later"
+
+
+# --- Redaction -----------------------------------------------------------------------------
+
+_MAX_MESSAGE_CHARS = 400
+_REDACTIONS = (
+    # URLs (they can carry hosts, paths and query tokens).
+    re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE),
+    # Bearer credentials and anything shaped like an API key or token.
+    re.compile(r"\bBearer\s+\S+", re.IGNORECASE),
+    re.compile(r"\b(?:sk|pk|gw|otari-mk|key|tok|rk)[-_][A-Za-z0-9_\-]{6,}", re.IGNORECASE),
+    # Long unbroken secrets without a known prefix.
+    re.compile(r"\b[A-Za-z0-9_\-]{32,}\b"),
+)
+
+
+def redact(message: str, *, secrets: list[str] = (), echoes: list[str] = ()) -> str:
+    """Make a provider's error message safe to show the caller: no keys, tokens or URLs,
+    no echo of the prompt (`echoes`: the request's texts), at most 400 characters."""
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "[redacted]")
+    for text in echoes:
+        # Only texts long enough to be worth hiding and unlikely to be common words.
+        if len(text) >= 12:
+            message = message.replace(text, "[prompt]")
+    for pattern in _REDACTIONS:
+        message = pattern.sub("[redacted]", message)
+    message = " ".join(message.split())
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = message[: _MAX_MESSAGE_CHARS - 1] + "…"
+    return message or "The provider rejected the request"
+
+
+def provider_error_message(body: bytes) -> str:
+    """The human message in an upstream error body of either wire shape."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return ""
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str):
+            return error
+        if isinstance(parsed.get("message"), str):
+            return parsed["message"]
+    return ""
+
+
+def provider_error_for_status(
+    status: int,
+    body: bytes,
+    *,
+    retry_after: str | None,
+    secrets: list[str],
+    echoes: list[str],
+) -> ProviderError:
+    """Map an upstream error status to what the caller sees (CONTRACT §2)."""
+    if status in (400, 422):
+        message = redact(provider_error_message(body), secrets=secrets, echoes=echoes)
+        return ProviderRejectedRequest(message)
+    if status == 404:
+        message = redact(provider_error_message(body), secrets=secrets, echoes=echoes)
+        return ProviderNotFound(message or "The provider does not know this model")
+    if status == 429:
+        return ProviderRateLimited(headers={"Retry-After": retry_after} if retry_after else {})
+    if status in (401, 403):
+        return ProviderCredentialsRejected()
+    return ProviderError()
+
+
+# --- Rendering -----------------------------------------------------------------------------
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+
+
+def error_body(exc: GatewayError, style: ErrorStyle) -> dict:
+    if style == "anthropic":
+        error_type = _ANTHROPIC_TYPES.get(exc.status, "api_error")
+        return {"type": "error", "error": {"type": error_type, "message": exc.message}}
+    fallback = "server_error" if exc.status >= 500 else "api_error"
+    error_type = _OPENAI_TYPES.get(exc.status, fallback)
+    return {
+        "error": {
+            "message": exc.message,
+            "type": error_type,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
+
+
+def error_response(
+    exc: GatewayError, style: ErrorStyle, headers: dict[str, str] | None = None
+) -> HttpResponse:
+    content = json.dumps(error_body(exc, style)).encode()
+    response = HttpResponse(content, status=exc.status, content_type="application/json")
+    # Set here because generation routes run without CommonMiddleware (otari/asgi.py).
+    response["Content-Length"] = str(len(content))
+    for name, value in {**exc.headers, **(headers or {})}.items():
+        response[name] = value
+    return response

@@ -1,0 +1,162 @@
+"""OpenAI Chat Completions (`POST /v1/chat/completions`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from llm_proxy.formats.base import ApiFormat, as_int, require, text_length
+from llm_proxy.streaming import SSEEvent, format_event
+from usage.pricing import TokenUsage
+
+# Cheap byte-level checks, so that only the chunks that matter are parsed as JSON.
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
+_DONE = b"[DONE]"
+
+
+def usage_from_chat(usage: Any) -> TokenUsage | None:
+    """OpenAI counts cached prompt tokens inside prompt_tokens; split them out."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = as_int(usage.get("prompt_tokens"))
+    details = usage.get("prompt_tokens_details")
+    cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = min(cached, prompt)
+    return TokenUsage(
+        input_tokens=prompt - cached,
+        output_tokens=as_int(usage.get("completion_tokens")),
+        cache_read_tokens=cached,
+    )
+
+
+def _message_output_chars(message: Any) -> int:
+    if not isinstance(message, dict):
+        return 0
+    total = text_length(message.get("content"))
+    for call in message.get("tool_calls") or ():
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            arguments = call["function"].get("arguments")
+            total += len(arguments) if isinstance(arguments, str) else 0
+    return total
+
+
+class ChatFormat(ApiFormat):
+    name = "chat"
+    endpoint = "/v1/chat/completions"
+    error_style = "openai"
+    max_output_fields = ("max_completion_tokens", "max_tokens")
+
+    def validate(self, body: dict[str, Any]) -> None:
+        messages = body.get("messages")
+        require(
+            isinstance(messages, list) and bool(messages),
+            "messages must be a non-empty array",
+            "messages",
+        )
+        for message in messages:
+            require(
+                isinstance(message, dict) and isinstance(message.get("role"), str),
+                "each message must be an object with a string role",
+                "messages",
+            )
+        require(isinstance(body.get("stream", False), bool), "stream must be a boolean", "stream")
+        for field in self.max_output_fields:
+            value = body.get(field)
+            require(
+                value is None
+                or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+                f"{field} must be a positive integer",
+                field,
+            )
+
+    def prompt_texts(self, body: dict[str, Any]) -> list[str]:
+        texts: list[str] = []
+        for message in body.get("messages") or ():
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):
+                texts.extend(
+                    part["text"]
+                    for part in content
+                    if isinstance(part, dict) and isinstance(part.get("text"), str)
+                )
+        return texts
+
+    def upstream_body(self, body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
+        upstream = {**body, "model": model}
+        if stream and "stream_options" not in body:
+            # Without it OpenAI sends no usage in a stream, and the request could only be
+            # charged its estimate (CONTRACT §2).
+            upstream["stream_options"] = {"include_usage": True}
+        return upstream
+
+    def usage_from_body(self, body: dict[str, Any]) -> TokenUsage | None:
+        return usage_from_chat(body.get("usage"))
+
+    def output_chars_from_body(self, body: dict[str, Any]) -> int:
+        return sum(
+            _message_output_chars(choice.get("message"))
+            for choice in body.get("choices") or ()
+            if isinstance(choice, dict)
+        )
+
+    def stream_codec(self) -> ChatStreamCodec:
+        return ChatStreamCodec()
+
+
+class ChatStreamCodec:
+    """Chat chunks pass through unchanged; `data: [DONE]` is held back for settlement."""
+
+    keepalive = b": keepalive\n\n"
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.finished = False
+        self._saw_finish_reason = False
+        self._delivered: list[bytes] = []
+
+    @property
+    def complete(self) -> bool:
+        return self.finished or self._saw_finish_reason or self.usage is not None
+
+    def transform(self, event: SSEEvent) -> bytes:
+        data = event.data
+        if data == _DONE:
+            self.finished = True
+            return b""
+        if _FINISH.search(data):
+            self._saw_finish_reason = True
+        if _USAGE.search(data):
+            chunk = event.json()
+            if chunk is not None:
+                self.usage = usage_from_chat(chunk.get("usage")) or self.usage
+        self._delivered.append(data)
+        return event.raw
+
+    def closing(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def error_event(self) -> bytes:
+        return (
+            format_event(
+                {"error": {"message": "An error occurred during streaming", "type": "server_error"}}
+            )
+            + self.closing()
+        )
+
+    def output_chars(self) -> int:
+        total = 0
+        for data in self._delivered:
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                continue
+            for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
+                if isinstance(choice, dict):
+                    total += _message_output_chars(choice.get("delta"))
+        return total

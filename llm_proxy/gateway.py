@@ -1,0 +1,602 @@
+"""One generation request through the gateway: admit, call the provider, close the books.
+
+    authenticate -> admission checks (§3.3) -> hold -> provider call -> settle | refund
+
+Every path out of `handle` closes the request exactly once through `Exchange`: settle
+(charge), refund (release), or, for requests refused before a hold, a usage row alone.
+Database work per successful request: three statements on PostgreSQL (load the caller
+with the model's price; open the hold; settle with the usage row).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.request import RawPostDataException
+from django.utils import timezone
+
+from budgets import services
+from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
+from budgets.selectors import Caller
+from llm_proxy import upstream
+from llm_proxy.auth import (
+    authenticate,
+    authenticate_listing,
+    credential_from_headers,
+    model_allowed,
+)
+from llm_proxy.errors import (
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnreachable,
+    error_response,
+    provider_error_for_status,
+)
+from llm_proxy.providers import resolve_model
+from llm_proxy.streaming import relay
+from otari.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
+from usage.models import UsageLog
+from usage.pricing import TokenUsage, cost_usd, estimate_usd, prompt_tokens_from_chars
+from usage.selectors import prices_current
+
+if TYPE_CHECKING:
+    from budgets.services import BudgetState
+    from llm_proxy.formats.base import ApiFormat
+    from llm_proxy.providers.base import Provider
+    from llm_proxy.streaming import StreamCodec
+    from usage.pricing import Rates
+
+logger = logging.getLogger(__name__)
+
+# Closing tasks run to completion even when the request that started them is cancelled
+# (client disconnect); the event loop only keeps weak references to tasks.
+_closing_tasks: set[asyncio.Task] = set()
+
+# Status codes recorded for endings that have no HTTP status of their own.
+STATUS_CLIENT_CLOSED = 499  # the client went away (nginx's convention)
+STATUS_STREAM_BROKEN = 502  # the upstream broke after the stream was committed
+
+
+@dataclass(eq=False)
+class Exchange:
+    """A request that has been admitted: its caller, route, price and hold."""
+
+    request_id: uuid.UUID
+    fmt: ApiFormat
+    caller: Caller
+    provider: Provider
+    model: str
+    model_key: str
+    prompt_chars: int
+    prompt_texts: list[str]
+    started: float
+    rates: Rates | None
+    estimate_usd: Decimal
+    held: bool
+    budget_state: BudgetState | None
+    body: dict[str, Any] = field(repr=False)
+    # The cost charged at settlement (None until then, or when the model has no price).
+    charged_usd: Decimal | None = None
+    _closing: asyncio.Future | None = field(default=None, repr=False)
+
+    @property
+    def counts_toward_budget(self) -> bool:
+        return not self.caller.exclude_from_budget
+
+    def latency_ms(self) -> int:
+        return int((time.perf_counter() - self.started) * 1000)
+
+    def cost_of(self, usage: TokenUsage | None) -> Decimal | None:
+        if self.rates is None or usage is None:
+            return None
+        return cost_usd(usage, self.rates)
+
+    def _record(
+        self,
+        *,
+        status: str,
+        status_code: int | None,
+        usage: TokenUsage | None = None,
+        cost: Decimal | None = None,
+        error_message: str = "",
+    ) -> services.UsageRecord:
+        return services.UsageRecord(
+            request_id=self.request_id,
+            user_id=self.caller.user_id,
+            api_key_id=self.caller.api_key_id,
+            endpoint=self.fmt.endpoint,
+            provider=self.provider.name,
+            model=self.model,
+            status=status,
+            status_code=status_code,
+            usage=usage,
+            cost_usd=cost,
+            counts_toward_budget=self.counts_toward_budget,
+            error_message=error_message,
+            latency_ms=self.latency_ms(),
+        )
+
+    def _close_once(self, close: Callable[[], Awaitable[Any]]) -> asyncio.Future:
+        """Run the first close of this request, shielded; later calls await that one.
+
+        Shielded: Django cancels the response task when the client disconnects, and a
+        settlement cut off half-way would leave the hold open until the sweeper.
+        """
+        if self._closing is None:
+            self._closing = _track(close())
+        return asyncio.shield(self._closing)
+
+    async def settle(
+        self,
+        usage: TokenUsage | None,
+        *,
+        status: str = UsageLog.Status.SUCCESS,
+        status_code: int = 200,
+        error_message: str = "",
+    ) -> None:
+        """Charge the request's cost and release its hold."""
+        record = self._record(
+            status=status,
+            status_code=status_code,
+            usage=usage,
+            cost=self.cost_of(usage),
+            error_message=error_message,
+        )
+        self.charged_usd = record.cost_usd
+
+        async def close() -> None:
+            now = timezone.now()
+            if self.held:
+                state = await services.hold_settle_async(record=record, now=now)
+                if state is not None:
+                    self.budget_state = state
+            else:
+                await services.usage_record_async(record=record, now=now)
+
+        await self._close_once(close)
+
+    async def refund(self, exc: GatewayError, *, status: str = UsageLog.Status.ERROR) -> None:
+        """Release the hold without charging; the usage row says why."""
+        record = self._record(status=status, status_code=exc.status, error_message=exc.message)
+
+        async def close() -> None:
+            now = timezone.now()
+            if self.held:
+                await services.hold_refund_async(record=record, now=now)
+            else:
+                await services.usage_record_async(record=record, now=now)
+
+        await self._close_once(close)
+
+    # --- the endings of a committed stream -------------------------------------------------
+
+    def _delivered_usage(self, codec: StreamCodec) -> TokenUsage:
+        """What a stream that ended early consumed: its usage if the provider sent it,
+        else the prompt estimate plus the output the client was sent."""
+        if codec.usage is not None and codec.usage.output_tokens:
+            return codec.usage
+        input_tokens = (
+            codec.usage.input_tokens
+            if codec.usage is not None
+            else prompt_tokens_from_chars(self.prompt_chars)
+        )
+        return TokenUsage(
+            input_tokens=input_tokens,
+            output_tokens=prompt_tokens_from_chars(codec.output_chars()),
+            cache_read_tokens=codec.usage.cache_read_tokens if codec.usage else 0,
+            cache_write_tokens=codec.usage.cache_write_tokens if codec.usage else 0,
+        )
+
+    async def settle_complete(self, usage: TokenUsage | None, output_chars: int) -> None:
+        """Settle a finished answer; without reported usage, apply
+        OTARI_STREAM_MISSING_USAGE: charge the estimate (default), nothing, or the
+        estimate on an error row."""
+        if usage is not None:
+            await self.settle(usage)
+            return
+        policy = settings.OTARI_STREAM_MISSING_USAGE
+        message = "The provider reported no usage; charged the estimate"
+        if policy == "free":
+            await self.settle(TokenUsage(), error_message="The provider reported no usage")
+            return
+        estimated = TokenUsage(
+            input_tokens=prompt_tokens_from_chars(self.prompt_chars),
+            output_tokens=max(prompt_tokens_from_chars(output_chars), self._max_output_tokens()),
+        )
+        if policy == "fail":
+            await self.settle(
+                estimated, status=UsageLog.Status.ERROR, status_code=200, error_message=message
+            )
+        else:
+            await self.settle(estimated, error_message=message)
+
+    def _max_output_tokens(self) -> int:
+        return self.fmt.max_output_tokens(self.body) or settings.OTARI_DEFAULT_MAX_OUTPUT_TOKENS
+
+    async def settle_stream(self, codec: StreamCodec) -> None:
+        await self.settle_complete(codec.usage, codec.output_chars())
+
+    async def settle_broken_stream(self, codec: StreamCodec) -> None:
+        await self.settle(
+            self._delivered_usage(codec),
+            status=UsageLog.Status.ERROR,
+            status_code=STATUS_STREAM_BROKEN,
+            error_message="The provider's stream broke off; charged what was delivered",
+        )
+
+    async def settle_disconnected(self, codec: StreamCodec) -> None:
+        await self.settle(
+            self._delivered_usage(codec),
+            status=UsageLog.Status.CLIENT_DISCONNECTED,
+            status_code=STATUS_CLIENT_CLOSED,
+            error_message="The client disconnected; charged what was delivered",
+        )
+
+
+class EventStreamResponse(StreamingHttpResponse):
+    """A streaming response whose body Django iterates directly.
+
+    StreamingHttpResponse wraps async content in two generators of its own; when the
+    client disconnects Django closes only the outer one, and ours would learn of it only
+    when garbage-collected. Iterating ours directly delivers the close at once, so the
+    relay settles and closes the upstream connection right away.
+    """
+
+    def __aiter__(self):
+        return self._iterator
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _parse_body(request: HttpRequest) -> dict[str, Any]:
+    try:
+        raw = request.body
+    except RequestDataTooBig as exc:
+        raise PayloadTooLarge from exc
+    except RawPostDataException as exc:  # pragma: no cover - body already consumed
+        raise BadRequest("Could not read the request body") from exc
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("Request body is not valid JSON", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _budget_headers(state: BudgetState | None) -> dict[str, str]:
+    if state is None or state.limit_usd is None:
+        return {}
+    headers = {"X-Otari-Budget-Remaining-Usd": str(state.remaining_usd)}
+    if state.next_reset_at is not None:
+        headers["X-Otari-Budget-Reset-At"] = state.next_reset_at.isoformat()
+    return headers
+
+
+async def _admit(
+    request: HttpRequest, fmt: ApiFormat, request_id: uuid.UUID, started: float
+) -> tuple[Exchange, dict[str, Any]]:
+    """Authenticate and admit, or raise the refusal (after logging it, for known users)."""
+    credential = credential_from_headers(request)
+    body: dict[str, Any] = {}
+    refusal: GatewayError | None = None
+    provider: Provider | None = None
+    model = model_key = ""
+    try:
+        body = _parse_body(request)
+        selector = body.get("model")
+        if not isinstance(selector, str) or not selector:
+            raise BadRequest("model is required", code="invalid_model", param="model")
+        provider, model = resolve_model(selector)
+        model_key = f"{provider.name}:{model}"
+        fmt.validate(body)
+    except GatewayError as exc:
+        refusal = exc
+    now = timezone.now()
+    caller = await authenticate(
+        credential=credential, named_user=fmt.named_user(body), model_key=model_key, now=now
+    )
+    try:
+        if refusal is not None or provider is None:
+            raise refusal or BadRequest("model is required")
+        named = fmt.named_user(body)
+        if caller.api_key_id is not None and named is not None and named != caller.user_id:
+            raise PermissionDenied(
+                "This API key belongs to a different user than the request names",
+                code="user_mismatch",
+            )
+        return await _admit_known(
+            caller, fmt, body, provider, model, model_key, request_id, started, now
+        ), body
+    except GatewayError as exc:
+        # A refusal of a known user leaves a usage row (CONTRACT §3.4, §5).
+        record = services.UsageRecord(
+            request_id=request_id,
+            user_id=caller.user_id,
+            api_key_id=caller.api_key_id,
+            endpoint=fmt.endpoint,
+            provider=provider.name if provider else "",
+            model=model or str(body.get("model") or "")[:255],
+            status=UsageLog.Status.ERROR,
+            status_code=exc.status,
+            counts_toward_budget=not caller.exclude_from_budget,
+            error_message=exc.message,
+            latency_ms=int((time.perf_counter() - started) * 1000),
+        )
+        await services.usage_record_async(record=record, now=timezone.now())
+        exc.headers.setdefault("X-Otari-Request-Id", str(request_id))
+        raise
+
+
+async def _admit_known(
+    caller: Caller,
+    fmt: ApiFormat,
+    body: dict[str, Any],
+    provider: Provider,
+    model: str,
+    model_key: str,
+    request_id: uuid.UUID,
+    started: float,
+    now,
+) -> Exchange:
+    """The admission checks of §3.3, in order, and the hold."""
+    if caller.blocked:
+        raise UserBlocked
+    if not model_allowed(caller.allowed_models, model_key):
+        raise ModelNotAllowed
+    rates = caller.rates
+    limit = caller.limit_usd(now)
+    if rates is None and settings.OTARI_REQUIRE_PRICING:
+        if limit is not None and caller.spend_usd + caller.reserved_usd >= limit:
+            raise BudgetExceeded
+        raise PricingMissing
+    texts = fmt.prompt_texts(body)
+    prompt_chars = sum(len(text) for text in texts)
+    estimate = Decimal(0)
+    held = False
+    state = None
+    if rates is not None:
+        estimate = estimate_usd(
+            prompt_chars=prompt_chars,
+            max_output_tokens=fmt.max_output_tokens(body)
+            or settings.OTARI_DEFAULT_MAX_OUTPUT_TOKENS,
+            rates=rates,
+        )
+        # Free models and keys excluded from budget take no hold and are never refused
+        # for money (CONTRACT §1, §3.3).
+        if not rates.is_free and not caller.exclude_from_budget:
+            state = await services.hold_open_async(
+                user_id=caller.user_id,
+                request_id=request_id,
+                amount_usd=estimate,
+                model_key=model_key,
+                now=now,
+            )
+            held = True
+    exchange = Exchange(
+        request_id=request_id,
+        fmt=fmt,
+        caller=caller,
+        provider=provider,
+        model=model,
+        model_key=model_key,
+        prompt_chars=prompt_chars,
+        prompt_texts=texts,
+        started=started,
+        rates=rates,
+        estimate_usd=estimate,
+        held=held,
+        budget_state=state,
+        body=body,
+    )
+    return exchange
+
+
+def _provider_failure(exc: httpx.HTTPError) -> ProviderError:
+    if isinstance(exc, httpx.TimeoutException):
+        return ProviderTimeout()
+    if isinstance(exc, httpx.ConnectError):
+        return ProviderUnreachable()
+    return ProviderError()
+
+
+async def _provider_status_error(exchange: Exchange, response: httpx.Response) -> ProviderError:
+    content = await response.aread()
+    return provider_error_for_status(
+        response.status_code,
+        content,
+        retry_after=response.headers.get("retry-after"),
+        secrets=exchange.provider.secrets(),
+        echoes=exchange.prompt_texts,
+    )
+
+
+async def _complete(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
+    """A non-streaming request: call, settle, answer."""
+    fmt, provider = exchange.fmt, exchange.provider
+    client = upstream.client()
+    request = provider.build_request(
+        client, fmt.name, fmt.upstream_body(body, exchange.model, stream=False)
+    )
+    try:
+        response = await client.send(request)
+    except httpx.HTTPError as exc:
+        failure = _provider_failure(exc)
+        await exchange.refund(failure)
+        return _error(exchange, failure)
+    if response.status_code >= 400:
+        failure = await _provider_status_error(exchange, response)
+        await exchange.refund(failure)
+        return _error(exchange, failure)
+    try:
+        parsed = json.loads(response.content)
+        if not isinstance(parsed, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        failure = ProviderError("LLM provider error: the response was not valid JSON")
+        await exchange.refund(failure)
+        return _error(exchange, failure)
+    await exchange.settle_complete(fmt.usage_from_body(parsed), fmt.output_chars_from_body(parsed))
+    result = HttpResponse(response.content, content_type="application/json")
+    result["Content-Length"] = str(len(response.content))
+    result["X-Otari-Request-Id"] = str(exchange.request_id)
+    if exchange.charged_usd is not None:
+        result["X-Otari-Cost-Usd"] = str(exchange.charged_usd)
+    for name, value in _budget_headers(exchange.budget_state).items():
+        result[name] = value
+    return result
+
+
+async def _stream(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
+    """A streaming request: open the upstream stream and wait for its first bytes before
+    committing, so that anything failing until then is an ordinary HTTP error with a
+    full refund (CONTRACT §4)."""
+    fmt, provider = exchange.fmt, exchange.provider
+    client = upstream.client()
+    request = provider.build_request(
+        client, fmt.name, fmt.upstream_body(body, exchange.model, stream=True)
+    )
+    response: httpx.Response | None = None
+    try:
+        response = await client.send(request, stream=True)
+        if response.status_code >= 400:
+            failure = await _provider_status_error(exchange, response)
+            await response.aclose()
+            await exchange.refund(failure)
+            return _error(exchange, failure)
+        chunks = response.aiter_bytes()
+        first_chunk = await anext(chunks)
+    except (httpx.HTTPError, StopAsyncIteration) as exc:
+        if response is not None:
+            await response.aclose()
+        failure = (
+            _provider_failure(exc)
+            if isinstance(exc, httpx.HTTPError)
+            else ProviderError("LLM provider error: the stream ended before any data")
+        )
+        await exchange.refund(failure)
+        return _error(exchange, failure)
+    except BaseException:
+        # Cancelled while the stream was being opened (the client gave up): nothing was
+        # delivered, so nothing is charged.
+        if response is not None:
+            await response.aclose()
+        raise
+    result = EventStreamResponse(
+        relay(
+            exchange=exchange,
+            upstream=response,
+            chunks=chunks,
+            first_chunk=first_chunk,
+            codec=fmt.stream_codec(),
+            keepalive_s=settings.OTARI_STREAM_KEEPALIVE_SECONDS,
+        ),
+        content_type="text/event-stream",
+    )
+    result["Cache-Control"] = "no-cache"
+    result["X-Accel-Buffering"] = "no"
+    result["X-Otari-Request-Id"] = str(exchange.request_id)
+    for name, value in _budget_headers(exchange.budget_state).items():
+        result[name] = value
+    return result
+
+
+def _track(coro: Awaitable[Any]) -> asyncio.Task:
+    """Run `coro` as a task that nothing cancels and the loop cannot garbage-collect."""
+    task = asyncio.ensure_future(coro)
+    _closing_tasks.add(task)
+    task.add_done_callback(_closing_tasks.discard)
+    return task
+
+
+async def _release_abandoned(admission: asyncio.Task) -> None:
+    """The client left during admission: once admission is done, release its hold."""
+    try:
+        exchange, _ = await admission
+    except Exception:  # a refusal: already logged, nothing held
+        return
+    await exchange.refund(
+        GatewayError("The client disconnected", status=STATUS_CLIENT_CLOSED),
+        status=UsageLog.Status.CLIENT_DISCONNECTED,
+    )
+
+
+def _error(exchange: Exchange, exc: GatewayError) -> HttpResponse:
+    return error_response(
+        exc, exchange.fmt.error_style, headers={"X-Otari-Request-Id": str(exchange.request_id)}
+    )
+
+
+async def handle(request: HttpRequest, fmt: ApiFormat) -> HttpResponse:
+    """Serve one generation request of API `fmt`."""
+    request_id = uuid.uuid4()
+    started = time.perf_counter()
+    # Admission runs shielded: a hold taken by a statement whose caller was cancelled
+    # (client gone) must still be seen, and released.
+    admission = _track(_admit(request, fmt, request_id, started))
+    try:
+        exchange, body = await asyncio.shield(admission)
+    except GatewayError as exc:
+        return error_response(exc, fmt.error_style)
+    except asyncio.CancelledError:
+        _track(_release_abandoned(admission))
+        raise
+    try:
+        if body.get("stream") is True:
+            return await _stream(exchange, body)
+        return await _complete(exchange, body)
+    except asyncio.CancelledError:
+        # The client left before anything was sent: release the hold (a no-op when the
+        # request had already been closed).
+        await exchange.refund(
+            GatewayError("The client disconnected", status=STATUS_CLIENT_CLOSED),
+            status=UsageLog.Status.CLIENT_DISCONNECTED,
+        )
+        raise
+    except Exception:
+        logger.exception("request %s failed", request_id)
+        failure = GatewayError("Internal error")
+        await exchange.refund(failure)
+        return _error(exchange, failure)
+
+
+async def list_models(request: HttpRequest) -> HttpResponse:
+    """`GET /v1/models`: the priced models this caller may use, with their prices."""
+    try:
+        now = timezone.now()
+        caller = await authenticate_listing(credential=credential_from_headers(request), now=now)
+    except GatewayError as exc:
+        return error_response(exc, "openai")
+    allowed = caller.allowed_models if caller is not None else None
+    data = [
+        {
+            "id": price.model_key,
+            "object": "model",
+            "created": int(price.effective_at.timestamp()),
+            "owned_by": price.model_key.split(":", 1)[0],
+            "pricing": {
+                "input_price_per_million": float(price.input_price_per_mtok_usd),
+                "output_price_per_million": float(price.output_price_per_mtok_usd),
+            },
+        }
+        for price in await sync_to_async(prices_current)(now)
+        if model_allowed(allowed, price.model_key)
+    ]
+    content = json.dumps({"object": "list", "data": data}).encode()
+    response = HttpResponse(content, content_type="application/json")
+    response["Content-Length"] = str(len(content))
+    return response

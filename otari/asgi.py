@@ -1,0 +1,50 @@
+"""ASGI entry point: Channels' ProtocolTypeRouter in front of two Django HTTP handlers.
+
+Generation routes (`/v1/chat/completions`, ...) go to a handler with no middleware.
+Django's stock middleware (sessions, auth, CSRF, messages: what the admin needs) are
+synchronous hooks, and under ASGI each one costs the request a round trip to a thread;
+a gateway request needs none of them. Everything else (admin, management API, health)
+goes through the full stack.
+
+Production serves this with uvicorn (docs/PERFORMANCE.md has the measurements behind
+that choice); `manage.py runserver` serves it with Daphne for development.
+"""
+
+import os
+
+from channels.routing import ProtocolTypeRouter, URLRouter
+from django.core.asgi import get_asgi_application
+from django.core.handlers.asgi import ASGIHandler
+from django.core.handlers.exception import convert_exception_to_response
+from django.urls import re_path
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
+
+# Django must be set up before anything imports models.
+django_http = get_asgi_application()
+
+
+class GatewayASGIHandler(ASGIHandler):
+    """Django's ASGI handler with an empty middleware chain (see the module docstring)."""
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        # What BaseHandler.load_middleware builds for settings.MIDDLEWARE == [].
+        self._view_middleware = []
+        self._template_response_middleware = []
+        self._exception_middleware = []
+        handler = self._get_response_async if is_async else self._get_response
+        self._middleware_chain = convert_exception_to_response(handler)
+
+
+GENERATION_ROUTES = r"^(?:api/)?v1/(?:chat/completions|messages|responses|embeddings|models)"
+
+application = ProtocolTypeRouter(
+    {
+        "http": URLRouter(
+            [
+                re_path(GENERATION_ROUTES, GatewayASGIHandler()),
+                re_path(r"", django_http),
+            ]
+        ),
+    }
+)

@@ -1,0 +1,84 @@
+"""An asyncio psycopg connection pool for the request hot path on PostgreSQL.
+
+Django's ORM is synchronous: from an async view every query costs a hop to a thread and
+back, which measured at 2-3x the CPU of the same statement sent from the event loop
+(../shared/bench/CALIBRATION.md). The hot path therefore sends its few statements
+(budgets.selectors.caller_load, budgets.services hold_*_fast) through this pool, in
+autocommit: each is one statement and one round trip. Everything else uses the ORM.
+
+The pool is created lazily, per event loop (a server process has one; tests may start
+several), from Django's own connection settings, so it always talks to the same database
+as the ORM, test databases included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from django.conf import settings
+from django.db import connections
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+_pool: AsyncConnectionPool | None = None
+_pool_loop: asyncio.AbstractEventLoop | None = None
+
+
+def enabled() -> bool:
+    """True when the database is PostgreSQL (the fast path's only dialect)."""
+    return settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+
+
+def _conninfo() -> dict[str, Any]:
+    db = connections["default"].settings_dict
+    params = {
+        "dbname": db["NAME"],
+        "user": db.get("USER") or None,
+        "password": db.get("PASSWORD") or None,
+        "host": db.get("HOST") or None,
+        "port": db.get("PORT") or None,
+    }
+    for key, value in (db.get("OPTIONS") or {}).items():
+        # Django-only options; everything else (sslmode, ...) is libpq's.
+        if key not in ("pool", "server_side_binding", "isolation_level", "assume_role"):
+            params[key] = value
+    return {k: v for k, v in params.items() if v is not None}
+
+
+async def _configure(conn: AsyncConnection) -> None:
+    # UTC sessions, as Django's own connections are: timestamps compare the same way.
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+async def pool() -> AsyncConnectionPool:
+    global _pool, _pool_loop
+    loop = asyncio.get_running_loop()
+    if _pool is not None and _pool_loop is loop:
+        return _pool
+    # A pool belongs to the loop it was opened on. A new loop (only in tests) gets a new
+    # pool; the old one died with its loop.
+    new = AsyncConnectionPool(
+        kwargs={**_conninfo(), "autocommit": True, "row_factory": dict_row},
+        configure=_configure,
+        min_size=1,
+        max_size=settings.OTARI_HOTPATH_POOL_SIZE,
+        open=False,
+        name="otari-hotpath",
+    )
+    await new.open()
+    if _pool is not None and _pool_loop is loop:
+        # Another request of this loop opened one while we were opening ours.
+        await new.close()
+        return _pool
+    _pool, _pool_loop = new, loop
+    return new
+
+
+async def fetchone(sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """Run one statement in autocommit and return its first row, if any."""
+    p = await pool()
+    async with p.connection() as conn:
+        cur = await conn.execute(sql, params)
+        return await cur.fetchone() if cur.description else None

@@ -1,0 +1,200 @@
+"""Settings: this module only parses configuration (environment, `.env`, defaults).
+
+Every variable is documented in README.md and `.env.example`. The defaults make a fresh
+checkout run with nothing installed: SQLite in `var/`, tasks in-process, a secret key
+generated once into `var/`. PostgreSQL and Redis are the real deployment.
+"""
+
+from __future__ import annotations
+
+import secrets
+from decimal import Decimal
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env")
+
+# Where the embedded defaults keep their files (SQLite database, generated secret key).
+VAR_DIR = Path(env.str("OTARI_VAR_DIR", default=str(BASE_DIR / "var")))
+
+
+def _secret_key() -> str:
+    """DJANGO_SECRET_KEY, or one generated on first start and kept in var/secret_key.
+
+    It signs admin sessions and CSRF tokens only; API keys are hashed, not signed.
+    """
+    configured = env.str("DJANGO_SECRET_KEY", default="")
+    if configured:
+        return configured
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    # Daphne first: it makes `manage.py runserver` serve ASGI (development only; production
+    # runs uvicorn, chosen by measurement, see docs/PERFORMANCE.md).
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "channels",
+    "budgets",
+    "usage",
+    "llm_proxy",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "otari.urls"
+ASGI_APPLICATION = "otari.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'otari.sqlite3'}"),
+}
+_db = DATABASES["default"]
+if _db["ENGINE"] == "django.db.backends.postgresql":
+    # Under ASGI every request would otherwise open a new PostgreSQL connection (+30 ms);
+    # psycopg's pool keeps them. CONN_MAX_AGE must be 0 with a pool.
+    _db["CONN_MAX_AGE"] = 0
+    _db.setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env.int("OTARI_DB_POOL_SIZE", default=10),
+        "timeout": 10,
+    }
+elif _db["ENGINE"] == "django.db.backends.sqlite3":
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    # BEGIN IMMEDIATE takes SQLite's write lock up front, so two writers queue on the
+    # timeout instead of failing with "database is locked" halfway through a transaction.
+    _db.setdefault("OPTIONS", {}).update({"transaction_mode": "IMMEDIATE", "timeout": 20})
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# Generation requests carry whole conversations (and base64 images): allow large bodies,
+# but bounded. An oversized body is a 413 in the API's own error shape.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("OTARI_MAX_REQUEST_BYTES", default=20 * 1024 * 1024)
+
+# --- Money ----------------------------------------------------------------------------------
+# One definition of a money column for the whole project. Twelve integer digits hold the
+# contract's largest amount (999,999,999,999) and ten places hold per-million prices exactly.
+MONEY_MAX_DIGITS = 22
+MONEY_DECIMAL_PLACES = 10
+MONEY_MAX_USD = Decimal("999999999999")
+
+# --- Gateway behaviour (CONTRACT §9) --------------------------------------------------------
+OTARI_CONFIG = env.str("OTARI_CONFIG", default="")
+OTARI_MASTER_KEY = env.str("OTARI_MASTER_KEY", default="")
+OTARI_REQUIRE_PRICING = env.bool("OTARI_REQUIRE_PRICING", default=True)
+OTARI_DEFAULT_MAX_OUTPUT_TOKENS = env.int("OTARI_DEFAULT_MAX_OUTPUT_TOKENS", default=1024)
+# What a stream that never reported usage costs: its estimate, nothing, or an error row
+# charged at the estimate (CONTRACT §3.4).
+OTARI_STREAM_MISSING_USAGE = env.str("OTARI_STREAM_MISSING_USAGE", default="estimate")
+OTARI_PROVIDER_TIMEOUT_SECONDS = env.float("OTARI_PROVIDER_TIMEOUT_SECONDS", default=600.0)
+OTARI_PROVIDER_CONNECT_TIMEOUT_SECONDS = env.float(
+    "OTARI_PROVIDER_CONNECT_TIMEOUT_SECONDS", default=10.0
+)
+# A hold must outlive the longest request it covers, or the sweeper would release money
+# that a live stream is still spending: default = provider timeout + 5 minutes.
+OTARI_HOLD_TTL_SECONDS = env.int(
+    "OTARI_HOLD_TTL_SECONDS", default=int(OTARI_PROVIDER_TIMEOUT_SECONDS) + 300
+)
+OTARI_STREAM_KEEPALIVE_SECONDS = env.float("OTARI_STREAM_KEEPALIVE_SECONDS", default=15.0)
+OTARI_HOTPATH_POOL_SIZE = env.int("OTARI_HOTPATH_POOL_SIZE", default=10)
+OTARI_PLATFORM_URL = env.str("OTARI_PLATFORM_URL", default="")
+OTARI_PLATFORM_TOKEN = env.str("OTARI_PLATFORM_TOKEN", default="")
+OTARI_ENABLE_METRICS = env.bool("OTARI_ENABLE_METRICS", default=False)
+
+# Provider shortcuts (the YAML file can define more named instances).
+OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")
+OPENAI_API_BASE = env.str("OPENAI_API_BASE", default="")
+ANTHROPIC_API_KEY = env.str("ANTHROPIC_API_KEY", default="")
+ANTHROPIC_API_BASE = env.str("ANTHROPIC_API_BASE", default="")
+
+# --- Celery ---------------------------------------------------------------------------------
+# Unset broker = the embedded default: tasks run in a background thread of the process
+# that enqueued them (never on the request path), see otari/celery.py.
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="")
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SOFT_TIME_LIMIT = 60
+CELERY_TASK_TIME_LIMIT = 90
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TIMEZONE = "UTC"
+
+# --- REST framework (management API) --------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "UNAUTHENTICATED_USER": None,
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+}
+
+# --- Logging --------------------------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("OTARI_LOG_LEVEL", default="INFO")},
+    "loggers": {
+        # httpx logs every request line, which would put provider URLs in the log stream.
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
+}

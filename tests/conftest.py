@@ -1,0 +1,242 @@
+"""Test fixtures: a fake provider on loopback, the gateway served by a real ASGI server,
+and a configuration that points one at the other.
+
+Tests that talk to the gateway over HTTP use the `gateway` fixture: it is transactional
+(the server's connections must see what the test wrote, and the test what the server
+wrote) and resets the fake provider's counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from django.conf import settings
+from django.db import connections
+
+from tests.fake_provider import FakeProvider
+
+REPO = Path(__file__).resolve().parent.parent
+# Generous for real work, short enough that timeout tests are quick.
+PROVIDER_TIMEOUT_S = 3
+SHORT_TIMEOUT_S = 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """PostgreSQL-only tests skip on SQLite locally; CI sets OTARI_REQUIRE_POSTGRES=1,
+    which turns a missing PostgreSQL into a failure instead."""
+    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        return
+    if os.environ.get("OTARI_REQUIRE_POSTGRES"):
+        raise pytest.UsageError("OTARI_REQUIRE_POSTGRES is set but DATABASE_URL is not PostgreSQL")
+    skip = pytest.mark.skip(reason="needs PostgreSQL (set DATABASE_URL)")
+    for item in items:
+        if "postgres" in item.keywords:
+            item.add_marker(skip)
+
+
+def is_postgres() -> bool:
+    return connections["default"].vendor == "postgresql"
+
+
+# --- the fake provider and the configuration ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fake_provider() -> Iterator[FakeProvider]:
+    with FakeProvider() as fake:
+        yield fake
+
+
+def write_config(path: Path, fake: FakeProvider) -> Path:
+    """Provider instances on the fake (and one on a closed port), and test prices."""
+    path.write_text(
+        f"""
+providers:
+  openai: {{kind: openai, api_key: sk-test-provider-key, api_base: "{fake.base_url}",
+           timeout: {PROVIDER_TIMEOUT_S}}}
+  short: {{kind: openai, api_key: sk-test-provider-key, api_base: "{fake.base_url}",
+          timeout: {SHORT_TIMEOUT_S}}}
+  dead: {{kind: openai, api_key: sk-test-provider-key, api_base: "http://127.0.0.1:9/v1"}}
+pricing:
+  "openai:gpt-4o-mini": {{input_price_per_million: 0.15, output_price_per_million: 0.60}}
+"""
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def gateway_config_file(
+    fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    from llm_proxy.providers import providers
+    from otari.config import gateway_config
+
+    path = write_config(tmp_path_factory.mktemp("config") / "otari.yaml", fake_provider)
+    previous = settings.OTARI_CONFIG
+    settings.OTARI_CONFIG = str(path)
+    gateway_config.cache_clear()
+    providers.cache_clear()
+    yield path
+    settings.OTARI_CONFIG = previous
+    gateway_config.cache_clear()
+    providers.cache_clear()
+
+
+# --- the gateway, served by uvicorn in a thread of the test process ------------------------
+
+
+@dataclass
+class AsgiServer:
+    url: str
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="session")
+def asgi_server(
+    gateway_config_file: Path, django_db_setup, django_db_blocker
+) -> Iterator[AsgiServer]:
+    """The ASGI application (otari.asgi), on a real uvicorn server on loopback."""
+    from otari.asgi import application
+
+    sock = _free_socket()
+    config = uvicorn.Config(application, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    yield AsgiServer(url=f"http://127.0.0.1:{sock.getsockname()[1]}")
+    server.should_exit = True
+    thread.join(timeout=10)
+    with django_db_blocker.unblock():
+        disconnect_other_sessions()
+
+
+def disconnect_other_sessions() -> None:
+    """End the server's pooled PostgreSQL sessions (their event loop is gone), so that
+    pytest-django can drop the test database."""
+    if not is_postgres():
+        return
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
+@dataclass
+class Gateway:
+    url: str
+    fake: FakeProvider
+
+    def client(self, key: str | None = None, **kwargs) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+
+    def post(self, path: str, key: str | None, json: object, **kwargs) -> httpx.Response:
+        with self.client(key) as client:
+            return client.post(path, json=json, **kwargs)
+
+    def chat(self, key: str | None, **body) -> httpx.Response:
+        body.setdefault("messages", [{"role": "user", "content": "Say hello to the test suite"}])
+        return self.post("/v1/chat/completions", key, body)
+
+
+@pytest.fixture
+def gateway(asgi_server: AsgiServer, fake_provider: FakeProvider, transactional_db) -> Gateway:
+    fake_provider.reset()
+    return Gateway(url=asgi_server.url, fake=fake_provider)
+
+
+# --- gateways in separate processes ---------------------------------------------------------
+
+
+def database_url() -> str:
+    """The URL of the database the tests use (the test database pytest-django created)."""
+    db = connections["default"].settings_dict
+    if db["ENGINE"] == "django.db.backends.postgresql":
+        user = db.get("USER") or "postgres"
+        password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+        return (
+            f"postgres://{user}{password}@{db.get('HOST') or '127.0.0.1'}:"
+            f"{db.get('PORT') or 5432}/{db['NAME']}"
+        )
+    return f"sqlite:///{db['NAME']}"
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    process: subprocess.Popen
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def start_server_process(config_file: Path, **env: str) -> ServerProcess:
+    """`uvicorn otari.asgi:application` in its own process, on the test database."""
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "otari.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--lifespan",
+            "off",
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "DATABASE_URL": database_url(),
+            "OTARI_CONFIG": str(config_file),
+            "DJANGO_SETTINGS_MODULE": "otari.settings",
+            **env,
+        },
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url + "/v1/models", timeout=1)
+            return ServerProcess(url=url, process=process)
+        except httpx.TransportError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("the gateway process did not start") from None
+            time.sleep(0.1)
+
+
+def run_async(coro):
+    """Run a coroutine from a synchronous test."""
+    return asyncio.run(coro)
