@@ -45,6 +45,7 @@ from budgets import periods
 from budgets.exceptions import BudgetExceeded, UnknownUser, UserBlocked
 from budgets.models import APIKey, Budget, BudgetResetLog, GatewayUser, Hold, MasterKey
 from otari import pgpool
+from otari.exceptions import Conflict
 from usage.models import UsageLog
 from usage.pricing import TokenUsage
 
@@ -593,6 +594,16 @@ def holds_expire_stale(*, now: datetime | None = None, batch_size: int = 500) ->
 # Budgets and users
 
 
+class _Unset:
+    """Marks an argument the caller did not pass (None is a meaningful value here)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
 def budget_create(
     *,
     name: str = "",
@@ -606,6 +617,65 @@ def budget_create(
         budget_duration_sec=budget_duration_sec,
         reset_alignment=reset_alignment,
     )
+
+
+def budget_update(
+    *,
+    budget_id: str,
+    name: str = UNSET,
+    max_budget_usd: Decimal | None = UNSET,
+    budget_duration_sec: int | None = UNSET,
+    reset_alignment: str | None = UNSET,
+    now: datetime | None = None,
+) -> Budget:
+    """Change a budget. Takes effect on its users' next request in every process (nothing
+    caches budgets). A changed period re-times each user's current window from its start
+    (spend is kept; a window that has thereby ended rolls at the next request)."""
+    now = now or timezone.now()
+    with transaction.atomic(durable=True):
+        budget = Budget.objects.select_for_update().get(pk=budget_id)
+        old_period = (budget.budget_duration_sec, budget.reset_alignment)
+        for field_name, value in (
+            ("name", name),
+            ("max_budget_usd", max_budget_usd),
+            ("budget_duration_sec", budget_duration_sec),
+            ("reset_alignment", reset_alignment),
+        ):
+            if value is not UNSET:
+                setattr(budget, field_name, value)
+        budget.save()
+        if (budget.budget_duration_sec, budget.reset_alignment) != old_period:
+            # Lock the users in primary-key order, as every multi-row lock here does.
+            for user in (
+                GatewayUser.objects.select_for_update(no_key=True)
+                .filter(budget=budget)
+                .order_by("pk")
+            ):
+                start = user.budget_started_at or now
+                if budget.has_period:
+                    _, next_reset = periods.fresh_window(
+                        start,
+                        duration_sec=budget.budget_duration_sec,
+                        alignment=budget.reset_alignment,
+                    )
+                else:
+                    next_reset = None
+                GatewayUser.objects.filter(pk=user.pk).update(
+                    budget_started_at=start, next_budget_reset_at=next_reset
+                )
+        return budget
+
+
+def budget_delete(*, budget_id: str) -> None:
+    """Delete a budget that no user is on (its reset history is kept)."""
+    with transaction.atomic(durable=True):
+        budget = Budget.objects.select_for_update().get(pk=budget_id)
+        if GatewayUser.objects.filter(budget=budget).exists():
+            raise Conflict(
+                "The budget still has users; move them to another budget first",
+                code="budget_in_use",
+            )
+        budget.delete()
 
 
 def user_create(
@@ -633,19 +703,85 @@ def user_create(
         return user
 
 
-def user_budget_assign(
-    *, user_id: str, budget: Budget | None, now: datetime | None = None
+def user_update(
+    *,
+    user_id: str,
+    alias: str = UNSET,
+    blocked: bool = UNSET,
+    allowed_models: list[str] | None = UNSET,
+    metadata: dict[str, Any] = UNSET,
+    budget: Budget | None = UNSET,
+    now: datetime | None = None,
 ) -> GatewayUser:
-    """Put a user on a budget (or none). A different budget starts a fresh window (§3.6)."""
+    """Change a user. Moving them to a different budget starts a fresh window (§3.6);
+    their spend and reserved are otherwise never edited here."""
     now = now or timezone.now()
     with transaction.atomic(durable=True):
         try:
             user = _lock_user(user_id)
         except GatewayUser.DoesNotExist:
             raise UnknownUser from None
-        new_id = budget.budget_id if budget is not None else None
-        if user.budget_id != new_id:
+        changes = {
+            name: value
+            for name, value in (
+                ("alias", alias),
+                ("blocked", blocked),
+                ("allowed_models", allowed_models),
+                ("metadata", metadata),
+            )
+            if value is not UNSET
+        }
+        if changes:
+            GatewayUser.objects.filter(pk=user.pk).update(**changes, updated_at=now)
+        if budget is not UNSET and user.budget_id != (budget.budget_id if budget else None):
             _start_fresh_window(user, budget, now)
+        user.refresh_from_db()
+        return user
+
+
+def user_budget_assign(
+    *, user_id: str, budget: Budget | None, now: datetime | None = None
+) -> GatewayUser:
+    """Put a user on a budget (or none). A different budget starts a fresh window (§3.6)."""
+    return user_update(user_id=user_id, budget=budget, now=now)
+
+
+def user_delete(*, user_id: str, now: datetime | None = None) -> GatewayUser:
+    """Soft-delete: the user can no longer be billed, their keys stop working, and their
+    usage history stays."""
+    now = now or timezone.now()
+    with transaction.atomic(durable=True):
+        try:
+            user = _lock_user(user_id)
+        except GatewayUser.DoesNotExist:
+            raise UnknownUser from None
+        GatewayUser.objects.filter(pk=user.pk).update(deleted_at=now, updated_at=now)
+        APIKey.objects.filter(user=user, is_active=True).update(is_active=False, updated_at=now)
+        user.refresh_from_db()
+        return user
+
+
+def user_topup_set(
+    *,
+    user_id: str,
+    amount_usd: Decimal,
+    expires_at: datetime | None,
+) -> GatewayUser:
+    """Raise a user's limit by `amount_usd` until `expires_at` (0 or None removes it).
+
+    A top-up replaces any previous one; it is added to the budget's max at admission.
+    """
+    with transaction.atomic(durable=True):
+        try:
+            user = _lock_user(user_id)
+        except GatewayUser.DoesNotExist:
+            raise UnknownUser from None
+        if not amount_usd or expires_at is None:
+            amount_usd, expires_at = ZERO, None
+        GatewayUser.objects.filter(pk=user.pk).update(
+            topup_usd=amount_usd, topup_expires_at=expires_at, updated_at=timezone.now()
+        )
+        user.refresh_from_db()
         return user
 
 
@@ -687,6 +823,42 @@ def api_key_create(
         metadata=metadata or {},
     )
     return key, secret
+
+
+def api_key_update(
+    *,
+    key_id: uuid.UUID,
+    key_name: str = UNSET,
+    is_active: bool = UNSET,
+    expires_at: datetime | None = UNSET,
+    allowed_models: list[str] | None = UNSET,
+    exclude_from_budget: bool = UNSET,
+    metadata: dict[str, Any] = UNSET,
+) -> APIKey:
+    """Change a key's settings (never its secret: see api_key_rotate)."""
+    changes = {
+        name: value
+        for name, value in (
+            ("key_name", key_name),
+            ("is_active", is_active),
+            ("expires_at", expires_at),
+            ("allowed_models", allowed_models),
+            ("exclude_from_budget", exclude_from_budget),
+            ("metadata", metadata),
+        )
+        if value is not UNSET
+    }
+    with transaction.atomic(durable=True):
+        key = APIKey.objects.select_for_update().get(pk=key_id)
+        if changes:
+            APIKey.objects.filter(pk=key.pk).update(**changes, updated_at=timezone.now())
+            key.refresh_from_db()
+        return key
+
+
+def api_key_revoke(*, key_id: uuid.UUID) -> APIKey:
+    """Deactivate a key: it stops working on the next request, in every process."""
+    return api_key_update(key_id=key_id, is_active=False)
 
 
 def api_key_rotate(*, key: APIKey) -> str:
