@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Iterator
+from decimal import Decimal
 from typing import Any
 
 # A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets
@@ -18,7 +19,7 @@ def csv_safe(value: Any) -> str:
     """
     if value is None:
         return ""
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
         return str(value)
     text = str(value)
     if text.startswith(_FORMULA_PREFIXES):
