@@ -279,21 +279,15 @@ def hold_open(
 
 
 _HOLD_OPEN_SQL = """
-WITH cap AS (
-    SELECT b.max_budget_usd
-           + CASE WHEN u.topup_expires_at > %(now)s THEN u.topup_usd ELSE 0 END AS limit_usd
-    FROM budgets_gatewayuser u JOIN budgets_budget b ON b.budget_id = u.budget_id
-    WHERE u.user_id = %(user_id)s
-), admitted AS (
+WITH admitted AS (
     UPDATE budgets_gatewayuser AS u
     SET reserved_usd = u.reserved_usd + %(amount)s
     WHERE u.user_id = %(user_id)s
       AND u.deleted_at IS NULL AND NOT u.blocked
       AND (u.next_budget_reset_at IS NULL OR u.next_budget_reset_at > %(now)s)
-      AND NOT EXISTS (
-          SELECT 1 FROM cap
-          WHERE u.spend_usd + u.reserved_usd >= cap.limit_usd
-             OR u.spend_usd + u.reserved_usd + %(amount)s > cap.limit_usd)
+      AND (%(limit)s::numeric IS NULL
+           OR (u.spend_usd + u.reserved_usd < %(limit)s
+               AND u.spend_usd + u.reserved_usd + %(amount)s <= %(limit)s))
     RETURNING u.spend_usd, u.reserved_usd, u.next_budget_reset_at
 ), held AS (
     INSERT INTO budgets_hold
@@ -302,7 +296,7 @@ WITH cap AS (
            %(expires_at)s
     FROM admitted
 )
-SELECT admitted.*, (SELECT limit_usd FROM cap) AS limit_usd FROM admitted
+SELECT * FROM admitted
 """
 
 
@@ -311,16 +305,21 @@ async def hold_open_async(
     user_id: str,
     request_id: uuid.UUID,
     amount_usd: Decimal,
+    limit_usd: Decimal | None,
     model_key: str,
     now: datetime,
 ) -> BudgetState:
     """`hold_open` for the request path: one statement when the common case applies.
 
-    The statement is the whole admission rule as a conditional UPDATE: PostgreSQL locks
-    the user's row and re-evaluates the condition on its latest version, so concurrent
-    admissions queue on the row and each sees the others' reservations. It changes
-    nothing when the user is blocked or gone, the period is due, or the money does not
-    fit; the general path then rolls the period or names the refusal.
+    The statement is the whole admission rule as a conditional UPDATE of the user's row:
+    PostgreSQL locks the row and re-evaluates the condition on its latest version, so
+    concurrent admissions queue on the row and each sees the others' reservations. The
+    condition reads only that row and constants (`limit_usd`, as loaded with the caller):
+    a condition that joined other tables (e.g. the budget row) would not be re-evaluated
+    against the latest version when it is written as a join, and admitted too many
+    requests in our concurrency test. It changes nothing when the user is blocked or gone,
+    the period is due, or the money does not fit; the general path then rolls the period
+    or names the refusal.
     """
     if pgpool.enabled():
         row = await pgpool.fetchone(
@@ -329,6 +328,7 @@ async def hold_open_async(
                 "user_id": user_id,
                 "request_id": request_id,
                 "amount": amount_usd,
+                "limit": limit_usd,
                 "model_key": model_key,
                 "now": now,
                 "expires_at": now + timedelta(seconds=settings.OTARI_HOLD_TTL_SECONDS),
@@ -338,7 +338,7 @@ async def hold_open_async(
             return BudgetState(
                 spend_usd=row["spend_usd"],
                 reserved_usd=row["reserved_usd"],
-                limit_usd=row["limit_usd"],
+                limit_usd=limit_usd,
                 next_reset_at=row["next_budget_reset_at"],
             )
     return await sync_to_async(hold_open)(

@@ -383,6 +383,7 @@ async def _admit_known(
                 user_id=caller.user_id,
                 request_id=request_id,
                 amount_usd=estimate,
+                limit_usd=limit,
                 model_key=model_key,
                 now=now,
             )

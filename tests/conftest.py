@@ -129,8 +129,6 @@ def asgi_server(
     yield AsgiServer(url=f"http://127.0.0.1:{sock.getsockname()[1]}")
     server.should_exit = True
     thread.join(timeout=10)
-    with django_db_blocker.unblock():
-        disconnect_other_sessions()
 
 
 def disconnect_other_sessions() -> None:
@@ -152,7 +150,8 @@ class Gateway:
 
     def client(self, key: str | None = None, **kwargs) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+        kwargs.setdefault("timeout", 30)
+        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
 
     def post(self, path: str, key: str | None, json: object, **kwargs) -> httpx.Response:
         with self.client(key) as client:
@@ -237,6 +236,36 @@ def start_server_process(config_file: Path, **env: str) -> ServerProcess:
             time.sleep(0.1)
 
 
+class _BackgroundLoop:
+    """One event loop for the whole test session, in a thread of its own.
+
+    Async services keep per-loop state (the hot-path connection pool); running each call
+    under a fresh `asyncio.run` would open a new pool every time.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+
+_loop: _BackgroundLoop | None = None
+
+
 def run_async(coro):
-    """Run a coroutine from a synchronous test."""
-    return asyncio.run(coro)
+    """Run a coroutine from a synchronous test, on the session's background loop."""
+    global _loop
+    if _loop is None:
+        _loop = _BackgroundLoop()
+    return _loop.run(coro)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _end_pooled_sessions(django_db_setup, django_db_blocker) -> Iterator[None]:
+    """At the end of the session, end the pooled PostgreSQL sessions of servers and loops
+    that are gone, so that pytest-django can drop the test database."""
+    yield
+    with django_db_blocker.unblock():
+        disconnect_other_sessions()
