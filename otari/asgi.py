@@ -27,6 +27,14 @@ django_http = get_asgi_application()
 class GatewayASGIHandler(ASGIHandler):
     """Django's ASGI handler with an empty middleware chain (see the module docstring)."""
 
+    async def __call__(self, scope, receive, send) -> None:
+        # Django runs each request in a ThreadSensitiveContext, i.e. on a new thread for
+        # its synchronous parts (the request_started/finished signal receivers and
+        # response.close). A generation request does its work on the event loop (the
+        # hot path's SQL goes through otari.pgpool), so it shares one long-lived thread
+        # for those few synchronous calls instead of starting a thread per request.
+        await self.handle(scope, receive, send)
+
     def load_middleware(self, is_async: bool = False) -> None:
         # What BaseHandler.load_middleware builds for settings.MIDDLEWARE == [].
         self._view_middleware = []

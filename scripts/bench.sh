@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Benchmark the gateway against the fake provider with ../shared/bench (docs/PERFORMANCE.md).
+#
+#   scripts/bench.sh [SERVER] [-- extra run_matrix.py arguments]
+#
+# SERVER: uvicorn (default), daphne or granian. Needs PostgreSQL on 127.0.0.1:5432, wrk, and
+# the bench harness (BENCH_DIR, default ../shared/bench). Pins the gateway to CPU 1 and the
+# fake provider and load generator to CPU 0, as the harness recommends on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SERVER="${1:-uvicorn}"
+shift || true
+[ "${1:-}" = "--" ] && shift
+BENCH_DIR="${BENCH_DIR:-../shared/bench}"
+OUT="${OUT:-var/bench}"
+DB=otari_bench
+PORT_UPSTREAM=9100
+PORT_GATEWAY=8100
+mkdir -p "$OUT"
+
+[ -x var/benchvenv/bin/python ] || {
+  python3 -m venv var/benchvenv
+  var/benchvenv/bin/pip install -q -r "$BENCH_DIR/requirements.txt"
+}
+
+export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB"
+export OTARI_CONFIG="$PWD/$OUT/otari.yaml"
+export OTARI_MASTER_KEY=otari-mk-bench
+cat > "$OTARI_CONFIG" <<YAML
+providers:
+  openai: {kind: openai, api_key: bench, api_base: "http://127.0.0.1:$PORT_UPSTREAM/v1"}
+pricing:
+  "openai:gpt-4o-mini": {input_price_per_million: 0.15, output_price_per_million: 0.60}
+YAML
+
+psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
+.venv/bin/python manage.py migrate -v0
+.venv/bin/python manage.py bootstrap >/dev/null
+# A user with a budget so large it never refuses: every request takes and settles a hold.
+KEY=$(.venv/bin/python - <<'PY'
+import django, os
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
+django.setup()
+from decimal import Decimal
+from budgets import services
+budget = services.budget_create(name="bench", max_budget_usd=Decimal("999999999"))
+user = services.user_create(user_id="bench", budget=budget)
+print(services.api_key_create(user=user)[1])
+PY
+)
+
+taskset -c 0 var/benchvenv/bin/python "$BENCH_DIR/fake_upstream.py" --port $PORT_UPSTREAM \
+  >"$OUT/upstream.log" 2>&1 &
+UPSTREAM_PID=$!
+case "$SERVER" in
+  uvicorn) CMD=(.venv/bin/uvicorn otari.asgi:application --port $PORT_GATEWAY
+                --log-level warning --no-access-log --lifespan off) ;;
+  daphne)  CMD=(.venv/bin/daphne -p $PORT_GATEWAY otari.asgi:application) ;;
+  granian) CMD=(.venv/bin/granian --interface asgi --port $PORT_GATEWAY --no-ws
+                --log-level warning otari.asgi:application) ;;
+  *) echo "unknown server $SERVER" >&2; exit 2 ;;
+esac
+taskset -c 1 "${CMD[@]}" >"$OUT/gateway.log" 2>&1 &
+GATEWAY_PID=$!
+trap 'kill $GATEWAY_PID $UPSTREAM_PID 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  curl -s -o /dev/null "http://127.0.0.1:$PORT_GATEWAY/v1/models" && break
+  sleep 0.1
+done
+
+var/benchvenv/bin/python "$BENCH_DIR/run_matrix.py" \
+  --upstream "http://127.0.0.1:$PORT_UPSTREAM" --upstream-pid "$UPSTREAM_PID" \
+  --target "ours=http://127.0.0.1:$PORT_GATEWAY,key=$KEY,model=openai:gpt-4o-mini,pid=$GATEWAY_PID" \
+  --driver-cpus 0 --out "$OUT/results-$SERVER.json" --markdown "$OUT/results-$SERVER.md" "$@"
+
+# The books after the run: every hold closed, spend = sum of usage.
+psql -h 127.0.0.1 -U postgres -d $DB -Atc "SELECT 'open holds: ' || count(*) FROM budgets_hold WHERE status = 'open'"
+psql -h 127.0.0.1 -U postgres -d $DB -Atc "SELECT 'reserved: ' || reserved_usd || ', spend: ' || spend_usd || ', usage sum: ' || (SELECT sum(cost_usd) FROM usage_usagelog) || ', rows: ' || (SELECT count(*) FROM usage_usagelog) FROM budgets_gatewayuser WHERE user_id = 'bench'"
