@@ -145,9 +145,6 @@ OTARI_DEFAULT_MAX_OUTPUT_TOKENS = env.int("OTARI_DEFAULT_MAX_OUTPUT_TOKENS", def
 # charged at the estimate (CONTRACT §3.4).
 OTARI_STREAM_MISSING_USAGE = env.str("OTARI_STREAM_MISSING_USAGE", default="estimate")
 OTARI_PROVIDER_TIMEOUT_SECONDS = env.float("OTARI_PROVIDER_TIMEOUT_SECONDS", default=600.0)
-OTARI_PROVIDER_CONNECT_TIMEOUT_SECONDS = env.float(
-    "OTARI_PROVIDER_CONNECT_TIMEOUT_SECONDS", default=10.0
-)
 # A hold must outlive the longest request it covers, or the sweeper would release money
 # that a live stream is still spending: default = provider timeout + 5 minutes.
 OTARI_HOLD_TTL_SECONDS = env.int(
