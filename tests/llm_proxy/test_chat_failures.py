@@ -117,7 +117,7 @@ def test_client_that_gives_up_while_the_stream_opens_leaves_no_hold(gateway, bob
     with pytest.raises(httpx.ReadTimeout), gateway.client(secret, timeout=0.5) as client:
         client.post(
             "/v1/chat/completions",
-            json={"model": priced("gpt-4o-mini-slow-1500"), "stream": True, "messages": MESSAGES},
+            json={"model": priced("gpt-4o-mini-hang"), "stream": True, "messages": MESSAGES},
         )
     # The gateway notices the disconnect, cancels the upstream call and refunds.
     assert gateway.fake.wait_for(lambda: UsageLog.objects.exists(), timeout=5)
