@@ -49,3 +49,9 @@ class InactiveAPIKey(AuthenticationFailed):
 class ExpiredAPIKey(AuthenticationFailed):
     code = "api_key_expired"
     message = "API key has expired"
+
+
+class InvalidAlertSettings(GatewayError):
+    status = 422
+    code = "invalid_alert_settings"
+    message = "Invalid budget alert settings"

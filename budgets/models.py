@@ -20,6 +20,14 @@ def _new_id() -> str:
     return str(uuid.uuid4())
 
 
+# Percent of the limit at which a budget alerts, unless configured otherwise.
+DEFAULT_ALERT_THRESHOLDS_PCT = (80, 100)
+
+
+def default_alert_thresholds() -> list[int]:
+    return list(DEFAULT_ALERT_THRESHOLDS_PCT)
+
+
 class ResetAlignment(models.TextChoices):
     CALENDAR_DAY = "calendar_day", "Calendar day (UTC)"
     CALENDAR_WEEK = "calendar_week", "Calendar week (UTC, from Monday)"
@@ -38,6 +46,11 @@ class Budget(models.Model):
     reset_alignment = models.CharField(  # noqa: DJ001
         max_length=20, choices=ResetAlignment.choices, null=True, blank=True
     )
+    # Alerts (docs/OPERATIONS.md): percent-of-limit thresholds, each reported once per user
+    # and period to the webhook and/or the email recipients. No target: no alerts.
+    alert_thresholds_pct = models.JSONField(default=default_alert_thresholds, blank=True)
+    alert_webhook_url = models.URLField(max_length=2000, blank=True, default="")
+    alert_emails = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -65,6 +78,10 @@ class Budget(models.Model):
     @property
     def has_period(self) -> bool:
         return bool(self.budget_duration_sec) or bool(self.reset_alignment)
+
+    @property
+    def alerts_enabled(self) -> bool:
+        return bool(self.alert_thresholds_pct) and bool(self.alert_webhook_url or self.alert_emails)
 
 
 class GatewayUser(models.Model):
@@ -198,6 +215,68 @@ class BudgetResetLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id} reset at {self.reset_at:%Y-%m-%d %H:%M}"
+
+
+class BudgetAlert(models.Model):
+    """A user's spend reached a threshold of their limit in one period: recorded once.
+
+    The unique constraint is what makes an alert exactly-once per user, threshold and
+    period, however many requests cross the threshold at the same moment and however
+    many processes check. Delivery state is kept per channel so that a retry never
+    repeats a channel that already succeeded.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DELIVERED = "delivered"
+        FAILED = "failed"
+
+    user = models.ForeignKey(GatewayUser, on_delete=models.PROTECT, related_name="budget_alerts")
+    # History outlives edits, as for reset logs.
+    budget = models.ForeignKey(
+        Budget, on_delete=models.DO_NOTHING, db_constraint=False, related_name="alerts"
+    )
+    threshold_pct = models.PositiveSmallIntegerField()
+    period_started_at = models.DateTimeField()
+    period_ends_at = models.DateTimeField(null=True, blank=True)
+    # The user's spend and limit when the threshold was found reached.
+    spend_usd = MoneyField()
+    limit_usd = MoneyField()
+    # Where it goes, as configured when it was raised.
+    webhook_url = models.URLField(max_length=2000, blank=True, default="")
+    emails = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    webhook_delivered_at = models.DateTimeField(null=True, blank=True)
+    email_delivered_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    # Set while an attempt runs: a second worker handed the same alert stays away.
+    leased_until = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "budget alert"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "budget", "threshold_pct", "period_started_at"],
+                name="budget_alert_once_per_period",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=["pending", "delivered", "failed"]),
+                name="budget_alert_status_valid",
+            ),
+        ]
+        indexes = [
+            # The re-drive looks for alerts whose delivery never finished.
+            models.Index(
+                fields=["created_at"], condition=Q(status="pending"), name="alert_pending_idx"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} reached {self.threshold_pct}% ({self.status})"
 
 
 class APIKey(models.Model):

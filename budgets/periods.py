@@ -70,6 +70,9 @@ def window_after(
         start = due_at + missed * step
         return start, start + step
     if alignment:
-        start = _floor_to_boundary(now, alignment)
-        return start, _next_boundary(start, alignment)
+        boundary = _floor_to_boundary(now, alignment)
+        # A window never starts before the previous one ended: were `due_at` ever off the
+        # calendar grid (hand-edited data), flooring `now` could reach back past it and
+        # count the same usage in two windows.
+        return max(boundary, due_at), _next_boundary(boundary, alignment)
     raise ValueError("a budget without a period has no next window")

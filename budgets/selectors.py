@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.db.models import DecimalField, OuterRef, QuerySet, Subquery, Sum, Value
+from django.db.models.functions import Coalesce
 
-from budgets.models import APIKey, GatewayUser
+from budgets.models import APIKey, GatewayUser, Hold
 from otari import pgpool
-from usage.models import ModelPricing
+from usage.models import ModelPricing, UsageLog
 from usage.pricing import Rates
 
 
@@ -41,6 +43,9 @@ class Caller:
     exclude_from_budget: bool = False
     # The model's price as of now; None when it has no price row.
     rates: Rates | None = None
+    # The budget's alert thresholds (percent of the limit); empty when the budget has
+    # no alert target, so that settlement does no alert arithmetic at all.
+    alert_thresholds_pct: tuple[int, ...] = ()
 
     @property
     def allowed_models(self) -> list[str] | None:
@@ -62,6 +67,8 @@ _CALLER_COLUMNS = """
     u.user_id, u.blocked, u.deleted_at, u.allowed_models AS user_allowed_models,
     u.budget_id, b.max_budget_usd, u.spend_usd, u.reserved_usd, u.next_budget_reset_at,
     u.topup_usd, u.topup_expires_at,
+    CASE WHEN b.alert_webhook_url <> '' OR b.alert_emails <> '[]'::jsonb
+         THEN b.alert_thresholds_pct END AS alert_thresholds_pct,
     p.input_price_per_mtok_usd, p.output_price_per_mtok_usd,
     p.cache_read_price_per_mtok_usd, p.cache_write_price_per_mtok_usd
 """
@@ -126,6 +133,7 @@ def _caller_from_row(row: dict[str, Any]) -> Caller:
         key_allowed_models=_json_list(row.get("key_allowed_models")),
         exclude_from_budget=row.get("exclude_from_budget", False),
         rates=_rates_from_row(row),
+        alert_thresholds_pct=tuple(_json_list(row.get("alert_thresholds_pct")) or ()),
     )
 
 
@@ -164,6 +172,9 @@ def _caller_load_orm(
         "next_budget_reset_at": user.next_budget_reset_at,
         "topup_usd": user.topup_usd,
         "topup_expires_at": user.topup_expires_at,
+        "alert_thresholds_pct": (
+            user.budget.alert_thresholds_pct if user.budget and user.budget.alerts_enabled else None
+        ),
         "input_price_per_mtok_usd": price.input_price_per_mtok_usd if price else None,
         "output_price_per_mtok_usd": price.output_price_per_mtok_usd if price else None,
         "cache_read_price_per_mtok_usd": price.cache_read_price_per_mtok_usd if price else None,
@@ -198,3 +209,114 @@ async def caller_load(
     return await sync_to_async(_caller_load_orm)(
         key_hash=key_hash, user_id=user_id, model_key=model_key, now=now
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Operations: what the reset, sweep and audit commands look at (CONTRACT §3.5, §3.6)
+
+
+def users_due_for_reset(
+    *, now: datetime, user_id: str | None = None, budget_id: str | None = None
+) -> QuerySet[GatewayUser]:
+    """Users whose current window ended at or before `now`, in primary-key order."""
+    users = GatewayUser.objects.filter(next_budget_reset_at__lte=now)
+    if user_id is not None:
+        users = users.filter(pk=user_id)
+    if budget_id is not None:
+        users = users.filter(budget_id=budget_id)
+    return users.order_by("pk")
+
+
+def holds_stale(*, now: datetime) -> QuerySet[Hold]:
+    """Open holds past their expiry: what the sweeper releases."""
+    return Hold.objects.filter(status=Hold.Status.OPEN, expires_at__lte=now)
+
+
+_MONEY = DecimalField(max_digits=30, decimal_places=10)
+_ZERO = Decimal("0")
+# Stands in for "no window start": every usage row counts.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class BookDrift:
+    """One user's books against the ledger they are derived from (§3.5 invariants 1, 2)."""
+
+    user_id: str
+    reserved_usd: Decimal
+    open_holds_usd: Decimal
+    spend_usd: Decimal
+    window_usage_usd: Decimal
+
+    @property
+    def reserved_ok(self) -> bool:
+        return self.reserved_usd == self.open_holds_usd
+
+    @property
+    def spend_ok(self) -> bool:
+        return self.spend_usd == self.window_usage_usd
+
+    @property
+    def balanced(self) -> bool:
+        return self.reserved_ok and self.spend_ok
+
+
+def _open_holds_sum() -> Subquery:
+    return Subquery(
+        Hold.objects.filter(user=OuterRef("pk"), status=Hold.Status.OPEN)
+        .order_by()
+        .values("user")
+        .annotate(total=Sum("amount_usd"))
+        .values("total"),
+        output_field=_MONEY,
+    )
+
+
+def _window_usage_sum() -> Subquery:
+    # Rows stamped at or after the window start; a user who never had a window (no
+    # budget ever) has every counted row in it.
+    return Subquery(
+        UsageLog.objects.filter(
+            user=OuterRef("pk"),
+            counts_toward_budget=True,
+            timestamp__gte=Coalesce(OuterRef("budget_started_at"), Value(_EPOCH)),
+        )
+        .order_by()
+        .values("user")
+        .annotate(total=Sum("cost_usd"))
+        .values("total"),
+        output_field=_MONEY,
+    )
+
+
+def books_for_users(*, user_id: str | None = None) -> list[BookDrift]:
+    """Every user's (or one user's) books next to their ledger sums.
+
+    One statement, so every user is read from one snapshot: a hold opened or a request
+    settled meanwhile is seen entirely or not at all, never half.
+    """
+    users = GatewayUser.objects.all()
+    if user_id is not None:
+        users = users.filter(pk=user_id)
+    rows = users.order_by("pk").values_list(
+        "user_id",
+        "reserved_usd",
+        "spend_usd",
+        Coalesce(_open_holds_sum(), Value(_ZERO), output_field=_MONEY),
+        Coalesce(_window_usage_sum(), Value(_ZERO), output_field=_MONEY),
+    )
+    return [
+        BookDrift(
+            user_id=uid,
+            reserved_usd=reserved,
+            open_holds_usd=holds,
+            spend_usd=spend,
+            window_usage_usd=usage,
+        )
+        for uid, reserved, spend, holds, usage in rows
+    ]
+
+
+def books_drift_list(*, user_id: str | None = None) -> list[BookDrift]:
+    """The users whose `reserved` or `spend` disagrees with their ledger."""
+    return [book for book in books_for_users(user_id=user_id) if not book.balanced]

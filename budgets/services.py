@@ -28,26 +28,44 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import random
 import secrets
+import smtplib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import httpx
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F
+from django.core.exceptions import ValidationError
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
-from budgets import periods
-from budgets.exceptions import BudgetExceeded, UnknownUser, UserBlocked
-from budgets.models import APIKey, Budget, BudgetResetLog, GatewayUser, Hold, MasterKey
+from budgets import alerting, periods
+from budgets.exceptions import BudgetExceeded, InvalidAlertSettings, UnknownUser, UserBlocked
+from budgets.models import (
+    APIKey,
+    Budget,
+    BudgetAlert,
+    BudgetResetLog,
+    GatewayUser,
+    Hold,
+    MasterKey,
+)
+from budgets.tasks import budget_alert_deliver as budget_alert_deliver_task
 from otari import pgpool
+from otari.celery import enqueue, enqueue_on_commit
 from otari.exceptions import Conflict
 from usage.models import UsageLog
 from usage.pricing import TokenUsage
+
+logger = logging.getLogger(__name__)
 
 ZERO = Decimal("0")
 # last_used_at is for people, not accounting: refreshing it at most once a minute keeps
@@ -604,18 +622,43 @@ class _Unset:
 UNSET: Any = _Unset()
 
 
+def _alert_settings_clean(
+    *, thresholds_pct: Any = UNSET, webhook_url: Any = UNSET, emails: Any = UNSET
+) -> dict[str, Any]:
+    """The alert settings that were passed, validated (InvalidAlertSettings otherwise)."""
+    cleaned: dict[str, Any] = {}
+    try:
+        if thresholds_pct is not UNSET:
+            cleaned["alert_thresholds_pct"] = alerting.clean_thresholds(thresholds_pct)
+        if webhook_url is not UNSET:
+            cleaned["alert_webhook_url"] = alerting.clean_webhook_url(webhook_url)
+        if emails is not UNSET:
+            cleaned["alert_emails"] = alerting.clean_emails(emails)
+    except ValidationError as exc:
+        # The messages name the rule, never the rejected value.
+        raise InvalidAlertSettings("; ".join(exc.messages)) from None
+    return cleaned
+
+
 def budget_create(
     *,
     name: str = "",
     max_budget_usd: Decimal | None = None,
     budget_duration_sec: int | None = None,
     reset_alignment: str | None = None,
+    alert_thresholds_pct: list[int] = UNSET,
+    alert_webhook_url: str = UNSET,
+    alert_emails: list[str] = UNSET,
 ) -> Budget:
+    alerts = _alert_settings_clean(
+        thresholds_pct=alert_thresholds_pct, webhook_url=alert_webhook_url, emails=alert_emails
+    )
     return Budget.objects.create(
         name=name,
         max_budget_usd=max_budget_usd,
         budget_duration_sec=budget_duration_sec,
         reset_alignment=reset_alignment,
+        **alerts,
     )
 
 
@@ -626,12 +669,18 @@ def budget_update(
     max_budget_usd: Decimal | None = UNSET,
     budget_duration_sec: int | None = UNSET,
     reset_alignment: str | None = UNSET,
+    alert_thresholds_pct: list[int] = UNSET,
+    alert_webhook_url: str = UNSET,
+    alert_emails: list[str] = UNSET,
     now: datetime | None = None,
 ) -> Budget:
     """Change a budget. Takes effect on its users' next request in every process (nothing
     caches budgets). A changed period re-times each user's current window from its start
     (spend is kept; a window that has thereby ended rolls at the next request)."""
     now = now or timezone.now()
+    alerts = _alert_settings_clean(
+        thresholds_pct=alert_thresholds_pct, webhook_url=alert_webhook_url, emails=alert_emails
+    )
     with transaction.atomic(durable=True):
         budget = Budget.objects.select_for_update().get(pk=budget_id)
         old_period = (budget.budget_duration_sec, budget.reset_alignment)
@@ -640,6 +689,7 @@ def budget_update(
             ("max_budget_usd", max_budget_usd),
             ("budget_duration_sec", budget_duration_sec),
             ("reset_alignment", reset_alignment),
+            *alerts.items(),
         ):
             if value is not UNSET:
                 setattr(budget, field_name, value)
@@ -918,3 +968,446 @@ def credentials_bootstrap() -> BootstrapResult:
                 user = GatewayUser.objects.create(user_id="default", alias="default")
             _, api_secret = api_key_create(user=user, key_name="bootstrap")
         return BootstrapResult(master_key=master, api_key=api_secret)
+
+
+# ---------------------------------------------------------------------------------------
+# Operations: the reset sweep and the audit (CONTRACT §3.5, §3.6, §8). The management
+# commands and the Celery beat tasks call these; so does the embedded mode's tick.
+
+
+@dataclass(frozen=True)
+class RollSummary:
+    """What `budgets_roll_due` found and did."""
+
+    now: datetime
+    dry_run: bool
+    # Users whose window had ended when the sweep listed them.
+    due_user_ids: list[str]
+    # The windows this call began (none on a dry run), with the spend each one closed.
+    rolled: list[BudgetResetLog]
+    # Due users whose budget no longer has a period: their schedule was cleared.
+    cleared: int = 0
+    # Due users whose row another transaction held: skipped, because whoever holds it is
+    # rolling them or admitting a request (admission rolls first); the next sweep retries.
+    busy: int = 0
+    # Due users another process rolled between the listing and the lock.
+    rolled_elsewhere: int = 0
+
+    @property
+    def previous_spend_usd(self) -> Decimal:
+        return sum((log.previous_spend_usd for log in self.rolled), ZERO)
+
+
+def _user_roll_if_due(
+    *, user_id: str, now: datetime, wait: bool
+) -> tuple[str, BudgetResetLog | None]:
+    """Roll one user's period if it is due: ("rolled", log), or ("cleared" | "busy" |
+    "current", None)."""
+    with transaction.atomic(durable=True):
+        # skip_locked (unless waiting was asked for): two sweeps on two hosts leapfrog each
+        # other instead of queueing on the same rows, and a user in the middle of a request
+        # is left to that request, which rolls the period itself before admitting.
+        user = (
+            GatewayUser.objects.select_for_update(no_key=True, of=("self",), skip_locked=not wait)
+            .select_related("budget")
+            .filter(pk=user_id)
+            .first()
+        )
+        if user is None:
+            return "busy", None
+        was_due = user.next_budget_reset_at is not None and user.next_budget_reset_at <= now
+        log = _period_roll_locked(user, now)
+        if log is not None:
+            return "rolled", log
+        if was_due and user.next_budget_reset_at is None:
+            return "cleared", None
+        return "current", None
+
+
+def budgets_roll_due(
+    *,
+    now: datetime | None = None,
+    user_id: str | None = None,
+    budget_id: str | None = None,
+    dry_run: bool = False,
+    batch_size: int = 500,
+) -> RollSummary:
+    """Roll every period that has ended by `now` (§3.6), one user per transaction.
+
+    Safe from any number of processes at once: each roll is a compare-and-swap on the
+    user's `next_budget_reset_at` under the row lock, and a window can only begin once
+    (unique reset-log row). A user whose window has not ended is never touched, so a
+    budget created or assigned a moment ago is never zeroed; `reserved` is never touched.
+    """
+    from budgets.selectors import users_due_for_reset
+
+    now = now or timezone.now()
+    due_ids: list[str] = []
+    rolled: list[BudgetResetLog] = []
+    counts = {"cleared": 0, "busy": 0, "current": 0}
+    after = ""
+    while True:
+        # Keyset pages: rolled users leave the due set, skipped ones stay in it.
+        batch = list(
+            users_due_for_reset(now=now, user_id=user_id, budget_id=budget_id)
+            .filter(pk__gt=after)
+            .values_list("pk", flat=True)[:batch_size]
+        )
+        if not batch:
+            break
+        after = batch[-1]
+        due_ids.extend(batch)
+        if dry_run:
+            continue
+        for uid in batch:
+            outcome, log = _user_roll_if_due(user_id=uid, now=now, wait=user_id is not None)
+            if log is not None:
+                rolled.append(log)
+            else:
+                counts[outcome] += 1
+    return RollSummary(
+        now=now,
+        dry_run=dry_run,
+        due_user_ids=due_ids,
+        rolled=rolled,
+        cleared=counts["cleared"],
+        busy=counts["busy"],
+        rolled_elsewhere=counts["current"],
+    )
+
+
+@dataclass(frozen=True)
+class BookRepair:
+    """What `user_books_repair` changed on one user."""
+
+    user_id: str
+    reserved_before_usd: Decimal
+    reserved_after_usd: Decimal
+    spend_before_usd: Decimal
+    spend_after_usd: Decimal
+
+
+def user_books_repair(*, user_id: str) -> BookRepair | None:
+    """Set the user's `reserved` and `spend` to what their ledger says (§3.5 1 and 2).
+
+    The sums are read while holding the user's row lock: every statement that moves
+    money for this user (admission, settle, refund, expiry) changes this row in the same
+    transaction as the holds and usage rows, so under the lock the two cannot disagree
+    because of a request in flight. Returns None when the books already balance.
+    """
+    from budgets.selectors import books_for_users
+
+    with transaction.atomic(durable=True):
+        try:
+            user = _lock_user(user_id)
+        except GatewayUser.DoesNotExist:
+            raise UnknownUser from None
+        (book,) = books_for_users(user_id=user_id)
+        if book.balanced:
+            return None
+        GatewayUser.objects.filter(pk=user.pk).update(
+            reserved_usd=book.open_holds_usd, spend_usd=book.window_usage_usd
+        )
+        repair = BookRepair(
+            user_id=user_id,
+            reserved_before_usd=book.reserved_usd,
+            reserved_after_usd=book.open_holds_usd,
+            spend_before_usd=book.spend_usd,
+            spend_after_usd=book.window_usage_usd,
+        )
+    logger.warning(
+        "audit repair of user %s: reserved %s -> %s, spend %s -> %s",
+        user_id,
+        repair.reserved_before_usd,
+        repair.reserved_after_usd,
+        repair.spend_before_usd,
+        repair.spend_after_usd,
+    )
+    return repair
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """The drift `budgets_audit` found, and what it repaired when asked to."""
+
+    drifts: list[Any]  # budgets.selectors.BookDrift
+    # Open holds past expires_at + one sweep interval (§3.5 invariant 4).
+    stale_holds: int
+    repairs: list[BookRepair]
+    stale_holds_expired: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.drifts and not self.stale_holds
+
+
+def budgets_audit(*, fix: bool = False, now: datetime | None = None) -> AuditResult:
+    """Check the §3.5 invariants; with `fix`, expire overdue holds and repair the books."""
+    from budgets.selectors import books_drift_list, holds_stale
+
+    now = now or timezone.now()
+    drifts = books_drift_list()
+    overdue = now - timedelta(seconds=settings.OTARI_BEAT_INTERVAL_SECONDS)
+    stale = holds_stale(now=overdue).count()
+    repairs: list[BookRepair] = []
+    expired = 0
+    if fix:
+        # The sweep first: it releases reservations in step with the holds, so the
+        # repair that follows only corrects what the ledger itself disagrees with.
+        if stale:
+            expired = holds_expire_stale(now=now)
+        for drift in drifts:
+            repair = user_books_repair(user_id=drift.user_id)
+            if repair is not None:
+                repairs.append(repair)
+    return AuditResult(
+        drifts=drifts, stale_holds=stale, repairs=repairs, stale_holds_expired=expired
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Budget alerts (beyond the reference; docs/OPERATIONS.md)
+
+# Attempts per alert in all (the first and five retries), with backoff doubling from 1 s.
+ALERT_MAX_ATTEMPTS = 6
+_ALERT_BACKOFF_CAP_S = 60.0
+# An attempt longer than this is presumed dead and its alert may be attempted again.
+_ALERT_LEASE = timedelta(minutes=2)
+# A pending alert untouched this long lost its delivery (a worker died, the broker lost
+# the message): the periodic sweep enqueues it again.
+_ALERT_REDRIVE_AFTER = timedelta(minutes=10)
+
+
+def budget_alerts_check(*, user_id: str, now: datetime | None = None) -> list[BudgetAlert]:
+    """Record every alert threshold the user's spend has reached in the current window,
+    at most once per user, budget, threshold and window, and deliver each new one by a
+    task enqueued when the transaction commits.
+
+    Reads without the user's lock: spend only grows within a window, so a threshold seen
+    reached stays reached; the unique constraint decides between concurrent checks.
+    """
+    now = now or timezone.now()
+    created: list[BudgetAlert] = []
+    with transaction.atomic(durable=True):
+        user = (
+            GatewayUser.objects.select_related("budget")
+            .filter(pk=user_id, deleted_at__isnull=True)
+            .first()
+        )
+        if user is None or user.budget is None or not user.budget.alerts_enabled:
+            return created
+        if user.next_budget_reset_at is not None and user.next_budget_reset_at <= now:
+            # The window is over; the next one starts from zero.
+            return created
+        budget = user.budget
+        limit = _limit_usd(user, now)
+        reached = alerting.thresholds_reached(
+            budget.alert_thresholds_pct, spend_usd=user.spend_usd, limit_usd=limit
+        )
+        if not reached:
+            return created
+        period_start = user.budget_started_at or user.created_at
+        known = set(
+            BudgetAlert.objects.filter(
+                user=user, budget=budget, period_started_at=period_start
+            ).values_list("threshold_pct", flat=True)
+        )
+        for threshold in reached:
+            if threshold in known:
+                continue
+            try:
+                # A savepoint: a concurrent check that inserted the same alert first
+                # makes this insert fail, and only this insert.
+                with transaction.atomic():
+                    alert = BudgetAlert.objects.create(
+                        user=user,
+                        budget=budget,
+                        threshold_pct=threshold,
+                        period_started_at=period_start,
+                        period_ends_at=user.next_budget_reset_at,
+                        spend_usd=user.spend_usd,
+                        limit_usd=limit,
+                        webhook_url=budget.alert_webhook_url,
+                        emails=list(budget.alert_emails),
+                        created_at=now,
+                    )
+            except IntegrityError:
+                continue
+            created.append(alert)
+            enqueue_on_commit(budget_alert_deliver_task, alert.pk)
+    for alert in created:
+        logger.info("budget alert: user %s reached %s%% of %s", user_id, alert.threshold_pct, limit)
+    return created
+
+
+@dataclass(frozen=True)
+class AlertSweep:
+    created: list[BudgetAlert]
+    redriven: int
+
+
+def budget_alerts_sweep(*, now: datetime | None = None) -> AlertSweep:
+    """The periodic safety net for alerts (beat, every interval).
+
+    Settlement raises an alert when a request *crosses* a threshold. This finds the
+    thresholds that are *reached* without an alert: a limit lowered or a top-up expired
+    under a user's spend, or a process that died between a settle and its alert. It also
+    re-enqueues alerts whose delivery was lost.
+    """
+    now = now or timezone.now()
+    created: list[BudgetAlert] = []
+    budgets = [
+        b for b in Budget.objects.filter(max_budget_usd__gt=0).order_by("pk") if b.alerts_enabled
+    ]
+    for budget in budgets:
+        # A top-up only raises the limit, so users below the lowest threshold of the
+        # budget's own max cannot have reached any threshold.
+        floor = alerting.threshold_usd(budget.max_budget_usd, min(budget.alert_thresholds_pct))
+        candidates = GatewayUser.objects.filter(
+            budget=budget, deleted_at__isnull=True, spend_usd__gte=floor, spend_usd__gt=0
+        ).values_list("pk", flat=True)
+        for uid in candidates:
+            created.extend(budget_alerts_check(user_id=uid, now=now))
+    stalled = BudgetAlert.objects.filter(
+        Q(last_attempt_at__isnull=True, created_at__lte=now - _ALERT_REDRIVE_AFTER)
+        | Q(last_attempt_at__lte=now - _ALERT_REDRIVE_AFTER),
+        status=BudgetAlert.Status.PENDING,
+    ).values_list("pk", flat=True)
+    redriven = 0
+    for alert_id in stalled:
+        enqueue(budget_alert_deliver_task, alert_id)
+        redriven += 1
+    return AlertSweep(created=created, redriven=redriven)
+
+
+class _TransientDeliveryError(Exception):
+    """A delivery failure worth retrying (timeout, connection error, 408/425/429/5xx)."""
+
+
+def _money_str(amount: Decimal) -> str:
+    # Exact, and without the column's ten trailing decimal places.
+    return format(amount.normalize(), "f")
+
+
+def budget_alert_payload(alert: BudgetAlert) -> dict[str, Any]:
+    """The webhook's JSON body (amounts as exact decimal strings)."""
+    return {
+        "type": "budget.threshold_reached",
+        "alert_id": alert.pk,
+        "user": alert.user_id,
+        "budget": alert.budget_id,
+        "threshold": alert.threshold_pct,
+        "spend": _money_str(alert.spend_usd),
+        "limit": _money_str(alert.limit_usd),
+        "currency": "USD",
+        "period_start": alert.period_started_at.isoformat(),
+        "period_end": alert.period_ends_at.isoformat() if alert.period_ends_at else None,
+        "created_at": alert.created_at.isoformat(),
+    }
+
+
+def _alert_webhook_send(alert: BudgetAlert) -> None:
+    """POST the alert; raise _TransientDeliveryError or ValueError (permanent)."""
+    try:
+        response = httpx.post(
+            alert.webhook_url,
+            json=budget_alert_payload(alert),
+            headers={"X-Otari-Alert-Id": str(alert.pk), "User-Agent": "otari-gateway"},
+            timeout=settings.OTARI_ALERT_WEBHOOK_TIMEOUT_SECONDS,
+            follow_redirects=False,
+        )
+    except httpx.TransportError as exc:
+        raise _TransientDeliveryError(f"webhook: {type(exc).__name__}") from exc
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    if status in (408, 425, 429) or status >= 500:
+        raise _TransientDeliveryError(f"webhook: HTTP {status}")
+    raise ValueError(f"webhook: HTTP {status}")
+
+
+def _alert_email_send(alert: BudgetAlert) -> None:
+    """Mail the alert through Django's mail backend; raise as `_alert_webhook_send`."""
+    period_end = f"{alert.period_ends_at:%Y-%m-%d %H:%M} UTC" if alert.period_ends_at else "never"
+    subject = f"[otari] {alert.user_id} has used {alert.threshold_pct}% of their budget"
+    body = (
+        f"User {alert.user_id} has spent ${_money_str(alert.spend_usd)} of their "
+        f"${_money_str(alert.limit_usd)} limit (budget {alert.budget_id}), reaching the "
+        f"{alert.threshold_pct}% alert threshold.\n\nThe budget period resets: {period_end}.\n"
+    )
+    try:
+        send_mail(subject, body, settings.OTARI_ALERT_FROM_EMAIL, list(alert.emails))
+    except smtplib.SMTPRecipientsRefused as exc:
+        raise ValueError("email: recipients refused") from exc
+    except (smtplib.SMTPException, OSError) as exc:
+        raise _TransientDeliveryError(f"email: {type(exc).__name__}") from exc
+
+
+@dataclass(frozen=True)
+class AlertDelivery:
+    status: str
+    # Seconds until the next attempt, when one is due.
+    retry_in_s: float | None = None
+
+
+def budget_alert_deliver(*, alert_id: int, now: datetime | None = None) -> AlertDelivery:
+    """One delivery attempt of an alert, to each channel that has not yet received it.
+
+    An attempt is claimed by compare-and-swap on the alert's lease, so two workers given
+    the same alert (a re-drive racing a retry) never send it twice at once; a channel
+    that succeeded is recorded before anything else is retried. Transient failures are
+    retried with doubling backoff, up to ALERT_MAX_ATTEMPTS in all; a permanent failure
+    (an HTTP 4xx, refused recipients) is not retried.
+    """
+    now = now or timezone.now()
+    with transaction.atomic(durable=True):
+        claimed = (
+            BudgetAlert.objects.filter(pk=alert_id, status=BudgetAlert.Status.PENDING)
+            .filter(Q(leased_until__isnull=True) | Q(leased_until__lt=now))
+            .update(
+                attempts=F("attempts") + 1, last_attempt_at=now, leased_until=now + _ALERT_LEASE
+            )
+        )
+        alert = BudgetAlert.objects.filter(pk=alert_id).first()
+    if alert is None:
+        return AlertDelivery(status="missing")
+    if not claimed:
+        return AlertDelivery(status=alert.status)
+    # No transaction is open while the network is used.
+    transient: list[str] = []
+    permanent: list[str] = []
+    delivered: dict[str, datetime] = {}
+    channels = (
+        ("webhook_delivered_at", bool(alert.webhook_url), _alert_webhook_send),
+        ("email_delivered_at", bool(alert.emails), _alert_email_send),
+    )
+    for field_name, configured, send in channels:
+        if not configured or getattr(alert, field_name) is not None:
+            continue
+        try:
+            send(alert)
+        except _TransientDeliveryError as exc:
+            transient.append(str(exc))
+        except ValueError as exc:
+            permanent.append(str(exc))
+        else:
+            delivered[field_name] = timezone.now()
+    retry = bool(transient) and alert.attempts < ALERT_MAX_ATTEMPTS
+    if retry:
+        status = BudgetAlert.Status.PENDING
+    elif transient or permanent:
+        status = BudgetAlert.Status.FAILED
+    else:
+        status = BudgetAlert.Status.DELIVERED
+    errors = "; ".join(transient + permanent)
+    with transaction.atomic(durable=True):
+        BudgetAlert.objects.filter(pk=alert_id).update(
+            **delivered, status=status, leased_until=None, last_error=errors
+        )
+    if status == BudgetAlert.Status.FAILED:
+        logger.warning("budget alert %s not delivered: %s", alert_id, errors)
+    if not retry:
+        return AlertDelivery(status=status)
+    backoff = min(2.0 ** (alert.attempts - 1), _ALERT_BACKOFF_CAP_S)
+    # Full jitter on the upper half: retries of many alerts do not arrive in step.
+    return AlertDelivery(status=status, retry_in_s=backoff * (0.5 + random.random() / 2))  # noqa: S311

@@ -28,7 +28,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.request import RawPostDataException
 from django.utils import timezone
 
-from budgets import services
+from budgets import alerting, services
 from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
 from budgets.selectors import Caller
 from llm_proxy import upstream
@@ -47,6 +47,7 @@ from llm_proxy.errors import (
 )
 from llm_proxy.providers import resolve_model
 from llm_proxy.streaming import relay
+from otari.celery import embedded_beat_tick
 from otari.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
 from usage.models import UsageLog
 from usage.pricing import TokenUsage, cost_usd, estimate_usd, prompt_tokens_from_chars
@@ -163,10 +164,24 @@ class Exchange:
                 state = await services.hold_settle_async(record=record, now=now)
                 if state is not None:
                     self.budget_state = state
+                    self._alerts_after_settle(state, record.charge_usd, now)
             else:
                 await services.usage_record_async(record=record, now=now)
 
         await self._close_once(close)
+
+    def _alerts_after_settle(self, state: BudgetState, charge_usd: Decimal, now) -> None:
+        """Arithmetic only, unless this settlement took spend across an alert threshold;
+        then the alert check (a rare database write) runs as its own task, off the
+        response path."""
+        thresholds = self.caller.alert_thresholds_pct
+        if thresholds and alerting.thresholds_crossed(
+            thresholds,
+            spend_after_usd=state.spend_usd,
+            charge_usd=charge_usd,
+            limit_usd=state.limit_usd,
+        ):
+            _track(_alerts_check(self.caller.user_id, now))
 
     async def refund(self, exc: GatewayError, *, status: str = UsageLog.Status.ERROR) -> None:
         """Release the hold without charging; the usage row says why."""
@@ -278,6 +293,14 @@ def _parse_body(request: HttpRequest) -> dict[str, Any]:
     return body
 
 
+async def _alerts_check(user_id: str, now) -> None:
+    try:
+        await sync_to_async(services.budget_alerts_check)(user_id=user_id, now=now)
+    except Exception:
+        # The periodic sweep raises any alert this missed (budgets_alerts_sweep).
+        logger.exception("budget alert check for user %s failed", user_id)
+
+
 def _budget_headers(state: BudgetState | None) -> dict[str, str]:
     if state is None or state.limit_usd is None:
         return {}
@@ -368,7 +391,17 @@ async def _admit_known(
     prompt_chars = sum(len(text) for text in texts)
     estimate = Decimal(0)
     held = False
-    state = None
+    # Requests that take no hold still show the caller's budget (CONTRACT §2), as loaded.
+    state = (
+        services.BudgetState(
+            spend_usd=caller.spend_usd,
+            reserved_usd=caller.reserved_usd,
+            limit_usd=limit,
+            next_reset_at=caller.next_budget_reset_at,
+        )
+        if limit is not None
+        else None
+    )
     if rates is not None:
         estimate = estimate_usd(
             prompt_chars=prompt_chars,
@@ -546,6 +579,7 @@ async def handle(request: HttpRequest, fmt: ApiFormat) -> HttpResponse:
     """Serve one generation request of API `fmt`."""
     request_id = uuid.uuid4()
     started = time.perf_counter()
+    embedded_beat_tick()
     # Admission runs shielded: a hold taken by a statement whose caller was cancelled
     # (client gone) must still be seen, and released.
     admission = _track(_admit(request, fmt, request_id, started))

@@ -1,18 +1,22 @@
 """The Celery app, and `enqueue_on_commit`, the one way the project enqueues work.
 
 With CELERY_BROKER_URL set, tasks go to the broker and run on workers; beat runs the
-periodic jobs (`CELERY_BEAT_SCHEDULE` below). Without a broker (the embedded default),
-`enqueue_on_commit` runs the task in a background thread of this process after the
-transaction commits: never on the request path, and with the same task code. The
-periodic jobs then run through the management commands and lazily at admission
-(expired periods roll when a request arrives).
+periodic jobs (`CELERY_BEAT_SCHEDULE` in settings). Without a broker (the embedded
+default), `enqueue_on_commit` runs the task in a background thread of this process after
+the transaction commits: never on the request path, and with the same task code. The
+periodic jobs then run through the management commands, lazily at admission (expired
+periods roll when a request arrives), and through `embedded_beat_tick`, which the
+gateway calls on each request and which starts each job at most once per interval.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -49,12 +53,17 @@ def _run_in_background(task: Task, args: tuple, kwargs: dict) -> None:
     _background.submit(run)
 
 
-def enqueue(task: Task, *args: Any, **kwargs: Any) -> None:
-    """Send a task to the broker, or run it in the background when there is none."""
+def enqueue(task: Task, *args: Any, countdown: float | None = None, **kwargs: Any) -> None:
+    """Send a task to the broker, or run it in the background when there is none;
+    `countdown`: not before that many seconds from now."""
     from django.conf import settings
 
     if settings.CELERY_BROKER_URL:
-        task.apply_async(args=args, kwargs=kwargs)
+        task.apply_async(args=args, kwargs=kwargs, countdown=countdown)
+    elif countdown:
+        timer = threading.Timer(countdown, _run_in_background, args=(task, args, kwargs))
+        timer.daemon = True
+        timer.start()
     else:
         _run_in_background(task, args, kwargs)
 
@@ -64,3 +73,60 @@ def enqueue_on_commit(task: Task, *args: Any, **kwargs: Any) -> None:
     from django.db import transaction
 
     transaction.on_commit(lambda: enqueue(task, *args, **kwargs))
+
+
+# --- the embedded beat: periodic jobs without a broker ---------------------------------------
+
+# monotonic time at which the next job is due; read on every request, so kept as a float.
+_beat_next_due = 0.0
+_beat_due_by_job: dict[str, float] = {}
+_beat_lock = threading.Lock()
+
+
+def _interval_s(schedule: Any, default: float) -> float:
+    if isinstance(schedule, int | float):
+        return float(schedule)
+    if isinstance(schedule, timedelta):
+        return schedule.total_seconds()
+    # A crontab: approximate by the default interval (the jobs are idempotent sweeps).
+    return default
+
+
+def embedded_beat_tick() -> None:
+    """With no broker, start the beat schedule's jobs in the background, each at most once
+    per its interval in this process.
+
+    Called by every gateway request, so the common case is one clock read and one
+    comparison. Several gateway processes each run the jobs; they are idempotent and
+    safe to run concurrently (budgets.services).
+    """
+    global _beat_next_due
+    now = time.monotonic()
+    if now < _beat_next_due:
+        return
+    from django.conf import settings
+
+    with _beat_lock:
+        if now < _beat_next_due:
+            return
+        interval = settings.OTARI_BEAT_INTERVAL_SECONDS
+        if settings.CELERY_BROKER_URL or not settings.OTARI_EMBEDDED_BEAT:
+            # celery beat runs the jobs (or they were switched off): look again later.
+            _beat_next_due = now + interval
+            return
+        due = []
+        for name, entry in settings.CELERY_BEAT_SCHEDULE.items():
+            if _beat_due_by_job.get(name, 0.0) <= now:
+                _beat_due_by_job[name] = now + _interval_s(entry["schedule"], interval)
+                due.append(entry["task"])
+        _beat_next_due = min(_beat_due_by_job.values(), default=now + interval)
+    for task_name in due:
+        _run_in_background(app.tasks[task_name], (), {})
+
+
+def embedded_beat_reset() -> None:
+    """Forget when the jobs last ran (tests; a process that changed its settings)."""
+    global _beat_next_due
+    with _beat_lock:
+        _beat_next_due = 0.0
+        _beat_due_by_job.clear()

@@ -172,6 +172,42 @@ CELERY_TASK_TIME_LIMIT = 90
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = "UTC"
+# How often the periodic jobs run: under `celery beat`, or, with no broker, in the gateway
+# process itself (at most once per interval, started by an incoming request). Also the
+# "one sweep interval" of CONTRACT §3.5 invariant 4.
+OTARI_BEAT_INTERVAL_SECONDS = env.float("OTARI_BEAT_INTERVAL_SECONDS", default=60.0)
+# With no broker, run the periodic jobs in the gateway process (see otari/celery.py).
+OTARI_EMBEDDED_BEAT = env.bool("OTARI_EMBEDDED_BEAT", default=True)
+# Every job is idempotent; `expires` drops a run that waited a whole interval in the queue
+# (workers down), so a backlog of identical sweeps never piles up.
+CELERY_BEAT_SCHEDULE = {
+    "budgets-roll-due-periods": {
+        "task": "budgets.roll_due_periods",
+        "schedule": OTARI_BEAT_INTERVAL_SECONDS,
+        "options": {"expires": OTARI_BEAT_INTERVAL_SECONDS},
+    },
+    "budgets-expire-stale-holds": {
+        "task": "budgets.expire_stale_holds",
+        "schedule": OTARI_BEAT_INTERVAL_SECONDS,
+        "options": {"expires": OTARI_BEAT_INTERVAL_SECONDS},
+    },
+    "budgets-sweep-alerts": {
+        "task": "budgets.sweep_alerts",
+        "schedule": OTARI_BEAT_INTERVAL_SECONDS,
+        "options": {"expires": OTARI_BEAT_INTERVAL_SECONDS},
+    },
+}
+CELERY_BEAT_SCHEDULE_FILENAME = env.str(
+    "CELERY_BEAT_SCHEDULE_FILENAME", default=str(VAR_DIR / "celerybeat-schedule")
+)
+
+# --- Budget alerts (docs/OPERATIONS.md) ----------------------------------------------------
+OTARI_ALERT_WEBHOOK_TIMEOUT_SECONDS = env.float("OTARI_ALERT_WEBHOOK_TIMEOUT_SECONDS", default=10.0)
+OTARI_ALERT_FROM_EMAIL = env.str("OTARI_ALERT_FROM_EMAIL", default="otari@localhost")
+# Django's mail backend, from one URL: smtp+tls://user:password@host:587 (STARTTLS),
+# smtp+ssl://...:465, consolemail:// (print), dummymail:// (drop). Default: SMTP on
+# localhost:25.
+vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
 
 # --- REST framework (management API) --------------------------------------------------------
 REST_FRAMEWORK = {

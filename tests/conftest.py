@@ -50,6 +50,13 @@ def is_postgres() -> bool:
     return connections["default"].vendor == "postgresql"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_embedded_beat() -> None:
+    """Tests decide when the periodic jobs run: the in-process gateway would otherwise
+    start resets and sweeps in the background on its first request (otari/celery.py)."""
+    settings.OTARI_EMBEDDED_BEAT = False
+
+
 # --- the fake provider and the configuration ----------------------------------------------
 
 
