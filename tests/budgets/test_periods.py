@@ -196,12 +196,27 @@ def test_now_option_rolls_as_of_the_given_instant(db, time_machine):
     )
     charge(user.pk, Decimal("1"), T0)
 
+    time_machine.move_to(datetime(2024, 2, 5, tzinfo=UTC), tick=False)
     assert "rolled 0 user(s)" in reset_budgets("--now", "2024-01-31T23:59:59Z")
     # A naive instant is UTC.
     assert "rolled 1 user(s)" in reset_budgets("--now", "2024-02-03T08:00:00")
     user.refresh_from_db()
     assert user.budget_started_at == datetime(2024, 2, 3, tzinfo=UTC)
     assert user.next_budget_reset_at == datetime(2024, 2, 4, tzinfo=UTC)
+
+
+def test_now_in_the_future_only_previews(db, time_machine):
+    time_machine.move_to(T0, tick=False)
+    user = make_user(
+        budget=make_budget(max_budget_usd=Decimal("5"), reset_alignment="calendar_day")
+    )
+    charge(user.pk, Decimal("1"), T0)
+
+    with pytest.raises(CommandError, match="only allowed with --dry-run"):
+        reset_budgets("--now", "2024-02-01T00:00:01Z")
+    assert "(dry run): 1 user(s) due" in reset_budgets("--now", "2024-02-01T00:00:01Z", "--dry-run")
+    user.refresh_from_db()
+    assert (user.spend_usd, user.budget_started_at) == (1, T0)
 
 
 def test_never_zeroes_a_window_that_has_not_ended(db, time_machine):

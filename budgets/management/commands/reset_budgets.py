@@ -14,6 +14,7 @@ from argparse import ArgumentParser
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
 from budgets.management.commands._args import iso_datetime
 from budgets.models import Budget, GatewayUser
@@ -33,11 +34,17 @@ class Command(BaseCommand):
             "--now",
             type=iso_datetime,
             metavar="ISO",
-            help="roll as of this instant instead of the clock (naive = UTC)",
+            help="roll as of this instant instead of the clock (naive = UTC); "
+            "a future instant only with --dry-run",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
         user_id, budget_id = options["user"], options["budget"]
+        future = options["now"] is not None and options["now"] > timezone.now()
+        if future and not options["dry_run"]:
+            # Rolling into the future would start windows that have not begun, and
+            # requests settled until then would be stamped into them.
+            raise CommandError("--now in the future is only allowed with --dry-run")
         if user_id is not None and not GatewayUser.objects.filter(pk=user_id).exists():
             raise CommandError(f"no user with id {user_id!r}")
         if budget_id is not None and not Budget.objects.filter(pk=budget_id).exists():
