@@ -1118,10 +1118,10 @@ def user_books_repair(*, user_id: str) -> BookRepair | None:
     logger.warning(
         "audit repair of user %s: reserved %s -> %s, spend %s -> %s",
         user_id,
-        repair.reserved_before_usd,
-        repair.reserved_after_usd,
-        repair.spend_before_usd,
-        repair.spend_after_usd,
+        _money_str(repair.reserved_before_usd),
+        _money_str(repair.reserved_after_usd),
+        _money_str(repair.spend_before_usd),
+        _money_str(repair.spend_after_usd),
     )
     return repair
 
