@@ -304,7 +304,8 @@ async def _alerts_check(user_id: str, now) -> None:
 def _budget_headers(state: BudgetState | None) -> dict[str, str]:
     if state is None or state.limit_usd is None:
         return {}
-    headers = {"X-Otari-Budget-Remaining-Usd": str(state.remaining_usd)}
+    # Exact, without the column's trailing zeros ("9.999973", not "9.9999730000").
+    headers = {"X-Otari-Budget-Remaining-Usd": f"{state.remaining_usd.normalize():f}"}
     if state.next_reset_at is not None:
         headers["X-Otari-Budget-Reset-At"] = state.next_reset_at.isoformat()
     return headers
