@@ -127,9 +127,11 @@ def _check_outcome(api, stream, outcome, response, row) -> None:
         error = stream_error(api, response.text)
         assert error is not None
         if api == "messages":
-            assert error["type"] == "error" and error["error"]["type"] == "api_error"
+            assert error["type"] == "error"
+            assert error["error"]["type"] == "api_error"
         elif api == "responses":
-            assert error["type"] == "error" and isinstance(error["sequence_number"], int)
+            assert error["type"] == "error"
+            assert isinstance(error["sequence_number"], int)
         else:
             assert response.text.rstrip().endswith("data: [DONE]")
         delivered = math.ceil(len("".join(WORDS[:3])) / 4)
