@@ -134,6 +134,13 @@ class ResponsesFormat(ApiFormat):
             "instructions",
         )
         require(isinstance(body.get("stream", False), bool), "stream must be a boolean", "stream")
+        # A background response finishes after this request has returned, out of the
+        # gateway's sight: it could be neither metered nor charged.
+        require(
+            body.get("background") in (None, False),
+            "background responses are not supported by the gateway",
+            "background",
+        )
         value = body.get("max_output_tokens")
         require(
             value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),

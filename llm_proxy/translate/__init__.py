@@ -66,8 +66,13 @@ _RESPONSE_READERS: dict[str, Callable[[dict[str, Any]], Completion]] = {
 _DECODERS = {"chat": chat.ChatStreamDecoder, "messages": messages.MessagesStreamDecoder}
 
 
+def _now() -> int:
+    """The `created` timestamp of a translated answer (a seam for the golden tests)."""
+    return int(time.time())
+
+
 def _render(client: str, completion: Completion, request: dict[str, Any]) -> dict[str, Any]:
-    created = int(time.time())
+    created = _now()
     if client == "chat":
         return chat.write_response(completion, created=created)
     if client == "messages":
@@ -76,7 +81,7 @@ def _render(client: str, completion: Completion, request: dict[str, Any]) -> dic
 
 
 def _encoder(client: str, request: dict[str, Any]) -> StreamEncoder:
-    created = int(time.time())
+    created = _now()
     if client == "chat":
         options = request.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True

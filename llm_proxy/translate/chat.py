@@ -53,7 +53,6 @@ _MAPPED = frozenset(
         "user",
         "response_format",
         "reasoning_effort",
-        "n",
     }
 )
 # Hints with no effect on the answer; why each is safe to leave out is in

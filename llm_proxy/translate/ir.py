@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 StopReason = Literal["end", "stop_sequence", "length", "tool_calls", "refusal"]
 
 API_TITLES = {
-    "chat": "chat completions",
-    "messages": "Anthropic messages",
-    "responses": "responses",
-    "embeddings": "embeddings",
+    "chat": "Chat Completions",
+    "messages": "Anthropic Messages",
+    "responses": "Responses",
+    "embeddings": "Embeddings",
 }
 
 
