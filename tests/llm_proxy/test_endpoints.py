@@ -221,7 +221,7 @@ def test_the_same_features_pass_natively(gateway, erin):
 
 
 def test_embeddings_on_an_anthropic_provider_is_a_clear_400(gateway, erin):
-    user, secret = erin
+    _user, secret = erin
     response = gateway.post(
         "/v1/embeddings", secret, {"model": "anthropic:text-embedding-3-small", "input": "hi"}
     )
@@ -262,7 +262,7 @@ def test_embeddings_are_priced_on_input_tokens(gateway, erin):
 
 
 def test_embeddings_refuse_streaming_and_empty_input(gateway, erin):
-    user, secret = erin
+    _user, secret = erin
     for body in ({"input": "hi", "stream": True}, {"input": []}, {"input": ["ok", ""]}):
         response = gateway.post(
             "/v1/embeddings", secret, {"model": "openai:text-embedding-3-small", **body}
@@ -320,7 +320,7 @@ def test_count_tokens_checks_key_model_and_shape(gateway, erin, settings):
 
 
 def test_master_key_names_the_user_with_metadata_user_id(gateway, erin, settings):
-    user, secret = erin
+    _user, secret = erin
     settings.OTARI_MASTER_KEY = MASTER_KEY
     body = body_for("messages", "anthropic:m")
     response = gateway.post(PATHS["messages"], MASTER_KEY, body)
@@ -346,7 +346,7 @@ def test_master_key_names_the_user_with_metadata_user_id(gateway, erin, settings
 
 
 def test_anthropic_provider_headers_and_path(gateway, erin):
-    user, secret = erin
+    _user, secret = erin
     with gateway.client(secret) as client:
         response = client.post(
             PATHS["messages"],

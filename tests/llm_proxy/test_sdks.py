@@ -312,9 +312,11 @@ def test_sdks_raise_typed_errors_for_gateway_refusals(gateway, dave):
     with pytest.raises(anthropic.PermissionDeniedError) as denied:
         broke_claude.messages.create(model="anthropic:m", **request)
     assert denied.value.body["error"]["type"] == "permission_error"
-    with pytest.raises(anthropic.PermissionDeniedError):
-        with broke_claude.messages.stream(model="openai:m", **request) as stream:
-            stream.get_final_message()
+    with (
+        pytest.raises(anthropic.PermissionDeniedError),
+        broke_claude.messages.stream(model="openai:m", **request) as stream,
+    ):
+        stream.get_final_message()
     with pytest.raises(openai.PermissionDeniedError) as denied_oai:
         broke_oai.responses.create(model="anthropic:m", input=PROMPT)
     assert denied_oai.value.code == "budget_exceeded"
