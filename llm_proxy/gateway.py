@@ -74,7 +74,7 @@ STATUS_STREAM_BROKEN = 502  # the upstream broke after the stream was committed
 
 
 @dataclass(frozen=True, slots=True)
-class Upstream:
+class Target:
     """How a request reaches its provider: the route (native or translated), and the
     body and extra headers it sends. Decided before admission, so that what cannot be
     translated is refused before anything is held."""
@@ -102,7 +102,7 @@ class Exchange:
     held: bool
     budget_state: BudgetState | None
     body: dict[str, Any] = field(repr=False)
-    upstream: Upstream = field(repr=False)
+    target: Target = field(repr=False)
     # The cost charged at settlement (None until then, or when the model has no price).
     charged_usd: Decimal | None = None
     _closing: asyncio.Future | None = field(default=None, repr=False)
@@ -310,7 +310,7 @@ async def _admit(
     body: dict[str, Any] = {}
     refusal: GatewayError | None = None
     provider: Provider | None = None
-    target: Upstream | None = None
+    target: Target | None = None
     model = model_key = ""
     try:
         body = _parse_body(request)
@@ -323,7 +323,7 @@ async def _admit(
         # Translation is decided (and refused, for what cannot be translated) before
         # anything is held.
         route = route_for(fmt, provider)
-        target = Upstream(
+        target = Target(
             route=route,
             body=route.upstream_body(body, model, stream=body.get("stream") is True),
             headers={} if route.translated else provider.forwarded_headers(request.headers),
@@ -373,7 +373,7 @@ async def _admit_known(
     provider: Provider,
     model: str,
     model_key: str,
-    target: Upstream,
+    target: Target,
     request_id: uuid.UUID,
     started: float,
     now,
@@ -427,7 +427,7 @@ async def _admit_known(
         held=held,
         budget_state=state,
         body=body,
-        upstream=target,
+        target=target,
     )
     return exchange
 
@@ -453,7 +453,7 @@ async def _provider_status_error(exchange: Exchange, response: httpx.Response) -
 
 async def _complete(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
     """A non-streaming request: call, settle, answer."""
-    target, route = exchange.upstream, exchange.upstream.route
+    target, route = exchange.target, exchange.target.route
     client = upstream.client()
     request = exchange.provider.build_request(
         client, route.upstream.name, target.body, target.headers
@@ -503,7 +503,7 @@ async def _stream(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
     """A streaming request: open the upstream stream and wait for its first bytes before
     committing, so that anything failing until then is an ordinary HTTP error with a
     full refund (CONTRACT §4)."""
-    target, route = exchange.upstream, exchange.upstream.route
+    target, route = exchange.target, exchange.target.route
     client = upstream.client()
     request = exchange.provider.build_request(
         client, route.upstream.name, target.body, target.headers
