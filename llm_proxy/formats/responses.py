@@ -97,6 +97,17 @@ def _validate_item(item: Any, call_ids: set[str], stateful: bool) -> None:
     elif kind == "function_call_output":
         call_id = item.get("call_id")
         require(isinstance(call_id, str), "function_call_output items need a call_id", "input")
+        output = item.get("output")
+        require(
+            output is None
+            or isinstance(output, str)
+            or (
+                isinstance(output, list)
+                and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in output)
+            ),
+            "function_call_output output must be a string or an array of typed parts",
+            "input",
+        )
         # With stored state (previous_response_id, conversation) the call may be there.
         require(
             stateful or call_id in call_ids,

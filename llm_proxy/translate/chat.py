@@ -26,6 +26,9 @@ from llm_proxy.translate.ir import (
     ToolResult,
     TranslationError,
     check_fields,
+    expect,
+    expect_number,
+    expect_strings,
     untranslatable,
 )
 from otari.exceptions import BadRequest
@@ -175,17 +178,16 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
         messages=messages,
         stream=body.get("stream") is True,
         max_output_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
-        parallel_tool_calls=body.get("parallel_tool_calls"),
-        user=body.get("user"),
-        reasoning_effort=body.get("reasoning_effort"),
+        temperature=expect_number(body, "temperature"),
+        top_p=expect_number(body, "top_p"),
+        stop=expect_strings(body, "stop", single=True),
+        parallel_tool_calls=expect(body, "parallel_tool_calls", bool, "a boolean"),
+        user=expect(body, "user", str, "a string"),
+        reasoning_effort=expect(body, "reasoning_effort", str, "a string"),
     )
-    stop = body.get("stop")
-    conversation.stop = [stop] if isinstance(stop, str) else list(stop or ())
     options = body.get("stream_options")
     conversation.include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    for tool in body.get("tools") or ():
+    for tool in expect(body, "tools", list, "an array") or ():
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function":
             untranslatable("Non-function tools", source=API, target=target, param="tools")
@@ -199,7 +201,7 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
                 strict=function.get("strict"),
             )
         )
-    choice = body.get("tool_choice")
+    choice = expect(body, "tool_choice", (str, dict), "a string or an object")
     if isinstance(choice, str):
         conversation.tool_choice = choice
     elif isinstance(choice, dict):
@@ -207,7 +209,7 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
         if choice.get("type") != "function" or not isinstance(function, dict):
             untranslatable("This tool_choice", source=API, target=target, param="tool_choice")
         conversation.tool_choice, conversation.tool_choice_name = "tool", function.get("name")
-    response_format = body.get("response_format")
+    response_format = expect(body, "response_format", dict, "an object")
     if isinstance(response_format, dict) and response_format.get("type") != "text":
         conversation.response_format = response_format
     return conversation

@@ -223,3 +223,35 @@ class StreamEncoder:
 
     def error(self) -> bytes:
         raise NotImplementedError
+
+
+def expect(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], what: str) -> Any:
+    """A field's value when it is absent or of the expected type, else a 400.
+
+    The readers map fields into typed shapes: a value of the wrong type is refused here
+    rather than passed on to be misread later.
+    """
+    value = body.get(name)
+    if value is not None and not isinstance(value, kinds):
+        raise BadRequest(f"{name} must be {what}", param=name)
+    return value
+
+
+def expect_number(body: dict[str, Any], name: str) -> float | int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise BadRequest(f"{name} must be a number", param=name)
+    return value
+
+
+def expect_strings(body: dict[str, Any], name: str, *, single: bool) -> list[str]:
+    """A list of strings (or, when `single`, also one string) as a list."""
+    value = body.get(name)
+    if value is None:
+        return []
+    if single and isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        what = "a string or an array of strings" if single else "an array of strings"
+        raise BadRequest(f"{name} must be {what}", param=name)
+    return list(value)

@@ -32,6 +32,9 @@ from llm_proxy.translate.ir import (
     ToolResult,
     TranslationError,
     check_fields,
+    expect,
+    expect_number,
+    expect_strings,
     untranslatable,
 )
 from otari.exceptions import BadRequest
@@ -158,9 +161,9 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
         messages=messages,
         stream=body.get("stream") is True,
         max_output_tokens=body["max_tokens"],
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
-        stop=list(body.get("stop_sequences") or ()),
+        temperature=expect_number(body, "temperature"),
+        top_p=expect_number(body, "top_p"),
+        stop=expect_strings(body, "stop_sequences", single=False),
         user=metadata.get("user_id"),
     )
     for tool in body.get("tools") or ():
@@ -176,9 +179,13 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
                 strict=tool.get("strict"),
             )
         )
-    choice = body.get("tool_choice")
+    choice = expect(body, "tool_choice", dict, "an object")
     if isinstance(choice, dict):
         kind = choice.get("type")
+        if kind not in ("auto", "any", "tool", "none"):
+            raise BadRequest(
+                "tool_choice.type must be auto, any, tool or none", param="tool_choice"
+            )
         conversation.tool_choice = {"any": "required", "tool": "tool"}.get(kind, kind)
         conversation.tool_choice_name = choice.get("name")
         if choice.get("disable_parallel_tool_use") is True:

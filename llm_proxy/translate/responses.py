@@ -23,6 +23,8 @@ from llm_proxy.translate.ir import (
     ToolCall,
     ToolResult,
     check_fields,
+    expect,
+    expect_number,
     untranslatable,
 )
 from otari.exceptions import BadRequest
@@ -158,13 +160,13 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
         messages=_items(body, target),
         stream=body.get("stream") is True,
         max_output_tokens=body.get("max_output_tokens"),
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
-        parallel_tool_calls=body.get("parallel_tool_calls"),
-        user=body.get("user"),
-        response_format=_response_format(body.get("text"), target),
+        temperature=expect_number(body, "temperature"),
+        top_p=expect_number(body, "top_p"),
+        parallel_tool_calls=expect(body, "parallel_tool_calls", bool, "a boolean"),
+        user=expect(body, "user", str, "a string"),
+        response_format=_response_format(expect(body, "text", dict, "an object"), target),
     )
-    reasoning = body.get("reasoning")
+    reasoning = expect(body, "reasoning", dict, "an object")
     if isinstance(reasoning, dict):
         for name, value in reasoning.items():
             if name != "effort" and value is not None:
@@ -183,7 +185,7 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
                 strict=tool.get("strict"),
             )
         )
-    choice = body.get("tool_choice")
+    choice = expect(body, "tool_choice", (str, dict), "a string or an object")
     if isinstance(choice, str):
         conversation.tool_choice = choice
     elif isinstance(choice, dict):

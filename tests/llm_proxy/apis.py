@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from typing import Any
-
-from budgets.models import GatewayUser, Hold
-from usage.models import UsageLog
 
 PROMPT = "Say hello to the test suite"
 PATHS = {
@@ -74,21 +70,6 @@ def error_shape_ok(api: str, body: dict) -> bool:
     return isinstance(body.get("error"), dict) and {"message", "type", "code", "param"} <= set(
         body["error"]
     )
-
-
-def assert_books_balance(user: GatewayUser) -> None:
-    """reserved = open holds (here: none); spend = the counted usage costs."""
-    user.refresh_from_db()
-    open_holds = Hold.objects.filter(user=user, status=Hold.Status.OPEN)
-    assert user.reserved_usd == sum((h.amount_usd for h in open_holds), Decimal(0))
-    spent = sum(
-        (
-            row.cost_usd or Decimal(0)
-            for row in UsageLog.objects.filter(user=user, counts_toward_budget=True)
-        ),
-        Decimal(0),
-    )
-    assert user.spend_usd == spent
 
 
 def text_of(api: str, body: dict[str, Any]) -> str:

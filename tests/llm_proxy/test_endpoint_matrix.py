@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from budgets.models import Hold
+from tests.assertions import assert_books_balance
 from tests.factories import make_budget, make_key, make_user, set_price
 from tests.fake_provider import WORDS, FakeProvider
 from tests.llm_proxy.apis import (
@@ -24,7 +25,6 @@ from tests.llm_proxy.apis import (
     INSTANCES,
     PATHS,
     PROMPT,
-    assert_books_balance,
     body_for,
     error_shape_ok,
     stream_error,

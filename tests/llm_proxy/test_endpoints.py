@@ -10,9 +10,10 @@ from decimal import Decimal
 import pytest
 
 from budgets.models import Hold
+from tests.assertions import assert_books_balance
 from tests.factories import make_budget, make_key, make_user, set_price
 from tests.fake_provider import TOOL_NAME
-from tests.llm_proxy.apis import PATHS, PROMPT, assert_books_balance, body_for, error_shape_ok
+from tests.llm_proxy.apis import PATHS, PROMPT, body_for, error_shape_ok
 from usage.models import UsageLog
 from usage.pricing import Rates, TokenUsage, cost_usd
 
@@ -427,3 +428,81 @@ def test_keepalive_in_each_apis_form(gateway, erin, settings, api, instance):
     assert response.text.count(KEEPALIVES[api]) >= 3
     assert UsageLog.objects.get().status == "success"
     assert_books_balance(user)
+
+
+# --- malformed bodies never crash the gateway ---------------------------------------------
+
+GARBAGE = (42, "text", True, [1], {"a": 1}, [{"type": 3}], [{"type": "text"}], None)
+FIELDS = {
+    "chat": (
+        "messages",
+        "tools",
+        "tool_choice",
+        "stop",
+        "temperature",
+        "response_format",
+        "stream_options",
+        "parallel_tool_calls",
+        "user",
+        "max_tokens",
+    ),
+    "messages": (
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "stop_sequences",
+        "temperature",
+        "metadata",
+        "max_tokens",
+        "thinking",
+    ),
+    "responses": (
+        "input",
+        "instructions",
+        "tools",
+        "tool_choice",
+        "text",
+        "reasoning",
+        "temperature",
+        "max_output_tokens",
+        "user",
+        "previous_response_id",
+    ),
+}
+
+
+@pytest.mark.parametrize("api", ["chat", "messages", "responses"])
+def test_malformed_fields_are_refused_in_shape_never_a_500(gateway, erin, api):
+    """Every field of each API set to values of the wrong type, on a native and a
+    translated route: a 4xx in the API's shape (or the provider's answer), never a 500,
+    and nothing left held."""
+    user, secret = erin
+    with gateway.client(secret) as client:
+        for instance in ("openai", "anthropic"):
+            for field in FIELDS[api]:
+                for value in GARBAGE:
+                    body = {**body_for(api, f"{instance}:m"), field: value}
+                    response = client.post(PATHS[api], json=body)
+                    assert response.status_code < 500, (instance, field, value, response.text)
+                    if response.status_code >= 400:
+                        assert error_shape_ok(api, response.json())
+                    # Also as a list item, where the API expects objects in arrays.
+                    if field in ("messages", "input", "tools"):
+                        body = {**body_for(api, f"{instance}:m"), field: [value]}
+                        response = client.post(PATHS[api], json=body)
+                        assert response.status_code < 500, (instance, field, value)
+    assert not Hold.objects.filter(status=Hold.Status.OPEN).exists()
+    assert_books_balance(user)
+
+
+def test_an_instance_serves_only_apis_its_kind_speaks():
+    from django.core.exceptions import ImproperlyConfigured
+
+    from llm_proxy.providers.openai import OpenAIProvider
+    from otari.config import ProviderConfig
+
+    chat_only = OpenAIProvider(ProviderConfig(name="v", kind="openai", apis=("chat",)))
+    assert chat_only.apis == {"chat"}
+    with pytest.raises(ImproperlyConfigured, match="does not speak messages"):
+        OpenAIProvider(ProviderConfig(name="v", kind="openai", apis=("chat", "messages")))

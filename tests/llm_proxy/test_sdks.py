@@ -18,9 +18,10 @@ import openai
 import pytest
 
 from budgets.models import Hold
+from tests.assertions import assert_books_balance
 from tests.factories import make_budget, make_key, make_user, set_price
 from tests.fake_provider import TOOL_ARGUMENTS, TOOL_NAME, WORDS
-from tests.llm_proxy.apis import PROMPT, assert_books_balance
+from tests.llm_proxy.apis import PROMPT
 from usage.models import UsageLog
 from usage.pricing import Rates, TokenUsage, cost_usd
 
