@@ -221,3 +221,21 @@ def test_identical_requests_cost_the_same_streamed_or_not(gateway, carol, api, i
     # Cache reads are priced at their own rate on every route (CONTRACT §5).
     assert first.cache_read_tokens == 3
     assert_books_balance(user)
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize("api", APIS)
+def test_client_giving_up_while_the_stream_opens_leaves_no_hold(gateway, carol, api, kind):
+    """CONTRACT §4: a client that leaves while the upstream stream is still being opened
+    is refunded, and its hold released."""
+    user, secret = carol
+    model = f"{INSTANCES[kind]['ok']}:m-slow-2000"
+    set_price(model, "0.15", "0.60")
+    with gateway.client(secret) as client, pytest.raises(httpx.ReadTimeout):
+        client.post(PATHS[api], json=body_for(api, model, stream=True), timeout=0.5)
+    row = _row_when_settled()
+    assert (row.status, row.status_code, row.cost_usd) == ("client_disconnected", 499, None)
+    assert FakeProvider.wait_for(lambda: not Hold.objects.filter(status=Hold.Status.OPEN).exists())
+    assert Hold.objects.get().status == Hold.Status.REFUNDED
+    user.refresh_from_db()
+    assert (user.spend_usd, user.reserved_usd) == (0, 0)
