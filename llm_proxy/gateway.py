@@ -45,8 +45,10 @@ from llm_proxy.errors import (
     error_response,
     provider_error_for_status,
 )
+from llm_proxy.formats import MESSAGES
 from llm_proxy.providers import resolve_model
 from llm_proxy.streaming import relay
+from llm_proxy.translate import TranslationError, route_for
 from otari.celery import embedded_beat_tick
 from otari.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
 from usage.models import UsageLog
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from llm_proxy.formats.base import ApiFormat
     from llm_proxy.providers.base import Provider
     from llm_proxy.streaming import StreamCodec
+    from llm_proxy.translate import Route
     from usage.pricing import Rates
 
 logger = logging.getLogger(__name__)
@@ -69,6 +72,17 @@ _closing_tasks: set[asyncio.Task] = set()
 # Status codes recorded for endings that have no HTTP status of their own.
 STATUS_CLIENT_CLOSED = 499  # the client went away (nginx's convention)
 STATUS_STREAM_BROKEN = 502  # the upstream broke after the stream was committed
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """How a request reaches its provider: the route (native or translated), and the
+    body and extra headers it sends. Decided before admission, so that what cannot be
+    translated is refused before anything is held."""
+
+    route: Route
+    body: dict[str, Any]
+    headers: dict[str, str]
 
 
 @dataclass(eq=False)
@@ -89,6 +103,7 @@ class Exchange:
     held: bool
     budget_state: BudgetState | None
     body: dict[str, Any] = field(repr=False)
+    target: Target = field(repr=False)
     # The cost charged at settlement (None until then, or when the model has no price).
     charged_usd: Decimal | None = None
     _closing: asyncio.Future | None = field(default=None, repr=False)
@@ -239,7 +254,7 @@ class Exchange:
             await self.settle(estimated, error_message=message)
 
     def _max_output_tokens(self) -> int:
-        return self.fmt.max_output_tokens(self.body) or settings.OTARI_DEFAULT_MAX_OUTPUT_TOKENS
+        return self.fmt.output_token_budget(self.body)
 
     async def settle_stream(self, codec: StreamCodec) -> None:
         await self.settle_complete(codec.usage, codec.output_chars())
@@ -319,6 +334,7 @@ async def _admit(
     body: dict[str, Any] = {}
     refusal: GatewayError | None = None
     provider: Provider | None = None
+    target: Target | None = None
     model = model_key = ""
     try:
         body = _parse_body(request)
@@ -328,6 +344,14 @@ async def _admit(
         provider, model = resolve_model(selector)
         model_key = f"{provider.name}:{model}"
         fmt.validate(body)
+        # Translation is decided (and refused, for what cannot be translated) before
+        # anything is held.
+        route = route_for(fmt, provider)
+        target = Target(
+            route=route,
+            body=route.upstream_body(body, model, stream=body.get("stream") is True),
+            headers={} if route.translated else provider.forwarded_headers(request.headers),
+        )
     except GatewayError as exc:
         refusal = exc
     now = timezone.now()
@@ -335,7 +359,7 @@ async def _admit(
         credential=credential, named_user=fmt.named_user(body), model_key=model_key, now=now
     )
     try:
-        if refusal is not None or provider is None:
+        if refusal is not None or provider is None or target is None:
             raise refusal or BadRequest("model is required")
         named = fmt.named_user(body)
         if caller.api_key_id is not None and named is not None and named != caller.user_id:
@@ -344,7 +368,7 @@ async def _admit(
                 code="user_mismatch",
             )
         return await _admit_known(
-            caller, fmt, body, provider, model, model_key, request_id, started, now
+            caller, fmt, body, provider, model, model_key, target, request_id, started, now
         ), body
     except GatewayError as exc:
         # A refusal of a known user leaves a usage row (CONTRACT §3.4, §5).
@@ -373,6 +397,7 @@ async def _admit_known(
     provider: Provider,
     model: str,
     model_key: str,
+    target: Target,
     request_id: uuid.UUID,
     started: float,
     now,
@@ -389,7 +414,7 @@ async def _admit_known(
             raise BudgetExceeded
         raise PricingMissing
     texts = fmt.prompt_texts(body)
-    prompt_chars = sum(len(text) for text in texts)
+    prompt_chars = fmt.prompt_chars(body, texts)
     estimate = Decimal(0)
     held = False
     # Requests that take no hold still show the caller's budget (CONTRACT §2), as loaded.
@@ -406,8 +431,7 @@ async def _admit_known(
     if rates is not None:
         estimate = estimate_usd(
             prompt_chars=prompt_chars,
-            max_output_tokens=fmt.max_output_tokens(body)
-            or settings.OTARI_DEFAULT_MAX_OUTPUT_TOKENS,
+            max_output_tokens=fmt.output_token_budget(body),
             rates=rates,
         )
         # Free models and keys excluded from budget take no hold and are never refused
@@ -437,6 +461,7 @@ async def _admit_known(
         held=held,
         budget_state=state,
         body=body,
+        target=target,
     )
     return exchange
 
@@ -462,10 +487,10 @@ async def _provider_status_error(exchange: Exchange, response: httpx.Response) -
 
 async def _complete(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
     """A non-streaming request: call, settle, answer."""
-    fmt, provider = exchange.fmt, exchange.provider
+    target, route = exchange.target, exchange.target.route
     client = upstream.client()
-    request = provider.build_request(
-        client, fmt.name, fmt.upstream_body(body, exchange.model, stream=False)
+    request = exchange.provider.build_request(
+        client, route.upstream.name, target.body, target.headers
     )
     try:
         response = await client.send(request)
@@ -485,9 +510,21 @@ async def _complete(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
         failure = ProviderError("LLM provider error: the response was not valid JSON")
         await exchange.refund(failure)
         return _error(exchange, failure)
-    await exchange.settle_complete(fmt.usage_from_body(parsed), fmt.output_chars_from_body(parsed))
-    result = HttpResponse(response.content, content_type="application/json")
-    result["Content-Length"] = str(len(response.content))
+    content = response.content
+    if route.translated:
+        try:
+            content = json.dumps(route.response_body(body, parsed)).encode()
+        except TranslationError as exc:
+            # Nothing reached the client: like any provider fault before the answer,
+            # a full refund (the usage row says what could not be translated).
+            failure = ProviderError(f"LLM provider error: the answer had {exc}")
+            await exchange.refund(failure)
+            return _error(exchange, failure)
+    await exchange.settle_complete(
+        route.upstream.usage_from_body(parsed), route.upstream.output_chars_from_body(parsed)
+    )
+    result = HttpResponse(content, content_type="application/json")
+    result["Content-Length"] = str(len(content))
     result["X-Otari-Request-Id"] = str(exchange.request_id)
     if exchange.charged_usd is not None:
         result["X-Otari-Cost-Usd"] = str(exchange.charged_usd)
@@ -500,10 +537,10 @@ async def _stream(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
     """A streaming request: open the upstream stream and wait for its first bytes before
     committing, so that anything failing until then is an ordinary HTTP error with a
     full refund (CONTRACT §4)."""
-    fmt, provider = exchange.fmt, exchange.provider
+    target, route = exchange.target, exchange.target.route
     client = upstream.client()
-    request = provider.build_request(
-        client, fmt.name, fmt.upstream_body(body, exchange.model, stream=True)
+    request = exchange.provider.build_request(
+        client, route.upstream.name, target.body, target.headers
     )
     response: httpx.Response | None = None
     try:
@@ -537,7 +574,7 @@ async def _stream(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
             upstream=response,
             chunks=chunks,
             first_chunk=first_chunk,
-            codec=fmt.stream_codec(),
+            codec=route.stream_codec(body),
             keepalive_s=settings.OTARI_STREAM_KEEPALIVE_SECONDS,
         ),
         content_type="text/event-stream",
@@ -633,6 +670,35 @@ async def list_models(request: HttpRequest) -> HttpResponse:
         if model_allowed(allowed, price.model_key)
     ]
     content = json.dumps({"object": "list", "data": data}).encode()
+    response = HttpResponse(content, content_type="application/json")
+    response["Content-Length"] = str(len(content))
+    return response
+
+
+async def count_tokens(request: HttpRequest) -> HttpResponse:
+    """`POST /v1/messages/count_tokens`: a local estimate (MessagesFormat.count_tokens).
+
+    No provider call, no hold, no charge, and no usage row: nothing was generated or
+    billed, and counting is not a request the usage log should count. The caller must
+    still hold a valid key that may use the model.
+    """
+    try:
+        now = timezone.now()
+        caller = await authenticate_listing(credential=credential_from_headers(request), now=now)
+        body = _parse_body(request)
+        selector = body.get("model")
+        if not isinstance(selector, str) or not selector:
+            raise BadRequest("model is required", code="invalid_model", param="model")
+        provider, model = resolve_model(selector)
+        MESSAGES.validate_prompt(body)
+        if caller is not None:
+            if caller.blocked:
+                raise UserBlocked
+            if not model_allowed(caller.allowed_models, f"{provider.name}:{model}"):
+                raise ModelNotAllowed
+    except GatewayError as exc:
+        return error_response(exc, MESSAGES.error_style)
+    content = json.dumps({"input_tokens": MESSAGES.count_tokens(body)}).encode()
     response = HttpResponse(content, content_type="application/json")
     response["Content-Length"] = str(len(content))
     return response

@@ -5,6 +5,7 @@ providers:
   openai:    {kind: openai, api_key: "${OPENAI_KEY}", timeout: 600}
   local:     {kind: openai, api_base: "http://127.0.0.1:11434/v1"}
   anthropic: {kind: anthropic, api_key: "${ANTHROPIC_KEY}"}
+  vllm:      {kind: openai, api_base: "http://127.0.0.1:8000/v1", apis: [chat, embeddings]}
 pricing:
   "openai:gpt-4o-mini": {input_price_per_million: 0.15, output_price_per_million: 0.60,
                          cache_read_price_per_million: 0.075}
@@ -42,6 +43,9 @@ class ProviderConfig:
     api_base: str = ""
     # Seconds the upstream may take: to the first byte, and between stream chunks.
     timeout_s: float = 600.0
+    # The client APIs the instance serves natively (None: all its kind speaks); the
+    # others are translated (docs/TRANSLATION.md).
+    apis: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,12 +90,18 @@ def _parse_provider(name: str, raw: Any) -> ProviderConfig:
     timeout = raw.get("timeout", settings.OTARI_PROVIDER_TIMEOUT_SECONDS)
     if not isinstance(timeout, int | float) or timeout <= 0:
         raise ImproperlyConfigured(f"providers.{name}.timeout must be a positive number")
+    apis = raw.get("apis")
+    if apis is not None and (
+        not isinstance(apis, list) or not all(isinstance(api, str) for api in apis)
+    ):
+        raise ImproperlyConfigured(f"providers.{name}.apis must be a list of API names")
     return ProviderConfig(
         name=name,
         kind=kind,
         api_key=_expand(raw.get("api_key") or ""),
         api_base=_expand(raw.get("api_base") or ""),
         timeout_s=float(timeout),
+        apis=tuple(apis) if apis is not None else None,
     )
 
 

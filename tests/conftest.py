@@ -67,7 +67,12 @@ def fake_provider() -> Iterator[FakeProvider]:
 
 
 def write_config(path: Path, fake: FakeProvider) -> Path:
-    """Provider instances on the fake (and one on a closed port), and test prices."""
+    """Provider instances on the fake (and on a closed port), and test prices.
+
+    Both kinds have a normal instance (`openai`, `anthropic`), one with a short timeout
+    (`short`, `anthropic-short`) and one on a closed port (`dead`, `anthropic-dead`);
+    `chatonly` is an openai-kind server without the Responses API (translated to chat).
+    """
     path.write_text(
         f"""
 providers:
@@ -76,6 +81,14 @@ providers:
   short: {{kind: openai, api_key: sk-test-provider-key, api_base: "{fake.base_url}",
           timeout: {SHORT_TIMEOUT_S}}}
   dead: {{kind: openai, api_key: sk-test-provider-key, api_base: "http://127.0.0.1:9/v1"}}
+  anthropic: {{kind: anthropic, api_key: sk-ant-test-provider-key, api_base: "{fake.root_url}",
+              timeout: {PROVIDER_TIMEOUT_S}}}
+  anthropic-short: {{kind: anthropic, api_key: sk-ant-test-provider-key,
+                    api_base: "{fake.root_url}", timeout: {SHORT_TIMEOUT_S}}}
+  anthropic-dead: {{kind: anthropic, api_key: sk-ant-test-provider-key,
+                   api_base: "http://127.0.0.1:9"}}
+  chatonly: {{kind: openai, api_key: sk-test-provider-key, api_base: "{fake.base_url}",
+             timeout: {PROVIDER_TIMEOUT_S}, apis: [chat, embeddings]}}
 pricing:
   "openai:gpt-4o-mini": {{input_price_per_million: 0.15, output_price_per_million: 0.60}}
 """

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from django.conf import settings
+
 from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
@@ -54,8 +56,11 @@ class ApiFormat:
         """The request's prompt text, piece by piece (for the estimate and redaction)."""
         raise NotImplementedError
 
-    def prompt_chars(self, body: dict[str, Any]) -> int:
-        return sum(len(text) for text in self.prompt_texts(body))
+    def prompt_chars(self, body: dict[str, Any], texts: list[str] | None = None) -> int:
+        """Characters the estimate counts (`texts`: prompt_texts(body), if already known)."""
+        if texts is None:
+            texts = self.prompt_texts(body)
+        return sum(len(text) for text in texts)
 
     def max_output_tokens(self, body: dict[str, Any]) -> int | None:
         for field in self.max_output_fields:
@@ -63,6 +68,10 @@ class ApiFormat:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
         return None
+
+    def output_token_budget(self, body: dict[str, Any]) -> int:
+        """The output tokens the hold provides for: the request's cap, else the default."""
+        return self.max_output_tokens(body) or settings.OTARI_DEFAULT_MAX_OUTPUT_TOKENS
 
     def named_user(self, body: dict[str, Any]) -> str | None:
         """The gateway user a request names (required with the master key)."""

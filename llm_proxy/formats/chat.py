@@ -14,6 +14,7 @@ from usage.pricing import TokenUsage
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
 _DONE = b"[DONE]"
+_ERROR = re.compile(rb'\s*\{\s*"error"\s*:')
 
 
 def usage_from_chat(usage: Any) -> TokenUsage | None:
@@ -42,6 +43,40 @@ def _message_output_chars(message: Any) -> int:
     return total
 
 
+def _validate_message(message: dict[str, Any], call_ids: set[str]) -> None:
+    """A message's content parts are typed objects, and every tool message answers a
+    tool call made earlier in the conversation."""
+    content = message.get("content")
+    require(
+        content is None
+        or isinstance(content, str)
+        or (
+            isinstance(content, list)
+            and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
+        ),
+        "message content must be a string or an array of typed parts",
+        "messages",
+    )
+    calls = message.get("tool_calls")
+    if message["role"] == "assistant" and calls is not None:
+        require(
+            isinstance(calls, list)
+            and all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in calls),
+            "tool_calls must be an array of objects with an id",
+            "messages",
+        )
+        call_ids.update(call["id"] for call in calls)
+    if message["role"] == "tool":
+        call_id = message.get("tool_call_id")
+        require(isinstance(call_id, str), "tool messages need a tool_call_id", "messages")
+        require(
+            call_id in call_ids,
+            f"tool message refers to tool_call_id '{call_id}', which no earlier assistant "
+            "message contains",
+            "messages",
+        )
+
+
 class ChatFormat(ApiFormat):
     name = "chat"
     endpoint = "/v1/chat/completions"
@@ -55,12 +90,14 @@ class ChatFormat(ApiFormat):
             "messages must be a non-empty array",
             "messages",
         )
+        call_ids: set[str] = set()
         for message in messages:
             require(
                 isinstance(message, dict) and isinstance(message.get("role"), str),
                 "each message must be an object with a string role",
                 "messages",
             )
+            _validate_message(message, call_ids)
         require(isinstance(body.get("stream", False), bool), "stream must be a boolean", "stream")
         for field in self.max_output_fields:
             value = body.get(field)
@@ -117,17 +154,26 @@ class ChatStreamCodec:
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
         self.finished = False
+        self.failed = False
         self._saw_finish_reason = False
         self._delivered: list[bytes] = []
 
     @property
     def complete(self) -> bool:
+        if self.failed:
+            return False
         return self.finished or self._saw_finish_reason or self.usage is not None
 
     def transform(self, event: SSEEvent) -> bytes:
         data = event.data
         if data == _DONE:
             self.finished = True
+            return b""
+        if _ERROR.match(data):
+            # OpenAI reports a failure inside the stream as an error object (then
+            # [DONE]): the stream broke, whatever follows. error_event() tells the
+            # client, without the provider's own message.
+            self.failed = self.finished = True
             return b""
         if _FINISH.search(data):
             self._saw_finish_reason = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+from llm_proxy.providers.anthropic import AnthropicProvider
 from llm_proxy.providers.base import Provider
 from llm_proxy.providers.openai import OpenAIProvider
 from otari.config import gateway_config
@@ -11,6 +12,7 @@ from otari.exceptions import BadRequest
 
 PROVIDER_CLASSES: dict[str, type[Provider]] = {
     OpenAIProvider.kind: OpenAIProvider,
+    AnthropicProvider.kind: AnthropicProvider,
 }
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
+from django.core.exceptions import ImproperlyConfigured
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from otari.config import ProviderConfig
 
 
@@ -24,6 +27,18 @@ class Provider:
 
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.name
+        # The APIs this instance serves natively: the kind's, or the subset the
+        # configuration names (`apis:`), e.g. an OpenAI-compatible server without the
+        # Responses API, whose /v1/responses requests are then translated to chat.
+        self.apis = self.native_apis
+        if config.apis is not None:
+            unknown = set(config.apis) - self.native_apis
+            if unknown:
+                raise ImproperlyConfigured(
+                    f"providers.{config.name}.apis: the {self.kind} kind does not speak "
+                    + ", ".join(sorted(unknown))
+                )
+            self.apis = frozenset(config.apis)
         self.api_key = config.api_key
         self.api_base = (config.api_base or self.default_api_base).rstrip("/")
         self.timeout = httpx.Timeout(
@@ -41,14 +56,25 @@ class Provider:
     def headers(self, api: str) -> dict[str, str]:
         raise NotImplementedError
 
+    def forwarded_headers(self, client_headers: Mapping[str, str]) -> dict[str, str]:
+        """Client headers to pass on with a native (untranslated) request."""
+        return {}
+
     def build_request(
-        self, client: httpx.AsyncClient, api: str, body: dict[str, Any]
+        self,
+        client: httpx.AsyncClient,
+        api: str,
+        body: dict[str, Any],
+        extra_headers: dict[str, str] | None = None,
     ) -> httpx.Request:
+        headers = self.headers(api)
+        if extra_headers:
+            headers = {**headers, **extra_headers}
         return client.build_request(
             "POST",
             self.api_base + self.path(api),
             json=body,
-            headers=self.headers(api),
+            headers=headers,
             timeout=self.timeout,
         )
 

@@ -1,0 +1,257 @@
+"""The neutral shapes translation goes through (docs/TRANSLATION.md).
+
+Every client API is read into these shapes and every upstream API is written from
+them, so that three client APIs and two upstream APIs need one reader and one writer
+each rather than one translator per pair. A field that has no place here is not
+silently dropped: the reader rejects it with a 400 naming it (`untranslatable`), and a
+writer rejects what its API cannot express the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
+
+from otari.exceptions import BadRequest
+
+if TYPE_CHECKING:
+    from usage.pricing import TokenUsage
+
+# Why an answer ended, in neutral terms:
+#   end         the model finished (chat "stop", messages "end_turn", responses completed)
+#   stop_sequence  a stop sequence matched (messages only tells which)
+#   length      the output cap was reached
+#   tool_calls  the model called tools and waits for their results
+#   refusal     the provider refused or filtered the answer
+StopReason = Literal["end", "stop_sequence", "length", "tool_calls", "refusal"]
+
+API_TITLES = {
+    "chat": "Chat Completions",
+    "messages": "Anthropic Messages",
+    "responses": "Responses",
+    "embeddings": "Embeddings",
+}
+
+
+class TranslationError(Exception):
+    """An upstream answer that cannot be rendered in the client's API (a provider fault)."""
+
+
+def untranslatable(feature: str, *, source: str, target: str, param: str | None = None) -> NoReturn:
+    """Refuse a request that uses a feature the upstream API cannot express."""
+    raise BadRequest(
+        f"{feature} cannot be translated from the {API_TITLES[source]} API to a provider "
+        f"that speaks the {API_TITLES[target]} API",
+        code="untranslatable_request",
+        param=param,
+    )
+
+
+# --- content ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Text:
+    text: str
+
+
+@dataclass(slots=True)
+class Image:
+    """An image by URL, or inline as base64 `data` of `media_type`."""
+
+    url: str | None = None
+    media_type: str | None = None
+    data: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> Image:
+        """A URL, unpacking `data:<type>;base64,<data>` URLs into inline data."""
+        if url.startswith("data:") and ";base64," in url:
+            head, data = url[5:].split(";base64,", 1)
+            return cls(media_type=head or "application/octet-stream", data=data)
+        return cls(url=url)
+
+    def as_url(self) -> str:
+        if self.url is not None:
+            return self.url
+        return f"data:{self.media_type};base64,{self.data}"
+
+
+@dataclass(slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+@dataclass(slots=True)
+class ToolResult:
+    call_id: str
+    content: list[Text | Image]
+    is_error: bool = False
+
+
+Part = Text | Image | ToolCall | ToolResult
+
+
+@dataclass(slots=True)
+class Message:
+    role: Literal["system", "user", "assistant"]
+    parts: list[Part]
+
+
+@dataclass(slots=True)
+class Tool:
+    name: str
+    description: str | None
+    parameters: dict[str, Any]
+    strict: bool | None = None
+
+
+@dataclass(slots=True)
+class Conversation:
+    """A generation request, read from the client's API."""
+
+    source: str  # the client API ("chat", "messages", "responses")
+    messages: list[Message]
+    stream: bool = False
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    tools: list[Tool] = field(default_factory=list)
+    # "auto" | "none" | "required" | "tool" (then tool_choice_name) | None (unset)
+    tool_choice: str | None = None
+    tool_choice_name: str | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    # Chat-style structured output: {"type": "json_object"} or {"type": "json_schema", ...}.
+    response_format: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    # Chat clients only: send the usage chunk at the end of the stream.
+    include_usage: bool = False
+
+    def reject(self, feature: str, target: str, param: str | None = None) -> NoReturn:
+        untranslatable(feature, source=self.source, target=target, param=param)
+
+
+# --- answers ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Completion:
+    """A non-streamed answer, read from the upstream's API."""
+
+    id: str
+    model: str
+    parts: list[Text | ToolCall]
+    stop: StopReason
+    usage: TokenUsage | None
+    stop_sequence: str | None = None
+    refusal: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.parts if isinstance(part, Text))
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return [part for part in self.parts if isinstance(part, ToolCall)]
+
+
+# --- request fields --------------------------------------------------------------------
+
+# Values that ask for nothing: a field sent with one of them can be left out.
+_NEUTRAL: tuple[Any, ...] = (None, False, "", [], {})
+
+
+def check_fields(
+    body: dict[str, Any],
+    *,
+    mapped: frozenset[str],
+    ignored: frozenset[str],
+    neutral: dict[str, Any] | None = None,
+    source: str,
+    target: str,
+) -> None:
+    """Refuse any field the translation would drop.
+
+    `mapped` fields are translated; `ignored` ones are hints with no effect on the
+    answer (listed, with reasons, in docs/TRANSLATION.md); any other field is refused
+    unless it carries a value that asks for nothing (null, false, empty, or its
+    `neutral` value such as `n: 1`).
+    """
+    for name, value in body.items():
+        if name in mapped or name in ignored:
+            continue
+        if any(value == v and type(value) is type(v) for v in _NEUTRAL):
+            continue
+        if neutral and name in neutral and value == neutral[name]:
+            continue
+        untranslatable(f"The '{name}' parameter", source=source, target=target, param=name)
+
+
+# --- streams ---------------------------------------------------------------------------
+
+
+class StreamEncoder:
+    """Writes one client API's stream from neutral events (see translate.stream)."""
+
+    keepalive: bytes
+
+    def start(self, *, id: str, model: str) -> bytes:
+        raise NotImplementedError
+
+    def text(self, delta: str) -> bytes:
+        raise NotImplementedError
+
+    def tool_call(self, *, call_id: str, name: str) -> bytes:
+        raise NotImplementedError
+
+    def tool_arguments(self, fragment: str) -> bytes:
+        raise NotImplementedError
+
+    def block_end(self) -> bytes:
+        raise NotImplementedError
+
+    def finish(self, stop: StopReason, stop_sequence: str | None = None) -> bytes:
+        raise NotImplementedError
+
+    def closing(self, usage: TokenUsage | None) -> bytes:
+        """The terminal events, sent once the request is settled."""
+        raise NotImplementedError
+
+    def error(self) -> bytes:
+        raise NotImplementedError
+
+
+def expect(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], what: str) -> Any:
+    """A field's value when it is absent or of the expected type, else a 400.
+
+    The readers map fields into typed shapes: a value of the wrong type is refused here
+    rather than passed on to be misread later.
+    """
+    value = body.get(name)
+    if value is not None and not isinstance(value, kinds):
+        raise BadRequest(f"{name} must be {what}", param=name)
+    return value
+
+
+def expect_number(body: dict[str, Any], name: str) -> float | int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise BadRequest(f"{name} must be a number", param=name)
+    return value
+
+
+def expect_strings(body: dict[str, Any], name: str, *, single: bool) -> list[str]:
+    """A list of strings (or, when `single`, also one string) as a list."""
+    value = body.get(name)
+    if value is None:
+        return []
+    if single and isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        what = "a string or an array of strings" if single else "an array of strings"
+        raise BadRequest(f"{name} must be {what}", param=name)
+    return list(value)
