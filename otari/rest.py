@@ -15,6 +15,7 @@ validates, fails and renders the same way:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -22,7 +23,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError
-from django.http import Http404
+from django.http import Http404, JsonResponse
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema_field
@@ -36,7 +37,7 @@ from budgets import services
 from budgets.exceptions import MissingAPIKey
 from llm_proxy.auth import credential_from_headers
 from otari.exceptions import GatewayError
-from otari.rest_json import json_number
+from otari.rest_json import STORABLE_MESSAGE, json_number, text_storable
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +100,20 @@ class MasterKeyScheme(OpenApiAuthenticationExtension):
 
 
 class ManagementMixin:
-    # Master-key auth for every management view. (A comment, not a docstring: the
-    # schema generator would show a docstring as each operation's description.)
+    # Master-key auth for every management view, and a check that the ids in the path
+    # and the query string can be stored and compared (no NUL, no lone surrogate).
+    # (A comment, not a docstring: the schema generator would show a docstring as
+    # each operation's description.)
 
     authentication_classes = [MasterKeyAuthentication]
     permission_classes = [IsMaster]
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # type: ignore[misc]
+        values = [value for value in kwargs.values() if isinstance(value, str)]
+        values.extend(value for _, items in request.query_params.lists() for value in items)
+        if not all(text_storable(value) for value in values):
+            raise Unprocessable(STORABLE_MESSAGE)
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,6 +160,11 @@ def exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response | 
         return response
     logger.exception("Unhandled error in the management API")
     return Response({"detail": "Internal server error"}, status=500)
+
+
+def page_not_found(request: Any, exception: Exception | None = None) -> JsonResponse:
+    """Every unknown URL answers in the API's error shape, not an HTML page."""
+    return JsonResponse({"detail": "Not found"}, status=404)
 
 
 def quoted_id(value: str) -> str:
@@ -273,9 +288,32 @@ class ChoiceField(serializers.ChoiceField):
 
 
 class JSONObjectField(serializers.DictField):
-    """A JSON object of anything."""
+    """A JSON object of anything, stored as JSON: its fractional numbers (parsed as
+    Decimal) go back to JSON numbers, and one no float can hold is refused."""
 
-    default_error_messages = {"not_a_dict": "Must be a JSON object."}
+    default_error_messages = {
+        "not_a_dict": "Must be a JSON object.",
+        "number": "Numbers must be finite doubles.",
+    }
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        value = super().to_internal_value(data)
+        return self._plain(value)
+
+    def _plain(self, value: Any) -> Any:
+        if isinstance(value, Decimal):
+            number = float(value)
+            if not math.isfinite(number):
+                self.fail("number")
+            return number
+        if isinstance(value, dict):
+            return {key: self._plain(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._plain(item) for item in value]
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+            # Beyond what jsonb can compare and clients can read back exactly.
+            self.fail("number")
+        return value
 
 
 @extend_schema_field(OpenApiTypes.DATETIME)

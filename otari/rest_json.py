@@ -81,9 +81,44 @@ class JSONParser(parsers.JSONParser):
         encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
         try:
             text = stream.read().decode(encoding)
-            return simplejson.loads(
+            data = simplejson.loads(
                 text, parse_float=Decimal, parse_constant=_reject_constant, use_decimal=False
             )
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             # The decoder's message quotes the offending text: say only what is wrong.
             raise exceptions.ParseError("Malformed JSON body") from None
+        if not storable(data):
+            raise exceptions.ValidationError(STORABLE_MESSAGE)
+        return data
+
+
+STORABLE_MESSAGE = "Text may not contain NUL characters or unpaired surrogates."
+
+
+def text_storable(value: str) -> bool:
+    """Whether PostgreSQL can store the text: valid JSON may carry \\u0000 and lone
+    surrogates, which no text or jsonb column accepts."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def storable(data: Any) -> bool:
+    """`text_storable` for every key and string of a parsed JSON document (iterative:
+    a deeply nested body must not exhaust the stack)."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not text_storable(item):
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True

@@ -33,3 +33,5 @@ urlpatterns = [
     # the installed apps: production servers run no collectstatic step or file server.
     re_path(r"^static/(?P<path>.*)$", static_serve, {"insecure": True}),
 ]
+
+handler404 = "otari.rest.page_not_found"
