@@ -11,10 +11,10 @@ from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db.models import DecimalField, OuterRef, QuerySet, Subquery, Sum, Value
+from django.db.models import Count, DecimalField, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 
-from budgets.models import APIKey, GatewayUser, Hold
+from budgets.models import APIKey, Budget, BudgetResetLog, GatewayUser, Hold
 from otari import pgpool
 from usage.models import ModelPricing, UsageLog
 from usage.pricing import Rates
@@ -320,3 +320,95 @@ def books_for_users(*, user_id: str | None = None) -> list[BookDrift]:
 def books_drift_list(*, user_id: str | None = None) -> list[BookDrift]:
     """The users whose `reserved` or `spend` disagrees with their ledger."""
     return [book for book in books_for_users(user_id=user_id) if not book.balanced]
+
+
+# ---------------------------------------------------------------------------------------
+# The management API's reads (budgets/api.py)
+
+
+def _budgets_with_totals() -> QuerySet[Budget]:
+    live = Q(users__deleted_at__isnull=True)
+    return Budget.objects.annotate(
+        user_count=Count("users", filter=live),
+        total_spend=Coalesce(Sum("users__spend_usd", filter=live), Value(Decimal(0))),
+        total_reserved=Coalesce(Sum("users__reserved_usd", filter=live), Value(Decimal(0))),
+    )
+
+
+def budget_list(*, skip: int, limit: int) -> list[Budget]:
+    """Budgets, oldest first, with their live users' count and combined spend/reserved."""
+    return list(_budgets_with_totals().order_by("created_at", "pk")[skip : skip + limit])
+
+
+def budget_get(*, budget_id: str) -> Budget | None:
+    return _budgets_with_totals().filter(pk=budget_id).first()
+
+
+def budget_reset_log_list(*, budget_id: str, skip: int, limit: int) -> list[BudgetResetLog]:
+    """A budget's period rolls, newest first (kept after the budget itself is deleted)."""
+    return list(
+        BudgetResetLog.objects.filter(budget_id=budget_id).order_by("-reset_at", "-pk")[
+            skip : skip + limit
+        ]
+    )
+
+
+def budget_reset_log_exists(*, budget_id: str) -> bool:
+    return BudgetResetLog.objects.filter(budget_id=budget_id).exists()
+
+
+def _users_with_counters() -> QuerySet[GatewayUser]:
+    """Live users with the SDK's integer counters: requests and tokens of the current
+    window (counted usage since `budget_started_at`, all of it when there is no window)
+    and requests in flight (open holds). Tokens are never reserved here, so
+    `reserved_tokens` is always 0."""
+    window = (
+        UsageLog.objects.filter(
+            user=OuterRef("pk"),
+            counts_toward_budget=True,
+            timestamp__gte=Coalesce(OuterRef("budget_started_at"), Value(_EPOCH)),
+        )
+        .order_by()
+        .values("user")
+    )
+    open_holds = (
+        Hold.objects.filter(user=OuterRef("pk"), status=Hold.Status.OPEN).order_by().values("user")
+    )
+    return GatewayUser.objects.filter(deleted_at__isnull=True).annotate(
+        current_requests=Coalesce(Subquery(window.annotate(n=Count("*")).values("n")), Value(0)),
+        current_tokens=Coalesce(
+            Subquery(window.annotate(n=Sum("total_tokens")).values("n")), Value(0)
+        ),
+        reserved_requests=Coalesce(
+            Subquery(open_holds.annotate(n=Count("*")).values("n")), Value(0)
+        ),
+    )
+
+
+def user_list(*, skip: int, limit: int) -> list[GatewayUser]:
+    """Live (not deleted) users, oldest first."""
+    return list(_users_with_counters().order_by("created_at", "pk")[skip : skip + limit])
+
+
+def user_get(*, user_id: str) -> GatewayUser | None:
+    """A live user with its counters; None when unknown or deleted."""
+    return _users_with_counters().filter(pk=user_id).first()
+
+
+def user_exists(*, user_id: str, include_deleted: bool = False) -> bool:
+    users = GatewayUser.objects.filter(pk=user_id)
+    if not include_deleted:
+        users = users.filter(deleted_at__isnull=True)
+    return users.exists()
+
+
+def api_key_list(*, skip: int, limit: int, user_id: str | None = None) -> list[APIKey]:
+    """Keys, newest first; revoked keys too (with `is_active` false)."""
+    keys = APIKey.objects.order_by("-created_at", "-pk")
+    if user_id is not None:
+        keys = keys.filter(user_id=user_id)
+    return list(keys[skip : skip + limit])
+
+
+def api_key_get(*, key_id: uuid.UUID) -> APIKey | None:
+    return APIKey.objects.filter(pk=key_id).first()

@@ -717,14 +717,20 @@ def budget_update(
 
 
 def budget_delete(*, budget_id: str) -> None:
-    """Delete a budget that no user is on (its reset history is kept)."""
+    """Delete a budget that no live user is on (its reset history is kept).
+
+    Deleted users still pointing at it are detached first: they can never be billed
+    again, and otherwise nothing could ever free the budget (a deleted user cannot be
+    moved to another one).
+    """
     with transaction.atomic(durable=True):
         budget = Budget.objects.select_for_update().get(pk=budget_id)
-        if GatewayUser.objects.filter(budget=budget).exists():
+        if GatewayUser.objects.filter(budget=budget, deleted_at__isnull=True).exists():
             raise Conflict(
                 "The budget still has users; move them to another budget first",
                 code="budget_in_use",
             )
+        GatewayUser.objects.filter(budget=budget).update(budget=None, next_budget_reset_at=None)
         budget.delete()
 
 
@@ -873,6 +879,31 @@ def api_key_create(
         metadata=metadata or {},
     )
     return key, secret
+
+
+def api_key_create_with_user(
+    *,
+    key_name: str = "",
+    expires_at: datetime | None = None,
+    allowed_models: list[str] | None = None,
+    exclude_from_budget: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> tuple[APIKey, str]:
+    """Create a key together with a user of its own (`apikey-<hex>`, aliased after the
+    key's name), for a key created without a user: every key bills exactly one user.
+    Both rows or neither."""
+    with transaction.atomic(durable=True):
+        user = GatewayUser.objects.create(
+            user_id=f"apikey-{uuid.uuid4().hex}", alias=key_name, metadata={}
+        )
+        return api_key_create(
+            user=user,
+            key_name=key_name,
+            expires_at=expires_at,
+            allowed_models=allowed_models,
+            exclude_from_budget=exclude_from_budget,
+            metadata=metadata,
+        )
 
 
 def api_key_update(

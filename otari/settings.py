@@ -55,6 +55,9 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    # Swagger UI's files, bundled: /docs works with no network access.
+    "drf_spectacular_sidecar",
     "channels",
     "budgets",
     "usage",
@@ -210,12 +213,44 @@ OTARI_ALERT_FROM_EMAIL = env.str("OTARI_ALERT_FROM_EMAIL", default="otari@localh
 vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
 
 # --- REST framework (management API) --------------------------------------------------------
+# Master-key auth, JSON with exact Decimals and `{"detail": ...}` errors: otari/rest.py.
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["otari.rest_json.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["otari.rest_json.JSONParser"],
+    "EXCEPTION_HANDLER": "otari.rest.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "COERCE_DECIMAL_TO_STRING": False,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Otari gateway API",
+    "DESCRIPTION": (
+        "Generation endpoints (OpenAI and Anthropic wire formats, API key) and the "
+        "management API (master key). Every `/v1/...` route is also served, identically, "
+        "under `/api/v1/...` (the path the otari SDK and otari-cli call). Management "
+        'errors are `{"detail": "..."}`; money is USD as exact JSON numbers.'
+    ),
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": r"/v1",
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "PREPROCESSING_HOOKS": ["otari.openapi.endpoints_dedupe"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "otari.openapi.schema_complete",
+    ],
+    "ENUM_NAME_OVERRIDES": {
+        "ResetAlignmentEnum": "budgets.models.ResetAlignment",
+        "UsageStatusEnum": "usage.models.UsageLog.Status",
+    },
 }
 
 # --- Logging --------------------------------------------------------------------------------

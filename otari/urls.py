@@ -2,14 +2,36 @@
 (the path the otari SDK and otari-cli call, CONTRACT §6)."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.contrib.staticfiles.views import serve as static_serve
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
+
+from otari import health
+
+health_urls = [
+    path("health", health.HealthApi.as_view()),
+    path("health/liveness", health.LivenessApi.as_view()),
+    path("health/readiness", health.ReadinessApi.as_view()),
+]
 
 v1 = [
     path("", include("llm_proxy.urls")),
+    path("", include("budgets.api_urls")),
+    path("", include("usage.api_urls")),
+    *health_urls,
 ]
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("v1/", include(v1)),
     path("api/v1/", include(v1)),
+    # otari-cli's `health` calls /health on the gateway's origin.
+    *health_urls,
+    path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
+    path("docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="docs"),
+    # Static files (the docs page's bundled Swagger UI, the admin's CSS) straight from
+    # the installed apps: production servers run no collectstatic step or file server.
+    re_path(r"^static/(?P<path>.*)$", static_serve, {"insecure": True}),
 ]
+
+handler404 = "otari.rest.page_not_found"

@@ -188,6 +188,17 @@ def gateway(asgi_server: AsgiServer, fake_provider: FakeProvider, transactional_
     return Gateway(url=asgi_server.url, fake=fake_provider)
 
 
+MASTER_KEY = "otari-mk-test-master-key"
+
+
+@pytest.fixture
+def admin(gateway: Gateway, settings) -> Iterator[httpx.Client]:
+    """An HTTP client on the gateway's management API, holding the master key."""
+    settings.OTARI_MASTER_KEY = MASTER_KEY
+    with gateway.client(MASTER_KEY) as client:
+        yield client
+
+
 # --- gateways in separate processes ---------------------------------------------------------
 
 

@@ -108,6 +108,15 @@ class UsageLog(models.Model):
             models.Index(fields=["-timestamp"], name="usage_time_idx"),
             models.Index(fields=["user", "-timestamp"], name="usage_user_time_idx"),
             models.Index(fields=["model", "-timestamp"], name="usage_model_time_idx"),
+            # GET /v1/usage?api_key_id=...: a busy key's newest rows without a sort.
+            models.Index(fields=["api_key", "-timestamp"], name="usage_key_time_idx"),
+            # GET /v1/usage?status=error: errors are rare, so without this a filtered
+            # page walks the time index through every success row.
+            models.Index(
+                fields=["-timestamp"],
+                condition=Q(status="error"),
+                name="usage_error_time_idx",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -1,10 +1,21 @@
-"""Reads of the usage app."""
+"""Reads of the usage app: current prices, and the usage log for the management API."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
 
-from usage.models import ModelPricing
+from django.db.models import Count, F, Max, OuterRef, Q, QuerySet, Subquery, Sum, Value
+from django.db.models.functions import Coalesce, TruncDay, TruncHour
+
+from budgets.models import APIKey, GatewayUser
+from usage.models import ModelPricing, UsageLog
+
+ZERO = Decimal(0)
 
 
 def prices_current(now: datetime) -> list[ModelPricing]:
@@ -15,3 +26,354 @@ def prices_current(now: datetime) -> list[ModelPricing]:
     ):
         current.setdefault(price.model_key, price)
     return list(current.values())
+
+
+def pricing_list_current(*, now: datetime, skip: int, limit: int) -> list[ModelPricing]:
+    """One row per model, the version in effect at `now`, by model key (paginated in SQL)."""
+    newest = (
+        ModelPricing.objects.filter(model_key=OuterRef("model_key"), effective_at__lte=now)
+        .order_by()
+        .values("model_key")
+        .annotate(newest=Max("effective_at"))
+        .values("newest")
+    )
+    return list(
+        ModelPricing.objects.filter(effective_at=Subquery(newest)).order_by("model_key")[
+            skip : skip + limit
+        ]
+    )
+
+
+def pricing_history(*, model_key: str) -> list[ModelPricing]:
+    """Every version of a model's price, newest `effective_at` first (scheduled ones too)."""
+    return list(ModelPricing.objects.filter(model_key=model_key).order_by("-effective_at"))
+
+
+# ---------------------------------------------------------------------------------------
+# The usage log
+
+
+@dataclass(frozen=True)
+class UsageFilters:
+    """What a usage query may be narrowed by. Lists match any of their values; the time
+    range is half-open, `start <= timestamp < end`."""
+
+    start: datetime | None = None
+    end: datetime | None = None
+    user_ids: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    api_key_ids: list[uuid.UUID] = field(default_factory=list)
+    endpoint: str | None = None
+    status: str | None = None
+    provider: str | None = None
+    status_code: int | None = None
+    counts_toward_budget: bool | None = None
+
+
+def _usage_filtered(filters: UsageFilters) -> QuerySet[UsageLog]:
+    rows = UsageLog.objects.all()
+    if filters.start is not None:
+        rows = rows.filter(timestamp__gte=filters.start)
+    if filters.end is not None:
+        rows = rows.filter(timestamp__lt=filters.end)
+    if filters.user_ids:
+        rows = rows.filter(user_id__in=filters.user_ids)
+    if filters.models:
+        rows = rows.filter(model__in=filters.models)
+    if filters.api_key_ids:
+        rows = rows.filter(api_key_id__in=filters.api_key_ids)
+    if filters.endpoint is not None:
+        rows = rows.filter(endpoint=filters.endpoint)
+    if filters.status is not None:
+        rows = rows.filter(status=filters.status)
+    if filters.provider is not None:
+        rows = rows.filter(provider=filters.provider)
+    if filters.status_code is not None:
+        rows = rows.filter(status_code=filters.status_code)
+    if filters.counts_toward_budget is not None:
+        rows = rows.filter(counts_toward_budget=filters.counts_toward_budget)
+    return rows
+
+
+def usage_list(*, filters: UsageFilters, skip: int, limit: int) -> list[UsageLog]:
+    """A page of usage rows, newest first (id breaks ties, so pages never overlap), with
+    the user's alias and the key's name."""
+    rows = (
+        _usage_filtered(filters)
+        .annotate(user_alias=F("user__alias"), api_key_name=F("api_key__key_name"))
+        .order_by("-timestamp", "-id")
+    )
+    return list(rows[skip : skip + limit])
+
+
+def usage_count(*, filters: UsageFilters) -> int:
+    return _usage_filtered(filters).count()
+
+
+# ---------------------------------------------------------------------------------------
+# Summary: totals, breakdowns and a time series over one window
+
+Bucket = Literal["day", "hour"]
+DIMENSIONS = ("user", "model", "provider", "endpoint", "api_key", "status_code")
+# A breakdown lists its biggest groups (by cost, then requests); the rest fold into one
+# row with `is_other` true, so a summary stays small however many users there are.
+GROUP_LIMIT = 100
+
+
+def _sum(column: str) -> Coalesce:
+    return Coalesce(Sum(column), Value(0))
+
+
+def _cost() -> Coalesce:
+    return Coalesce(Sum("cost_usd"), Value(ZERO))
+
+
+def _error_class(status_code: int | None) -> str:
+    if status_code is None:
+        return "unknown"
+    if status_code == 402:
+        return "pricing"
+    if status_code == 429:
+        return "rate_limit"
+    if status_code in (401, 403):
+        return "auth"
+    if status_code >= 500:
+        return "provider_error"
+    return "client_error"
+
+
+def _labels(dimension: str, keys: list[Any]) -> dict[Any, str]:
+    """Display names: a user's alias, a key's name."""
+    present = [key for key in keys if key is not None]
+    if dimension == "user":
+        return dict(GatewayUser.objects.filter(pk__in=present).values_list("user_id", "alias"))
+    if dimension == "api_key":
+        return {
+            str(key): name
+            for key, name in APIKey.objects.filter(pk__in=present).values_list("id", "key_name")
+        }
+    return {}
+
+
+_METERS = ("requests", "tokens", "cost")
+
+
+def _rollup(groups: list[dict[str, Any]], column: str) -> dict[Any, dict[str, Any]]:
+    """Add up fine-grained groups by one of their columns."""
+    out: dict[Any, dict[str, Any]] = {}
+    for group in groups:
+        key = group[column]
+        key = None if key is None else str(key)
+        into = out.setdefault(key, {"requests": 0, "tokens": 0, "cost": ZERO})
+        into["requests"] += group["requests"]
+        into["tokens"] += group["total_tokens"]
+        into["cost"] += group["cost"]
+    return out
+
+
+def _breakdown(
+    rolled: dict[Any, dict[str, Any]], dimension: str, totals: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The biggest groups (by cost, then requests), the rest folded into one row."""
+    ranked = sorted(
+        rolled.items(),
+        key=lambda item: (-item[1]["cost"], -item[1]["requests"], item[0] is None, item[0] or ""),
+    )
+    shown = ranked[:GROUP_LIMIT]
+    labels = _labels(dimension, [key for key, _ in shown])
+    out = [
+        {"key": key, "label": labels.get(key) or None, **meters, "is_other": False}
+        for key, meters in shown
+    ]
+    if len(ranked) > GROUP_LIMIT:
+        out.append(
+            {
+                "key": None,
+                "label": "other",
+                "requests": totals["request_count"] - sum(m["requests"] for _, m in shown),
+                "tokens": totals["total_tokens"] - sum(m["tokens"] for _, m in shown),
+                "cost": totals["cost"] - sum((m["cost"] for _, m in shown), ZERO),
+                "is_other": True,
+            }
+        )
+    return out
+
+
+def usage_summary(
+    *,
+    filters: UsageFilters,
+    bucket: Bucket = "day",
+    dimensions: tuple[str, ...] = DIMENSIONS,
+) -> dict[str, Any]:
+    """Totals over the window, the breakdowns asked for, and a series per day or hour.
+
+    Three scans of the window, not one per breakdown: a GROUP BY of the low-cardinality
+    columns (model, provider, endpoint, status, status code) from which the totals and
+    those breakdowns are added up here, one of (user, key) for the other two, and one
+    per time bucket. Every aggregation costs a pass over the window's rows, so this is
+    what keeps a 30-day summary of a large log fast (scripts/bench_usage_api.py). The
+    time bucket has a query of its own because PostgreSQL cannot estimate how many
+    groups an expression makes and, grouped with the other columns, it chooses a sort
+    that spills to disk. Money is summed as Decimal, in SQL and here: exact.
+    """
+    rows = _usage_filtered(filters)
+    fine = list(
+        rows.values("model", "provider", "endpoint", "status", "status_code")
+        .annotate(
+            requests=Count("id"),
+            unpriced=Count("id", filter=Q(cost_usd__isnull=True)),
+            latency_sum=_sum("latency_ms"),
+            latency_count=Count("latency_ms"),
+            **_series_meters(),
+        )
+        .order_by()
+    )
+    error = UsageLog.Status.ERROR
+    totals: dict[str, Any] = {
+        "request_count": sum(g["requests"] for g in fine),
+        "error_count": sum(g["requests"] for g in fine if g["status"] == error),
+        "unpriced_requests": sum(g["unpriced"] for g in fine),
+        "cost": sum((g["cost"] for g in fine), ZERO),
+        "cache_write_1h_tokens": 0,
+    }
+    for meter in (
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+    ):
+        totals[meter] = sum(g[meter] for g in fine)
+    latency_count = sum(g["latency_count"] for g in fine)
+    totals["avg_latency_ms"] = (
+        round(sum(g["latency_sum"] for g in fine) / latency_count, 1) if latency_count else None
+    )
+    totals["billed_input_tokens"] = totals["prompt_tokens"]
+    totals["billed_output_tokens"] = totals["completion_tokens"]
+
+    summary: dict[str, Any] = {"totals": totals, "bucket": bucket}
+    for dimension in ("model", "provider", "endpoint"):
+        summary[f"by_{dimension}"] = (
+            _breakdown(_rollup(fine, dimension), dimension, totals)
+            if dimension in dimensions
+            else []
+        )
+    if "user" in dimensions or "api_key" in dimensions:
+        owners = list(
+            rows.values("user_id", "api_key_id")
+            .annotate(requests=Count("id"), total_tokens=_sum("total_tokens"), cost=_cost())
+            .order_by()
+        )
+    for dimension, column in (("user", "user_id"), ("api_key", "api_key_id")):
+        summary[f"by_{dimension}"] = (
+            _breakdown(_rollup(owners, column), dimension, totals)
+            if dimension in dimensions
+            else []
+        )
+    summary["by_source"] = (
+        [
+            {
+                "key": "gateway",
+                "label": None,
+                "requests": totals["request_count"],
+                "tokens": totals["total_tokens"],
+                "cost": totals["cost"],
+                "is_other": False,
+            }
+        ]
+        if totals["request_count"]
+        else []
+    )
+    summary["by_source_label"] = []
+    errors: dict[int | None, int] = {}
+    for group in fine:
+        if group["status"] == error:
+            errors[group["status_code"]] = errors.get(group["status_code"], 0) + group["requests"]
+    summary["errors_by_status_code"] = (
+        [
+            {"status_code": code, "error_class": _error_class(code), "requests": count}
+            for code, count in sorted(
+                errors.items(), key=lambda item: (-item[1], item[0] is None, item[0] or 0)
+            )
+        ]
+        if "status_code" in dimensions
+        else []
+    )
+    trunc = TruncDay if bucket == "day" else TruncHour
+    summary["series"] = [
+        {
+            "bucket_start": point["bucket_start"].astimezone(UTC).isoformat(),
+            "requests": point["requests"],
+            "errors": point["errors"],
+            "tokens": point["total_tokens"],
+            "input_tokens": point["prompt_tokens"],
+            "output_tokens": point["completion_tokens"],
+            "cache_read_tokens": point["cache_read_tokens"],
+            "cache_write_tokens": point["cache_write_tokens"],
+            "cost": point["cost"],
+        }
+        for point in rows.annotate(bucket_start=trunc("timestamp", tzinfo=UTC))
+        .values("bucket_start")
+        .annotate(
+            requests=Count("id"),
+            errors=Count("id", filter=Q(status=UsageLog.Status.ERROR)),
+            **_series_meters(),
+        )
+        .order_by("bucket_start")
+    ]
+    return summary
+
+
+def _series_meters() -> dict[str, Any]:
+    return {
+        "prompt_tokens": _sum("prompt_tokens"),
+        "completion_tokens": _sum("completion_tokens"),
+        "total_tokens": _sum("total_tokens"),
+        "cache_read_tokens": _sum("cache_read_tokens"),
+        "cache_write_tokens": _sum("cache_write_tokens"),
+        "cost": _cost(),
+    }
+
+
+USAGE_CSV_HEADER = [
+    "date",
+    "user_id",
+    "model",
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_usd",
+]
+
+
+def usage_summary_rows(*, filters: UsageFilters) -> Iterator[tuple[Any, ...]]:
+    """Totals per UTC day, user and model, in that order, for the CSV export; read from
+    the database in chunks."""
+    groups = (
+        _usage_filtered(filters)
+        .annotate(day=TruncDay("timestamp", tzinfo=UTC))
+        .values("day", "user_id", "model")
+        .annotate(
+            requests=Count("id"),
+            errors=Count("id", filter=Q(status=UsageLog.Status.ERROR)),
+            prompt_tokens=_sum("prompt_tokens"),
+            completion_tokens=_sum("completion_tokens"),
+            total_tokens=_sum("total_tokens"),
+            cost=_cost(),
+        )
+        .order_by("day", "user_id", "model")
+    )
+    for group in groups.iterator(chunk_size=2000):
+        yield (
+            group["day"].date().isoformat(),
+            group["user_id"],
+            group["model"],
+            group["requests"],
+            group["errors"],
+            group["prompt_tokens"],
+            group["completion_tokens"],
+            group["total_tokens"],
+            group["cost"],
+        )

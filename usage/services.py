@@ -43,6 +43,17 @@ def pricing_set(
         return price
 
 
+def pricing_delete(*, model_key: str, effective_at: datetime | None = None) -> int:
+    """Delete one price version (`effective_at`) or every version of a model; returns
+    how many rows went. Usage rows keep their cost: it was computed when they settled."""
+    with transaction.atomic(durable=True):
+        versions = ModelPricing.objects.filter(model_key=model_key)
+        if effective_at is not None:
+            versions = versions.filter(effective_at=effective_at)
+        deleted, _ = versions.delete()
+        return deleted
+
+
 def _differs(price: ModelPricing | None, config: PriceConfig) -> bool:
     if price is None:
         return True

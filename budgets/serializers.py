@@ -1,0 +1,255 @@
+"""Wire shapes of the users, budgets, keys and reset-log API (CONTRACT §6).
+
+Field names are the API's (`max_budget`, `spend`, ...), mapped onto the models' unit-named
+columns (`max_budget_usd`, `spend_usd`, ...). Output types are what the `otari` SDK's
+strict models accept: money as JSON numbers, counters as integers, ids as strings,
+timestamps as ISO 8601 with an offset. Serializers only validate and render; the views
+call budgets.services for every write.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from budgets.models import ResetAlignment
+from otari.rest import (
+    DEFAULT_WORKSPACE_ID,
+    ChoiceField,
+    DateTimeField,
+    JSONObjectField,
+    MoneyField,
+    MoneyOutField,
+    StrictBooleanField,
+    StrictCharField,
+    StrictIntegerField,
+    allowed_models_field,
+)
+
+# A rolling period longer than a century is a typo, and would overflow date arithmetic.
+MAX_DURATION_SEC = 100 * 365 * 86400
+_ALIGNMENTS = [choice.value for choice in ResetAlignment]
+
+
+class _Constant(serializers.Field):
+    """An output field with a fixed value: settings this gateway does not have, reported
+    as the SDK's models require them."""
+
+    value: Any = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["read_only"] = True
+        super().__init__(**kwargs)
+
+    def get_attribute(self, instance: Any) -> Any:
+        return self.value
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+@extend_schema_field({"type": "integer", "nullable": True})
+class NullIntegerField(_Constant):
+    """Always null: e.g. request/token limits, which this gateway does not enforce."""
+
+
+@extend_schema_field({"type": "boolean", "nullable": True})
+class NullBooleanField(_Constant):
+    """Always null: a per-key override of a deployment-wide behaviour (it inherits)."""
+
+
+@extend_schema_field({"type": "string", "format": "uuid", "nullable": True})
+class NullUUIDField(_Constant):
+    """Always null: a standalone gateway has no organizations."""
+
+
+@extend_schema_field({"type": "integer", "description": "Always 0."})
+class ZeroField(_Constant):
+    value = 0
+
+
+@extend_schema_field({"type": "string", "format": "uuid"})
+class WorkspaceField(_Constant):
+    value = DEFAULT_WORKSPACE_ID
+
+
+def _identifier_validate(value: str) -> str:
+    """A user id travels in URL paths: no slash, no control characters, no outer spaces."""
+    if value != value.strip():
+        raise serializers.ValidationError("Must not start or end with whitespace.")
+    if "/" in value:
+        raise serializers.ValidationError("Must not contain '/'.")
+    if any(unicodedata.category(char).startswith("C") for char in value):
+        raise serializers.ValidationError("Must not contain control characters.")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Budgets
+
+
+class BudgetSettings(serializers.Serializer):
+    """Create (all optional) or PATCH (only what is sent changes; null clears)."""
+
+    name = StrictCharField(max_length=200, allow_blank=True, allow_null=True, required=False)
+    max_budget = MoneyField(
+        allow_null=True, required=False, help_text="USD per period; null = uncapped."
+    )
+    budget_duration_sec = StrictIntegerField(
+        min_value=1,
+        max_value=MAX_DURATION_SEC,
+        allow_null=True,
+        required=False,
+        help_text="Rolling period in seconds. Exclusive with reset_alignment.",
+    )
+    reset_alignment = ChoiceField(
+        _ALIGNMENTS,
+        allow_null=True,
+        required=False,
+        help_text="UTC calendar period. Exclusive with budget_duration_sec.",
+    )
+    request_limit = StrictIntegerField(
+        min_value=0, allow_null=True, required=False, help_text="Not supported: must be null."
+    )
+    token_limit = StrictIntegerField(
+        min_value=0, allow_null=True, required=False, help_text="Not supported: must be null."
+    )
+
+
+class BudgetResponse(serializers.Serializer):
+    budget_id = serializers.CharField()
+    name = serializers.CharField()
+    max_budget = MoneyOutField(source="max_budget_usd", allow_null=True)
+    budget_duration_sec = serializers.IntegerField(allow_null=True)
+    reset_alignment = serializers.ChoiceField(_ALIGNMENTS, allow_null=True)
+    request_limit = NullIntegerField()
+    token_limit = NullIntegerField()
+    organization_id = NullUUIDField()
+    user_count = serializers.IntegerField(help_text="Live users on this budget.")
+    total_spend = MoneyOutField(help_text="Their combined spend this period.")
+    total_reserved = MoneyOutField(help_text="Their combined open holds.")
+    created_at = DateTimeField()
+    updated_at = DateTimeField()
+
+
+class BudgetResetLogResponse(serializers.Serializer):
+    id = serializers.IntegerField()
+    budget_id = serializers.CharField()
+    user_id = serializers.CharField()
+    previous_spend = MoneyOutField(source="previous_spend_usd")
+    reset_at = DateTimeField()
+    next_reset_at = DateTimeField(allow_null=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Users
+
+
+class UpdateUser(serializers.Serializer):
+    """PATCH: only what is sent changes. `budget_id: null` takes the user off their
+    budget; a different budget starts a fresh window (§3.6)."""
+
+    alias = StrictCharField(max_length=255, allow_blank=True, allow_null=True, required=False)
+    budget_id = StrictCharField(max_length=64, allow_null=True, required=False)
+    blocked = StrictBooleanField(allow_null=True, required=False)
+    allowed_models = allowed_models_field(required=False)
+    metadata = JSONObjectField(allow_null=True, required=False)
+
+
+class CreateUser(UpdateUser):
+    # Not trimmed: an id is exactly what was sent (outer spaces are refused instead).
+    user_id = StrictCharField(
+        max_length=255, trim_whitespace=False, validators=[_identifier_validate]
+    )
+
+
+class UserTopup(serializers.Serializer):
+    amount = MoneyField(help_text="USD added to the budget's max until expires_at; 0 removes.")
+    expires_at = DateTimeField(
+        allow_null=True, required=False, help_text="Required with a positive amount."
+    )
+
+
+class UserResponse(serializers.Serializer):
+    user_id = serializers.CharField()
+    alias = serializers.CharField()
+    budget_id = serializers.CharField(allow_null=True)
+    blocked = serializers.BooleanField()
+    allowed_models = serializers.ListField(child=serializers.CharField(), allow_null=True)
+    metadata = serializers.DictField()
+    spend = MoneyOutField(source="spend_usd", help_text="Settled cost this period.")
+    reserved = MoneyOutField(source="reserved_usd", help_text="Open holds.")
+    lifetime_spend = MoneyOutField(source="lifetime_spend_usd")
+    topup = MoneyOutField(source="topup_usd", help_text="Temporary addition to the limit.")
+    topup_expires_at = DateTimeField(allow_null=True)
+    budget_started_at = DateTimeField(allow_null=True)
+    next_budget_reset_at = DateTimeField(allow_null=True)
+    current_requests = serializers.IntegerField(help_text="Counted requests this period.")
+    current_tokens = serializers.IntegerField(help_text="Their tokens.")
+    reserved_requests = serializers.IntegerField(help_text="Requests in flight (open holds).")
+    reserved_tokens = ZeroField(help_text="Tokens are not reserved: always 0.")
+    created_at = DateTimeField()
+    updated_at = DateTimeField()
+
+
+# ---------------------------------------------------------------------------------------
+# API keys
+
+
+class UpdateKey(serializers.Serializer):
+    """PATCH: only what is sent changes; null clears `expires_at` and `allowed_models`."""
+
+    key_name = StrictCharField(max_length=200, allow_blank=True, allow_null=True, required=False)
+    is_active = StrictBooleanField(allow_null=True, required=False)
+    expires_at = DateTimeField(allow_null=True, required=False)
+    allowed_models = allowed_models_field(required=False)
+    exclude_from_budget = StrictBooleanField(allow_null=True, required=False)
+    metadata = JSONObjectField(allow_null=True, required=False)
+    capture_agent_telemetry = StrictBooleanField(
+        allow_null=True, required=False, help_text="Not supported: null or false."
+    )
+    reject_user_mismatch = StrictBooleanField(
+        allow_null=True,
+        required=False,
+        help_text="Always on here (a key naming another user is refused): null or true.",
+    )
+
+
+class CreateKey(UpdateKey):
+    user_id = StrictCharField(
+        max_length=255,
+        allow_null=True,
+        required=False,
+        help_text="The user the key bills. Omitted: a user of its own is created.",
+    )
+    workspace_id = StrictCharField(
+        allow_null=True, required=False, help_text="Only the default workspace exists."
+    )
+
+
+class KeyInfo(serializers.Serializer):
+    id = serializers.CharField()
+    user_id = serializers.CharField()
+    key_name = serializers.CharField()
+    key_prefix = serializers.CharField()
+    key_suffix = serializers.CharField()
+    is_active = serializers.BooleanField()
+    expires_at = DateTimeField(allow_null=True)
+    last_used_at = DateTimeField(allow_null=True)
+    allowed_models = serializers.ListField(child=serializers.CharField(), allow_null=True)
+    exclude_from_budget = serializers.BooleanField()
+    metadata = serializers.DictField()
+    capture_agent_telemetry = NullBooleanField()
+    reject_user_mismatch = NullBooleanField()
+    workspace_id = WorkspaceField()
+    created_at = DateTimeField()
+    updated_at = DateTimeField()
+
+
+class CreateKeyResponse(KeyInfo):
+    key = serializers.CharField(
+        source="secret", help_text="The secret, shown this once (create and rotate)."
+    )

@@ -1,0 +1,87 @@
+"""Health probes (CONTRACT §6): unauthenticated, served at `/health...` (what otari-cli's
+`health` command calls) and under `/v1/` and `/api/v1/`."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import connection
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+logger = logging.getLogger(__name__)
+
+
+class _Public(APIView):
+    authentication_classes: list = []
+    permission_classes: list = []
+
+
+class HealthApi(_Public):
+    @extend_schema(
+        operation_id="health",
+        tags=["health"],
+        auth=[],
+        responses={
+            200: inline_serializer("Health", {"status": serializers.CharField()}),
+        },
+    )
+    def get(self, request: Request) -> Response:
+        return Response({"status": "healthy"})
+
+
+class LivenessApi(_Public):
+    @extend_schema(
+        operation_id="health_liveness",
+        tags=["health"],
+        auth=[],
+        description="The process answers (no dependency is checked).",
+        responses={200: inline_serializer("Liveness", {"status": serializers.CharField()})},
+    )
+    def get(self, request: Request) -> Response:
+        return Response({"status": "alive"})
+
+
+class ReadinessApi(_Public):
+    @extend_schema(
+        operation_id="health_readiness",
+        tags=["health"],
+        auth=[],
+        description="The database answers a query. 503 when it does not; the cause is "
+        "logged, never returned.",
+        responses={
+            200: inline_serializer(
+                "Readiness",
+                {"status": serializers.CharField(), "database": serializers.CharField()},
+            ),
+            503: inline_serializer(
+                "NotReady",
+                {
+                    "status": serializers.CharField(),
+                    "database": serializers.CharField(),
+                    "detail": serializers.CharField(),
+                },
+            ),
+        },
+    )
+    def get(self, request: Request) -> Response:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                cursor.fetchone()
+        except Exception:
+            # Any failure means "not ready"; the message may name hosts or users, so it
+            # goes to the log only.
+            logger.warning("Readiness check: the database is unreachable", exc_info=True)
+            return Response(
+                {
+                    "status": "unavailable",
+                    "database": "unreachable",
+                    "detail": "The database is unreachable",
+                },
+                status=503,
+            )
+        return Response({"status": "ready", "database": "ok"})
