@@ -362,7 +362,15 @@ async def _admit(
         if refusal is not None or provider is None or target is None:
             raise refusal or BadRequest("model is required")
         named = fmt.named_user(body)
-        if caller.api_key_id is not None and named is not None and named != caller.user_id:
+        if (
+            caller.api_key_id is not None
+            and named is not None
+            and named != caller.user_id
+            # Some clients fill the user field with ids of their own (Claude Code sets
+            # metadata.user_id); operators can let those through. Spend is billed to the
+            # key's user either way.
+            and settings.OTARI_REJECT_USER_MISMATCH
+        ):
             raise PermissionDenied(
                 "This API key belongs to a different user than the request names",
                 code="user_mismatch",

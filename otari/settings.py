@@ -143,6 +143,9 @@ MONEY_MAX_USD = Decimal("999999999999")
 OTARI_CONFIG = env.str("OTARI_CONFIG", default="")
 OTARI_MASTER_KEY = env.str("OTARI_MASTER_KEY", default="")
 OTARI_REQUIRE_PRICING = env.bool("OTARI_REQUIRE_PRICING", default=True)
+# An API key whose request names another user (`user`, or `metadata.user_id` on
+# /v1/messages) is refused (403, CONTRACT §1); false ignores the name instead.
+OTARI_REJECT_USER_MISMATCH = env.bool("OTARI_REJECT_USER_MISMATCH", default=True)
 OTARI_DEFAULT_MAX_OUTPUT_TOKENS = env.int("OTARI_DEFAULT_MAX_OUTPUT_TOKENS", default=1024)
 # What a stream that never reported usage costs: its estimate, nothing, or an error row
 # charged at the estimate (CONTRACT §3.4).

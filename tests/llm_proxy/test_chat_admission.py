@@ -174,6 +174,14 @@ def test_key_naming_another_user_is_forbidden(gateway, priced_model):
     assert gateway.chat(secret, model=MODEL, user="dave").status_code == 200
 
 
+def test_user_mismatch_can_be_let_through_and_bills_the_keys_user(gateway, priced_model, settings):
+    settings.OTARI_REJECT_USER_MISMATCH = False
+    make_user(user_id="carol")
+    _, secret = make_key(make_user(user_id="dave"))
+    assert gateway.chat(secret, model=MODEL, user="carol").status_code == 200
+    assert UsageLog.objects.get().user_id == "dave"
+
+
 def test_master_key_bills_the_named_user(gateway, priced_model, settings):
     settings.OTARI_MASTER_KEY = "otari-mk-test-master"
     user = make_user(user_id="erin")
