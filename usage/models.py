@@ -108,6 +108,11 @@ class UsageLog(models.Model):
             models.Index(fields=["-timestamp"], name="usage_time_idx"),
             models.Index(fields=["user", "-timestamp"], name="usage_user_time_idx"),
             models.Index(fields=["model", "-timestamp"], name="usage_model_time_idx"),
+            # The console's "recent errors" and status=error list: errors are a small
+            # fraction of rows, and walking the time index to find them can read them all.
+            models.Index(
+                fields=["-timestamp"], condition=Q(status="error"), name="usage_error_time_idx"
+            ),
         ]
 
     def __str__(self) -> str:
