@@ -123,7 +123,7 @@ class BudgetForm(forms.ModelForm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         duration = self.fields["budget_duration_sec"]
-        duration.min_value = 1
+        duration.widget.attrs["min"] = 1
         duration.validators.append(_positive_seconds)
 
     def clean(self) -> dict[str, Any]:
