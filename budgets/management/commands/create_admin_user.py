@@ -60,5 +60,5 @@ class Command(BaseCommand):
         elif result.password_set:
             summary = "already existed; password reset"
         else:
-            summary = "already existed; left unchanged"
+            summary = "already existed; password kept"
         self.stdout.write(f"create_admin_user: {result.username} {summary}")
