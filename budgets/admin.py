@@ -497,7 +497,7 @@ class GatewayUserAdmin(ServiceAdmin):
             '<a href="{}">{}</a>', _admin_url(Budget, "change", obj.budget_id), str(obj.budget)
         )
 
-    @admin.display(description="Spend this period", ordering="spend_usd")
+    @admin.display(description="Spend", ordering="spend_usd")
     def spend(self, obj: GatewayUser) -> SafeString:
         return _money_cell(obj.spend_usd)
 
@@ -519,7 +519,7 @@ class GatewayUserAdmin(ServiceAdmin):
             )
         return _money_cell(obj.cap_usd)
 
-    @admin.display(description="Remaining")
+    @admin.display(description="Left")
     def remaining(self, obj: GatewayUser) -> SafeString:
         if obj.cap_usd is None:
             return format_html('<span class="otari-muted">{}</span>', "—")
@@ -529,11 +529,11 @@ class GatewayUserAdmin(ServiceAdmin):
     def usage(self, obj: GatewayUser) -> SafeString:
         return usage_bar(spend=obj.spend_usd, reserved=obj.reserved_usd, limit=obj.cap_usd)
 
-    @admin.display(description="Next reset", ordering="next_budget_reset_at")
+    @admin.display(description="Next reset (UTC)", ordering="next_budget_reset_at")
     def next_reset(self, obj: GatewayUser) -> str:
         if obj.next_budget_reset_at is None:
             return "never" if obj.budget_id else "—"
-        return as_utc(obj.next_budget_reset_at)
+        return as_utc(obj.next_budget_reset_at, zone=False)
 
     @admin.display(description="State", ordering="blocked")
     def state(self, obj: GatewayUser) -> SafeString:

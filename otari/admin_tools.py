@@ -367,8 +367,9 @@ async def _lines_async(lines: Iterator[str], *, batch: int) -> AsyncIterator[str
         yield chunk
 
 
-def as_utc(moment: datetime | None) -> str:
-    """A timestamp for the console: UTC, to the second."""
+def as_utc(moment: datetime | None, *, zone: bool = True) -> str:
+    """A timestamp for the console: UTC, to the minute (`zone=False` where the column
+    header already says UTC)."""
     if moment is None:
         return "—"
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M" + (" UTC" if zone else ""))

@@ -296,3 +296,40 @@ def test_releasing_holds_needs_the_right_to_change_users(staff_client):
     operator = staff_client("budgets.view_hold", "budgets.change_gatewayuser")
     assert operator.post(admin_url(Hold, "release_stale")).status_code == 302
     assert Hold.objects.get(pk=stale.pk).status == Hold.Status.EXPIRED
+
+
+@pytest.mark.postgres
+def test_csv_export_is_streamed_by_the_asgi_server(gateway, django_user_model):
+    """Through uvicorn and the real ASGI app: the export is an async stream (Django would
+    otherwise read a sync iterator to the end first, and warn), complete and in order."""
+    import warnings
+
+    import httpx
+
+    _add_usage_rows(make_user(user_id="bulk"), 5_000)
+    django_user_model.objects.create_superuser("root", "", "pw-root-123")
+    with httpx.Client(base_url=gateway.url, timeout=60) as client:
+        client.get("/admin/login/")
+        login = client.post(
+            "/admin/login/",
+            data={
+                "username": "root",
+                "password": "pw-root-123",
+                "csrfmiddlewaretoken": client.cookies["csrftoken"],
+                "next": "/admin/",
+            },
+        )
+        assert login.status_code == 302
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with client.stream("GET", admin_url(UsageLog, "export_csv")) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"] == "text/csv; charset=utf-8"
+                chunks = list(response.iter_raw())
+    body = b"".join(chunks).decode()
+    lines = body.splitlines()
+    assert len(lines) == 5_001
+    assert lines[0].startswith("request_id,timestamp,user_id,api_key_prefix")
+    stamps = [row["timestamp"] for row in csv.DictReader(io.StringIO(body))]
+    assert stamps == sorted(stamps, reverse=True)
+    assert not [w for w in caught if "consume synchronous iterators" in str(w.message)]
