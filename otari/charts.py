@@ -77,7 +77,9 @@ def _axis_label(amount: Decimal) -> str:
     return format_usd_brief(amount)
 
 
-def daily_spend_chart(days: Sequence[DaySpend], *, width: int = 760, height: int = 230) -> BarChart:
+def daily_spend_chart(
+    days: Sequence[DaySpend], *, width: int = 1000, height: int = 250
+) -> BarChart:
     """A column per day; the y axis runs from 0 to a round number above the busiest day."""
     left, right, top, bottom = 64.0, float(width - 8), 12.0, float(height - 28)
     plot_w, plot_h = right - left, bottom - top

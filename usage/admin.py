@@ -29,6 +29,7 @@ from otari.admin_tools import (
     LedgerAdmin,
     ServiceAdmin,
     UserIdFilter,
+    as_utc,
     badge,
     format_price,
     format_usd,
@@ -130,7 +131,7 @@ class ModelPricingAdmin(ServiceAdmin):
         "output_rate",
         "cache_read_rate",
         "cache_write_rate",
-        "origin",
+        "source",
     ]
     list_filter = [PriceStateFilter, "origin"]
     search_fields = ["model_key"]
@@ -174,6 +175,12 @@ class ModelPricingAdmin(ServiceAdmin):
             .values("effective_at")[:1]
         )
         return super().get_queryset(request).annotate(current_effective_at=Subquery(in_effect))
+
+    @admin.display(description="Set by", ordering="origin")
+    def source(self, obj: ModelPricing) -> str:
+        return {"config": "config file", "api": "API", "admin": "console"}.get(
+            obj.origin, obj.origin
+        )
 
     @admin.display(description="State")
     def state(self, obj: ModelPricing) -> SafeString:
@@ -261,17 +268,17 @@ class ModelNameFilter(InputFilter):
 @admin.register(UsageLog)
 class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
     list_display = [
-        "timestamp",
+        "when",
         "owner",
         "key",
-        "endpoint",
+        "api",
         "model_name",
         "outcome",
         "tokens",
         "cost",
         "latency",
     ]
-    list_display_links = ["timestamp"]
+    list_display_links = ["when"]
     list_filter = [
         "status",
         EndpointFilter,
@@ -335,6 +342,14 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
             return queryset.filter(id=uuid.UUID(term)), False
         except ValueError:
             return queryset.filter(user_id=term), False
+
+    @admin.display(description="When (UTC)", ordering="timestamp")
+    def when(self, obj: UsageLog) -> str:
+        return as_utc(obj.timestamp, zone=False)
+
+    @admin.display(description="Endpoint", ordering="endpoint")
+    def api(self, obj: UsageLog) -> str:
+        return obj.endpoint.removeprefix("/v1/")
 
     @admin.display(description="User", ordering="user_id")
     def owner(self, obj: UsageLog) -> SafeString:

@@ -3,10 +3,12 @@ users with exactly the permissions a test names."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from django.contrib.admin.utils import quote
@@ -20,6 +22,36 @@ from budgets import services
 from budgets.models import GatewayUser, Hold
 from usage.models import UsageLog
 from usage.pricing import TokenUsage
+
+# Debian's chromium: the only browser the tests drive (Playwright never downloads one).
+CHROMIUM = Path(os.environ.get("OTARI_CHROMIUM", "/usr/bin/chromium"))
+
+
+def browser_missing() -> str | None:
+    """Why the browser tests cannot run here, or None when they can."""
+    if not CHROMIUM.exists():
+        return (
+            f"headless browser tests need Debian's chromium at {CHROMIUM} "
+            "(run scripts/install-browser-deps)"
+        )
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "headless browser tests need Playwright (pip install -e '.[dev]')"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Browser tests skip, with the reason, where Chromium or Playwright is missing; CI
+    sets OTARI_REQUIRE_BROWSER=1, which turns that into a failed run instead."""
+    browser_items = [item for item in items if "browser" in item.keywords]
+    reason = browser_missing() if browser_items else None
+    if reason is None:
+        return
+    if os.environ.get("OTARI_REQUIRE_BROWSER") == "1":
+        raise pytest.UsageError(f"OTARI_REQUIRE_BROWSER=1 but {reason}")
+    for item in browser_items:
+        item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def admin_url(model: type[models.Model] | models.Model, action: str, *args: object) -> str:

@@ -4,7 +4,8 @@ serves the chat request made with the key the console created.
 
 Screenshots of the main pages go to test-artifacts/browser/. The tests skip when
 /usr/bin/chromium or Playwright is missing, unless OTARI_REQUIRE_BROWSER=1 (CI), which
-turns that into a failure. Playwright never downloads a browser here.
+turns that into a failed run (tests/admin/conftest.py). Playwright never downloads a
+browser here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import re
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from django.utils import timezone
@@ -23,10 +23,10 @@ from django.utils import timezone
 from budgets.models import APIKey, BudgetResetLog, GatewayUser
 from budgets.services import secret_hash
 from otari.admin_tools import format_usd, format_usd_brief
+from tests.admin.conftest import CHROMIUM
 from tests.conftest import REPO
 from tests.factories import set_price
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 CHROMIUM_ARGS = [
     "--headless",
@@ -39,20 +39,7 @@ CHROMIUM_ARGS = [
 ]
 ADMIN_PASSWORD = "browser-test-pass-1"
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-
-def _missing() -> str | None:
-    if not CHROMIUM.exists():
-        return (
-            "headless browser tests need Debian's chromium at /usr/bin/chromium "
-            "(run scripts/install-browser-deps)"
-        )
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "headless browser tests need Playwright (pip install -e '.[dev]')"
-    return None
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +48,6 @@ def browser() -> Iterator[object]:
     keeps an event loop in the main thread, which makes Django refuse synchronous ORM
     calls there (database setup and flushes included). DJANGO_ALLOW_ASYNC_UNSAFE lifts
     that for exactly as long as the browser is open."""
-    reason = _missing()
-    if reason:
-        if os.environ.get("OTARI_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"OTARI_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
     # Never fetch a browser build: the system's chromium is the one we drive.
     os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
     from playwright.sync_api import sync_playwright
