@@ -994,13 +994,27 @@ class HoldAdmin(CsvExportMixin, LedgerAdmin):
             return HttpResponseRedirect(_admin_url(Hold, "changelist"))
         if not self.has_release_permission(request):
             raise PermissionDenied
-        released = services.holds_expire_stale()
+        now = timezone.now()
+        released = services.holds_expire_stale(now=now)
+        self._log_released(request, now)
         self.message_user(
             request,
             f"Released {released} stale hold{'s' if released != 1 else ''}.",
             messages.SUCCESS,
         )
         return HttpResponseRedirect(_admin_url(Hold, "changelist"))
+
+    def _log_released(self, request: HttpRequest, now: Any) -> None:
+        """An admin-log entry per hold released at `now` (the services stamp closed_at
+        with the `now` they were given, so these are exactly the holds this request
+        expired)."""
+        for hold in Hold.objects.filter(status=Hold.Status.EXPIRED, closed_at=now):
+            self.log_change(
+                request,
+                hold,
+                f"Released the stale hold: {format_usd(hold.amount_usd)} of {hold.user_id}'s "
+                "reservation given back.",
+            )
 
     @admin.action(
         description="Release selected holds that are past expiry", permissions=["release"]
@@ -1012,6 +1026,7 @@ class HoldAdmin(CsvExportMixin, LedgerAdmin):
             "request_id", flat=True
         ):
             released += services.hold_expire(request_id=request_id, now=now)
+        self._log_released(request, now)
         skipped = queryset.count() - released
         note = f" ({skipped} not open or not yet expired, left alone)" if skipped else ""
         self.message_user(request, f"Released {released} stale hold(s){note}.")

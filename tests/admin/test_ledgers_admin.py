@@ -277,6 +277,11 @@ def test_release_stale_holds_button_and_action(admin_client):
     assert "Released 1 stale hold." in response.content.decode()
     assert Hold.objects.get(pk=other_stale.pk).status == Hold.Status.EXPIRED
     assert GatewayUser.objects.get(pk=user.pk).reserved_usd == Decimal("0.1")
+    # Both releases are in the admin log, one entry per hold.
+    assert sorted(LogEntry.objects.values_list("object_id", flat=True)) == sorted(
+        [str(stale.pk), str(other_stale.pk)]
+    )
+    assert "$0.30 of" in LogEntry.objects.get(object_id=str(stale.pk)).change_message
 
 
 def test_releasing_holds_needs_the_right_to_change_users(staff_client):
