@@ -181,6 +181,9 @@ class Hold(models.Model):
                 fields=["expires_at"], condition=Q(status="open"), name="hold_open_expiry_idx"
             ),
             models.Index(fields=["user", "status"], name="hold_user_status_idx"),
+            # The console lists holds newest first (and its date drill-down reads the
+            # first and last): without it, each page sorted the whole table.
+            models.Index(fields=["-created_at"], name="hold_created_idx"),
         ]
 
     def __str__(self) -> str:
@@ -211,6 +214,10 @@ class BudgetResetLog(models.Model):
             # Belt and braces for the compare-and-swap in budgets.services: a window can
             # only begin once for a user.
             models.UniqueConstraint(fields=["user", "reset_at"], name="reset_log_once_per_window"),
+        ]
+        indexes = [
+            # The console lists resets newest first; one row per user and period adds up.
+            models.Index(fields=["-reset_at"], name="reset_log_time_idx"),
         ]
 
     def __str__(self) -> str:

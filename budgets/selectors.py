@@ -11,11 +11,26 @@ from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db.models import Count, DecimalField, OuterRef, Q, QuerySet, Subquery, Sum, Value
+from django.db.models import (
+    Case,
+    Count,
+    DecimalField,
+    ExpressionWrapper,
+    F,
+    Min,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
 from django.db.models.functions import Coalesce
 
 from budgets.models import APIKey, Budget, BudgetResetLog, GatewayUser, Hold
 from otari import pgpool
+from otari.fields import MoneyField
 from usage.models import ModelPricing, UsageLog
 from usage.pricing import Rates
 
@@ -412,3 +427,74 @@ def api_key_list(*, skip: int, limit: int, user_id: str | None = None) -> list[A
 
 def api_key_get(*, key_id: uuid.UUID) -> APIKey | None:
     return APIKey.objects.filter(pk=key_id).first()
+
+
+# ---------------------------------------------------------------------------------------
+# The console's reads: users measured against their limits
+
+
+def user_money_annotate(queryset: QuerySet[GatewayUser], *, now: datetime) -> QuerySet:
+    """Annotate each user with `cap_usd` (the budget's max plus a live top-up; null when
+    uncapped), `committed_usd` (spend + reserved) and `used_ratio` (committed / cap, 1
+    for a zero cap), computed in SQL so lists can filter and sort on them.
+
+    The same cap admission checks against (budgets.services._limit_usd).
+    """
+    live_topup = Case(
+        When(topup_expires_at__gt=now, then=F("topup_usd")),
+        default=Value(Decimal(0)),
+        output_field=MoneyField(),
+    )
+    return queryset.annotate(
+        cap_usd=ExpressionWrapper(
+            F("budget__max_budget_usd") + live_topup, output_field=MoneyField(null=True)
+        ),
+        committed_usd=ExpressionWrapper(
+            F("spend_usd") + F("reserved_usd"), output_field=MoneyField()
+        ),
+    ).annotate(
+        used_ratio=Case(
+            When(cap_usd__isnull=True, then=Value(None)),
+            # A zero cap refuses every priced request: fully used.
+            When(cap_usd__lte=0, then=Value(Decimal(1))),
+            default=F("committed_usd") / F("cap_usd"),
+            output_field=DecimalField(),
+        )
+    )
+
+
+def users_near_budget(
+    *, now: datetime, threshold: Decimal = Decimal("0.8")
+) -> QuerySet[GatewayUser]:
+    """Live users at or above `threshold` of their cap (spend + reserved), fullest first."""
+    return (
+        user_money_annotate(
+            GatewayUser.objects.filter(deleted_at__isnull=True).select_related("budget"), now=now
+        )
+        .filter(cap_usd__isnull=False, committed_usd__gte=F("cap_usd") * threshold)
+        .order_by("-used_ratio", "user_id")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OpenHolds:
+    count: int
+    amount_usd: Decimal
+    stale_count: int
+    oldest_created_at: datetime | None
+
+
+def holds_open_summary(*, now: datetime) -> OpenHolds:
+    """Open holds in one aggregate: how many, how much, how many past expiry, oldest."""
+    row = Hold.objects.filter(status=Hold.Status.OPEN).aggregate(
+        count=Count("*"),
+        amount=Sum("amount_usd"),
+        stale=Count("request_id", filter=Q(expires_at__lte=now)),
+        oldest=Min("created_at"),
+    )
+    return OpenHolds(
+        count=row["count"],
+        amount_usd=row["amount"] or Decimal(0),
+        stale_count=row["stale"],
+        oldest_created_at=row["oldest"],
+    )

@@ -225,6 +225,45 @@ def user_period_roll(*, user_id: str, now: datetime | None = None) -> BudgetRese
         return _period_roll_locked(user, now)
 
 
+def user_period_reset(*, user_id: str, now: datetime | None = None) -> BudgetResetLog:
+    """Start a fresh window now, whether or not the current one has ended (an operator's
+    "reset budget period now").
+
+    Spend goes to 0 and is kept in the reset-log row; `reserved` is never touched, so
+    open holds settle into the new window. The next reset follows the budget's period
+    from now (a calendar budget still resets on its next boundary). Raises UnknownUser.
+    """
+    now = now or timezone.now()
+    with transaction.atomic(durable=True):
+        try:
+            user = _lock_user(user_id)
+        except GatewayUser.DoesNotExist:
+            raise UnknownUser from None
+        # Under the row lock: a second reset at the same instant (a double-submitted
+        # form) finds the first one's log instead of violating its uniqueness.
+        existing = BudgetResetLog.objects.filter(user=user, reset_at=now).first()
+        if existing is not None:
+            return existing
+        budget = user.budget
+        if budget is not None and budget.has_period:
+            start, next_reset = periods.fresh_window(
+                now, duration_sec=budget.budget_duration_sec, alignment=budget.reset_alignment
+            )
+        else:
+            start, next_reset = now, None
+        log = BudgetResetLog.objects.create(
+            user=user,
+            budget=budget,
+            previous_spend_usd=user.spend_usd,
+            reset_at=start,
+            next_reset_at=next_reset,
+        )
+        GatewayUser.objects.filter(pk=user.pk).update(
+            spend_usd=ZERO, budget_started_at=start, next_budget_reset_at=next_reset, updated_at=now
+        )
+        return log
+
+
 def _start_fresh_window(user: GatewayUser, budget: Budget | None, now: datetime) -> None:
     """A new or re-assigned budget starts a fresh window: spend 0 from now.
 

@@ -8,6 +8,7 @@ generated once into `var/`. PostgreSQL and Redis are the real deployment.
 from __future__ import annotations
 
 import secrets
+import warnings
 from decimal import Decimal
 from pathlib import Path
 
@@ -48,7 +49,8 @@ INSTALLED_APPS = [
     # Daphne first: it makes `manage.py runserver` serve ASGI (development only; production
     # runs uvicorn, chosen by measurement, see docs/PERFORMANCE.md).
     "daphne",
-    "django.contrib.admin",
+    # The admin with Otari's site: the spend dashboard as its index (otari/admin_site.py).
+    "otari.apps.OtariAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -66,6 +68,10 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves the admin's CSS/JS (Django's and the dashboard's) from the app itself, so the
+    # console works offline with no web server or CDN in front. Generation routes bypass
+    # this stack entirely (otari/asgi.py).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -124,9 +130,17 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+# ISO-style dates ("2026-01-31 14:05 UTC") in the admin (otari/formats/en/formats.py).
+FORMAT_MODULE_PATH = ["otari.formats"]
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# Serve straight from the apps' static/ folders: no `collectstatic` step is needed (the
+# admin's files are few and are indexed once at start-up). `collectstatic` into
+# STATIC_ROOT still works for a reverse proxy that serves them itself.
+WHITENOISE_USE_FINDERS = True
+# WhiteNoise warns when STATIC_ROOT does not exist, which is the normal case here.
+warnings.filterwarnings("ignore", message="No directory at: ")
 
 # Generation requests carry whole conversations (and base64 images): allow large bodies,
 # but bounded. An oversized body is a 413 in the API's own error shape.

@@ -1,0 +1,1085 @@
+"""The budget console: budgets, users, API keys, holds and reset logs (CONTRACT §8).
+
+Every change of money-related state goes through budgets.services, the same functions
+the API and the commands call: the forms validate, then save_model/delete_model and the
+actions call a service. Spend, reserved and lifetime spend are never editable; holds and
+reset logs are history, read-only for everyone. Secrets are shown once and never stored.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.options import ShowFacets
+from django.contrib.admin.utils import quote
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, F, Q, QuerySet, Sum
+from django.db.models.functions import Coalesce
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.http import urlencode
+from django.utils.safestring import SafeString
+
+from budgets import services
+from budgets.models import APIKey, Budget, BudgetResetLog, GatewayUser, Hold, ResetAlignment
+from budgets.selectors import user_money_annotate
+from otari.admin_tools import (
+    ZERO,
+    CsvExportMixin,
+    EstimatedCountPaginator,
+    LedgerAdmin,
+    ServiceAdmin,
+    UserIdFilter,
+    as_utc,
+    badge,
+    format_usd,
+    key_display,
+    key_state,
+    usage_bar,
+)
+from otari.exceptions import Conflict
+
+# How many users a budget's page lists (fullest first); the rest are one click away.
+BUDGET_USERS_SHOWN = 50
+USER_KEYS_SHOWN = 20
+USER_RECENT_USAGE_SHOWN = 10
+
+
+# ---------------------------------------------------------------------------------------
+# Small display helpers
+
+
+def describe_period(budget: Budget | None) -> str:
+    if budget is None:
+        return "—"
+    if budget.budget_duration_sec:
+        return "Every " + _humanize_seconds(budget.budget_duration_sec)
+    if budget.reset_alignment:
+        return {
+            ResetAlignment.CALENDAR_DAY: "Daily, at 00:00 UTC",
+            ResetAlignment.CALENDAR_WEEK: "Weekly, Mondays 00:00 UTC",
+            ResetAlignment.CALENDAR_MONTH: "Monthly, on the 1st (UTC)",
+        }.get(budget.reset_alignment, budget.reset_alignment)
+    return "Never resets"
+
+
+def _humanize_seconds(seconds: int) -> str:
+    for unit_seconds, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds % unit_seconds == 0:
+            count = seconds // unit_seconds
+            return f"{count:,} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:,} seconds"
+
+
+def _admin_url(model: type, action: str, *args: Any, query: dict[str, str] | None = None) -> str:
+    opts = model._meta
+    url = reverse(
+        f"admin:{opts.app_label}_{opts.model_name}_{action}", args=[quote(a) for a in args]
+    )
+    return f"{url}?{urlencode(query)}" if query else url
+
+
+def user_link(user_id: str, label: str | None = None) -> SafeString:
+    return format_html(
+        '<a href="{}">{}</a>', _admin_url(GatewayUser, "change", user_id), label or user_id
+    )
+
+
+def _money_cell(amount: Decimal | None) -> SafeString:
+    return format_html('<span class="otari-money">{}</span>', format_usd(amount))
+
+
+# ---------------------------------------------------------------------------------------
+# Budgets
+
+
+class BudgetForm(forms.ModelForm):
+    class Meta:
+        model = Budget
+        fields = ["name", "max_budget_usd", "budget_duration_sec", "reset_alignment"]
+        labels = {
+            "max_budget_usd": "Limit (USD per period)",
+            "budget_duration_sec": "Rolling period (seconds)",
+            "reset_alignment": "Calendar period",
+        }
+        help_texts = {
+            "max_budget_usd": "Each user on this budget may spend this much per period. "
+            "Leave empty for no limit (spend is still tracked).",
+            "budget_duration_sec": "A window of this many seconds, starting when a user is "
+            "put on the budget: 86400 = 1 day, 604800 = 7 days, 2592000 = 30 days.",
+            "reset_alignment": "Or reset on UTC calendar boundaries. Leave both empty for "
+            "a budget that never resets.",
+        }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        duration = self.fields["budget_duration_sec"]
+        duration.widget.attrs["min"] = 1
+        duration.validators.append(_positive_seconds)
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if cleaned.get("budget_duration_sec") and cleaned.get("reset_alignment"):
+            message = "Choose a rolling period or a calendar period, not both."
+            self.add_error("budget_duration_sec", message)
+            self.add_error("reset_alignment", message)
+        return cleaned
+
+
+def _positive_seconds(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise forms.ValidationError("The period must be at least one second.")
+
+
+class PeriodKindFilter(admin.SimpleListFilter):
+    title = "period"
+    parameter_name = "period"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [("rolling", "Rolling"), ("calendar", "Calendar"), ("none", "Never resets")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "rolling":
+            return queryset.filter(budget_duration_sec__isnull=False)
+        if self.value() == "calendar":
+            return queryset.filter(reset_alignment__isnull=False)
+        if self.value() == "none":
+            return queryset.filter(budget_duration_sec__isnull=True, reset_alignment__isnull=True)
+        return queryset
+
+
+@admin.register(Budget)
+class BudgetAdmin(ServiceAdmin):
+    form = BudgetForm
+    list_display = [
+        "display_name",
+        "limit",
+        "period",
+        "user_count",
+        "total_spend",
+        "total_reserved",
+        "created_at",
+    ]
+    list_filter = [PeriodKindFilter]
+    search_fields = ["name", "budget_id"]
+    readonly_fields = ["budget_id", "created_at", "updated_at", "users_table"]
+
+    def get_fieldsets(self, request: HttpRequest, obj: Budget | None = None) -> list:
+        fieldsets: list = [
+            (None, {"fields": ["name", "max_budget_usd"]}),
+            (
+                "Period",
+                {
+                    "fields": ["budget_duration_sec", "reset_alignment"],
+                    "description": "Changing the period re-times each user's current "
+                    "window from its start; spend so far is kept.",
+                },
+            ),
+        ]
+        if obj is not None:
+            fieldsets += [
+                ("Users on this budget", {"fields": ["users_table"]}),
+                ("Record", {"fields": ["budget_id", "created_at", "updated_at"]}),
+            ]
+        return fieldsets
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        live = Q(users__deleted_at__isnull=True)
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                user_count=Count("users", filter=live),
+                total_spend=Coalesce(Sum("users__spend_usd", filter=live), ZERO),
+                total_reserved=Coalesce(Sum("users__reserved_usd", filter=live), ZERO),
+            )
+        )
+
+    @admin.display(description="Budget", ordering="name")
+    def display_name(self, obj: Budget) -> str:
+        return obj.name or obj.budget_id
+
+    @admin.display(description="Limit per period", ordering="max_budget_usd")
+    def limit(self, obj: Budget) -> SafeString:
+        if obj.max_budget_usd is None:
+            return format_html('<span class="otari-muted">{}</span>', "uncapped")
+        return _money_cell(obj.max_budget_usd)
+
+    @admin.display(description="Period")
+    def period(self, obj: Budget) -> str:
+        return describe_period(obj)
+
+    @admin.display(description="Users", ordering="user_count")
+    def user_count(self, obj: Budget) -> SafeString:
+        return format_html(
+            '<a href="{}">{}</a>',
+            _admin_url(GatewayUser, "changelist", query={"budget__budget_id__exact": obj.pk}),
+            f"{obj.user_count:,}",
+        )
+
+    @admin.display(description="Spend this period (all users)", ordering="total_spend")
+    def total_spend(self, obj: Budget) -> SafeString:
+        return _money_cell(obj.total_spend)
+
+    @admin.display(description="Reserved now", ordering="total_reserved")
+    def total_reserved(self, obj: Budget) -> SafeString:
+        return _money_cell(obj.total_reserved)
+
+    @admin.display(description="Users")
+    def users_table(self, obj: Budget) -> SafeString:
+        users = user_money_annotate(
+            GatewayUser.objects.filter(budget=obj, deleted_at__isnull=True).select_related(
+                "budget"
+            ),
+            now=timezone.now(),
+        ).order_by("-used_ratio", "-spend_usd", "user_id")[:BUDGET_USERS_SHOWN]
+        return render_to_string(
+            "admin/budgets/budget/users_table.html",
+            {
+                "budget": obj,
+                "users": list(users),
+                "all_url": _admin_url(
+                    GatewayUser, "changelist", query={"budget__budget_id__exact": obj.pk}
+                ),
+                "add_url": _admin_url(GatewayUser, "add", query={"budget": obj.pk}),
+            },
+        )
+
+    def save_model(self, request: HttpRequest, obj: Budget, form: forms.Form, change: bool) -> None:
+        data = form.cleaned_data
+        if change:
+            changes = {name: data[name] for name in form.changed_data if name in form.fields}
+            saved = services.budget_update(budget_id=obj.pk, **changes)
+        else:
+            saved = services.budget_create(
+                name=data["name"],
+                max_budget_usd=data["max_budget_usd"],
+                budget_duration_sec=data["budget_duration_sec"],
+                reset_alignment=data["reset_alignment"] or None,
+            )
+        self.adopt(obj, saved)
+
+    def delete_model(self, request: HttpRequest, obj: Budget) -> None:
+        services.budget_delete(budget_id=obj.pk)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for budget_id in queryset.values_list("pk", flat=True):
+            try:
+                services.budget_delete(budget_id=budget_id)
+            except Conflict as exc:
+                messages.error(request, f"{budget_id}: {exc.message}")
+
+
+# ---------------------------------------------------------------------------------------
+# Users
+
+
+def _model_list(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise forms.ValidationError(
+            'Enter a JSON list of model names, such as ["openai:gpt-4o-mini"].'
+        )
+    return value
+
+
+def _metadata(value: Any) -> dict[str, Any]:
+    if value in (None, ""):
+        return {}
+    if not isinstance(value, dict):
+        raise forms.ValidationError('Enter a JSON object, such as {"team": "research"}.')
+    return value
+
+
+class UserForm(forms.ModelForm):
+    class Meta:
+        model = GatewayUser
+        fields = [
+            "user_id",
+            "alias",
+            "budget",
+            "blocked",
+            "topup_usd",
+            "topup_expires_at",
+            "allowed_models",
+            "metadata",
+        ]
+        labels = {
+            "user_id": "User id",
+            "topup_usd": "Top-up (USD)",
+            "topup_expires_at": "Top-up expires at",
+            "blocked": "Blocked",
+        }
+        help_texts = {
+            "user_id": "The id API callers and the management API use; cannot be changed.",
+            "budget": "Moving the user to a different budget starts a fresh window: "
+            "spend goes to $0.00 (the old spend is kept in the reset log).",
+            "blocked": "A blocked user's requests are refused with 403 user_blocked.",
+            "topup_usd": "Added to the budget's limit until the expiry below. Set 0 to remove it.",
+            "topup_expires_at": "UTC. Required with a top-up, and in the future.",
+            "allowed_models": 'A JSON list such as ["openai:gpt-4o-mini", "anthropic:*"]; '
+            "empty = any model, [] = none.",
+            "metadata": "A JSON object, for your own use.",
+        }
+
+    def clean_allowed_models(self) -> list[str] | None:
+        return _model_list(self.cleaned_data.get("allowed_models"))
+
+    def clean_metadata(self) -> dict[str, Any]:
+        return _metadata(self.cleaned_data.get("metadata"))
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if {"topup_usd", "topup_expires_at"} & set(self.changed_data):
+            amount = cleaned.get("topup_usd")
+            expires_at = cleaned.get("topup_expires_at")
+            if amount and expires_at is None:
+                self.add_error("topup_expires_at", "Give the top-up an expiry time.")
+            elif amount and expires_at <= timezone.now():
+                self.add_error("topup_expires_at", "The expiry must be in the future.")
+            elif expires_at is not None and not amount and "topup_usd" not in self.errors:
+                self.add_error("topup_usd", "Enter the top-up amount, or clear the expiry.")
+        return cleaned
+
+
+class UsageLevelFilter(admin.SimpleListFilter):
+    """Against the limit admission checks (spend + reserved vs budget + live top-up)."""
+
+    title = "budget usage"
+    parameter_name = "usage"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [
+            ("near", "80% or more"),
+            ("over", "At or over the limit"),
+            ("uncapped", "No limit"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "near":
+            return queryset.filter(
+                cap_usd__isnull=False, committed_usd__gte=F("cap_usd") * Decimal("0.8")
+            )
+        if self.value() == "over":
+            return queryset.filter(cap_usd__isnull=False, committed_usd__gte=F("cap_usd"))
+        if self.value() == "uncapped":
+            return queryset.filter(cap_usd__isnull=True)
+        return queryset
+
+
+class UserStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [("active", "Active"), ("blocked", "Blocked"), ("deleted", "Deleted")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "active":
+            return queryset.filter(deleted_at__isnull=True, blocked=False)
+        if self.value() == "blocked":
+            return queryset.filter(deleted_at__isnull=True, blocked=True)
+        if self.value() == "deleted":
+            return queryset.filter(deleted_at__isnull=False)
+        return queryset
+
+
+@admin.register(GatewayUser)
+class GatewayUserAdmin(ServiceAdmin):
+    form = UserForm
+    list_display = [
+        "user_id",
+        "alias",
+        "budget_link",
+        "spend",
+        "reserved",
+        "limit",
+        "remaining",
+        "usage",
+        "next_reset",
+        "state",
+    ]
+    list_display_links = ["user_id"]
+    list_filter = [UsageLevelFilter, "budget", UserStateFilter]
+    list_select_related = ["budget"]
+    search_fields = ["user_id", "alias"]
+    search_help_text = "Search by user id or alias."
+    actions = ["block_users", "unblock_users", "reset_period_now"]
+    readonly_fields = [
+        "spend",
+        "reserved",
+        "limit",
+        "remaining",
+        "usage",
+        "lifetime_spend",
+        "topup_state",
+        "budget_started_at",
+        "next_budget_reset_at",
+        "period",
+        "api_keys_table",
+        "recent_usage",
+        "created_at",
+        "updated_at",
+        "deleted_at",
+    ]
+    delete_confirmation_template = "admin/budgets/gatewayuser/delete_confirmation.html"
+    delete_selected_confirmation_template = (
+        "admin/budgets/gatewayuser/delete_selected_confirmation.html"
+    )
+
+    def get_fieldsets(self, request: HttpRequest, obj: GatewayUser | None = None) -> list:
+        if obj is None:
+            return [
+                (None, {"fields": ["user_id", "alias", "budget", "blocked"]}),
+                ("Temporary top-up", {"fields": ["topup_usd", "topup_expires_at"]}),
+                ("Access", {"fields": ["allowed_models", "metadata"]}),
+            ]
+        return [
+            (None, {"fields": ["alias", "budget", "blocked"]}),
+            (
+                "This period",
+                {
+                    "fields": [
+                        "usage",
+                        ("spend", "reserved"),
+                        ("limit", "remaining"),
+                        "period",
+                        ("budget_started_at", "next_budget_reset_at"),
+                        "lifetime_spend",
+                    ],
+                    "description": "Computed by the gateway; never edited by hand. Use the "
+                    "“Reset budget period now” action to start a fresh window.",
+                },
+            ),
+            (
+                "Temporary top-up",
+                {
+                    "fields": ["topup_state", "topup_usd", "topup_expires_at"],
+                    "description": "Raises this user's limit until the expiry; replaces "
+                    "any previous top-up.",
+                },
+            ),
+            ("API keys", {"fields": ["api_keys_table"]}),
+            ("Recent requests", {"fields": ["recent_usage"]}),
+            ("Access", {"fields": ["allowed_models", "metadata"], "classes": ["collapse"]}),
+            ("Record", {"fields": ["created_at", "updated_at", "deleted_at"]}),
+        ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return user_money_annotate(super().get_queryset(request), now=timezone.now())
+
+    def formfield_for_dbfield(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        field = super().formfield_for_dbfield(db_field, request, **kwargs)
+        if db_field.name == "budget" and field is not None:
+            # Editing or deleting a budget from a user's page would change it for every
+            # user on it: that belongs on the budget's own page.
+            field.widget.can_change_related = False
+            field.widget.can_delete_related = False
+        return field
+
+    # -- columns -------------------------------------------------------------------------
+
+    @admin.display(description="Budget", ordering="budget__name")
+    def budget_link(self, obj: GatewayUser) -> SafeString | str:
+        if obj.budget is None:
+            return "—"
+        return format_html(
+            '<a href="{}">{}</a>', _admin_url(Budget, "change", obj.budget_id), str(obj.budget)
+        )
+
+    @admin.display(description="Spend", ordering="spend_usd")
+    def spend(self, obj: GatewayUser) -> SafeString:
+        return _money_cell(obj.spend_usd)
+
+    @admin.display(description="Reserved", ordering="reserved_usd")
+    def reserved(self, obj: GatewayUser) -> SafeString:
+        return _money_cell(obj.reserved_usd)
+
+    @admin.display(description="Limit", ordering="cap_usd")
+    def limit(self, obj: GatewayUser) -> SafeString:
+        if obj.cap_usd is None:
+            return format_html('<span class="otari-muted">{}</span>', "uncapped")
+        topped = obj.topup_expires_at is not None and obj.topup_expires_at > timezone.now()
+        if topped and obj.topup_usd:
+            return format_html(
+                '<span class="otari-money" title="Includes a top-up of {} until {}">{} *</span>',
+                format_usd(obj.topup_usd),
+                as_utc(obj.topup_expires_at),
+                format_usd(obj.cap_usd),
+            )
+        return _money_cell(obj.cap_usd)
+
+    @admin.display(description="Left")
+    def remaining(self, obj: GatewayUser) -> SafeString:
+        if obj.cap_usd is None:
+            return format_html('<span class="otari-muted">{}</span>', "—")
+        return _money_cell(max(ZERO, obj.cap_usd - obj.committed_usd))
+
+    @admin.display(description="Usage", ordering="used_ratio")
+    def usage(self, obj: GatewayUser) -> SafeString:
+        return usage_bar(spend=obj.spend_usd, reserved=obj.reserved_usd, limit=obj.cap_usd)
+
+    @admin.display(description="Next reset (UTC)", ordering="next_budget_reset_at")
+    def next_reset(self, obj: GatewayUser) -> str:
+        if obj.next_budget_reset_at is None:
+            return "never" if obj.budget_id else "—"
+        return as_utc(obj.next_budget_reset_at, zone=False)
+
+    @admin.display(description="State", ordering="blocked")
+    def state(self, obj: GatewayUser) -> SafeString:
+        if obj.deleted_at is not None:
+            return badge("muted", "deleted")
+        if obj.blocked:
+            return badge("bad", "blocked")
+        return badge("good", "active")
+
+    @admin.display(description="Top-up now")
+    def topup_state(self, obj: GatewayUser) -> SafeString:
+        if not obj.topup_usd or obj.topup_expires_at is None:
+            return format_html('<span class="otari-muted">{}</span>', "none")
+        if obj.topup_expires_at <= timezone.now():
+            return format_html(
+                '{} <span class="otari-muted">of {}, expired {}</span>',
+                badge("muted", "expired"),
+                format_usd(obj.topup_usd),
+                as_utc(obj.topup_expires_at),
+            )
+        return format_html(
+            "{} +{} until {}",
+            badge("good", "active"),
+            format_usd(obj.topup_usd),
+            as_utc(obj.topup_expires_at),
+        )
+
+    @admin.display(description="Lifetime spend")
+    def lifetime_spend(self, obj: GatewayUser) -> SafeString:
+        return _money_cell(obj.lifetime_spend_usd)
+
+    @admin.display(description="Period")
+    def period(self, obj: GatewayUser) -> str:
+        return describe_period(obj.budget)
+
+    @admin.display(description="Keys")
+    def api_keys_table(self, obj: GatewayUser) -> SafeString:
+        return render_to_string(
+            "admin/budgets/gatewayuser/keys_table.html",
+            {
+                "keys": list(obj.api_keys.all()[:USER_KEYS_SHOWN]),
+                "add_url": _admin_url(APIKey, "add", query={"user": obj.pk}),
+            },
+        )
+
+    @admin.display(description="Requests")
+    def recent_usage(self, obj: GatewayUser) -> SafeString:
+        from usage.models import UsageLog
+
+        rows = (
+            UsageLog.objects.filter(user_id=obj.pk)
+            .only("id", "timestamp", "model", "provider", "status", "status_code", "cost_usd")
+            .order_by("-timestamp")[:USER_RECENT_USAGE_SHOWN]
+        )
+        return render_to_string(
+            "admin/budgets/gatewayuser/recent_usage.html",
+            {
+                "rows": list(rows),
+                "all_url": _admin_url(UsageLog, "changelist", query={"user": obj.pk}),
+            },
+        )
+
+    # -- saving through the services -------------------------------------------------
+
+    def save_model(
+        self, request: HttpRequest, obj: GatewayUser, form: forms.Form, change: bool
+    ) -> None:
+        data = form.cleaned_data
+        if change:
+            changes = {
+                name: data[name]
+                for name in ("alias", "blocked", "allowed_models", "metadata", "budget")
+                if name in form.changed_data
+            }
+            if changes:
+                services.user_update(user_id=obj.pk, **changes)
+        else:
+            services.user_create(
+                user_id=data["user_id"],
+                alias=data["alias"],
+                budget=data["budget"],
+                blocked=data["blocked"],
+                allowed_models=data["allowed_models"],
+                metadata=data["metadata"],
+            )
+        if {"topup_usd", "topup_expires_at"} & set(form.changed_data):
+            services.user_topup_set(
+                user_id=obj.pk,
+                amount_usd=data.get("topup_usd") or ZERO,
+                expires_at=data.get("topup_expires_at"),
+            )
+        self.adopt(obj, obj)
+
+    # Deleting a user is soft (CONTRACT §6): the row, its usage and its history stay, its
+    # keys stop working. Nothing else is deleted, so the confirmation lists only the user.
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple:
+        return [str(o) for o in objs], {self.opts.verbose_name_plural: len(objs)}, set(), []
+
+    def delete_model(self, request: HttpRequest, obj: GatewayUser) -> None:
+        services.user_delete(user_id=obj.pk)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for user_id in queryset.values_list("pk", flat=True):
+            services.user_delete(user_id=user_id)
+
+    # -- actions ---------------------------------------------------------------------
+
+    def _set_blocked(self, request: HttpRequest, queryset: QuerySet, blocked: bool) -> None:
+        changed = 0
+        for user in queryset.filter(blocked=not blocked):
+            services.user_update(user_id=user.pk, blocked=blocked)
+            self.log_change(request, user, [{"changed": {"fields": ["Blocked"]}}])
+            changed += 1
+        verb = "Blocked" if blocked else "Unblocked"
+        self.message_user(request, f"{verb} {changed} user{'s' if changed != 1 else ''}.")
+
+    @admin.action(description="Block selected users", permissions=["change"])
+    def block_users(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._set_blocked(request, queryset, True)
+
+    @admin.action(description="Unblock selected users", permissions=["change"])
+    def unblock_users(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._set_blocked(request, queryset, False)
+
+    @admin.action(description="Reset budget period now", permissions=["change"])
+    def reset_period_now(self, request: HttpRequest, queryset: QuerySet) -> None:
+        now = timezone.now()
+        total = ZERO
+        users = list(queryset.order_by("pk"))
+        for user in users:
+            log = services.user_period_reset(user_id=user.pk, now=now)
+            total += log.previous_spend_usd
+            self.log_change(
+                request,
+                user,
+                f"Reset the budget period: spend {format_usd(log.previous_spend_usd)} moved "
+                "to the reset log.",
+            )
+        count = len(users)
+        self.message_user(
+            request,
+            f"Started a fresh budget period for {count} user{'s' if count != 1 else ''}; "
+            f"{format_usd(total)} of spend moved to the reset log.",
+            messages.SUCCESS,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# API keys
+
+
+class _KeyFormBase(forms.ModelForm):
+    def clean_allowed_models(self) -> list[str] | None:
+        return _model_list(self.cleaned_data.get("allowed_models"))
+
+    def clean_metadata(self) -> dict[str, Any]:
+        return _metadata(self.cleaned_data.get("metadata"))
+
+    def clean_expires_at(self) -> Any:
+        value = self.cleaned_data.get("expires_at")
+        if value is not None and "expires_at" in self.changed_data and value <= timezone.now():
+            raise forms.ValidationError("The expiry must be in the future.")
+        return value
+
+
+_KEY_HELP = {
+    "key_name": "A label to recognise the key by, such as “ci” or “alice's laptop”.",
+    "expires_at": "UTC. Empty = never expires.",
+    "allowed_models": 'A JSON list such as ["openai:gpt-4o-mini"]; empty = the user\'s list.',
+    "exclude_from_budget": "Requests with this key are logged with their cost but never held "
+    "or charged to the budget.",
+    "is_active": "Untick to revoke the key: it stops working on the next request.",
+}
+
+
+class KeyAddForm(_KeyFormBase):
+    class Meta:
+        model = APIKey
+        fields = [
+            "user",
+            "key_name",
+            "expires_at",
+            "allowed_models",
+            "exclude_from_budget",
+            "metadata",
+        ]
+        help_texts = _KEY_HELP
+
+
+class KeyChangeForm(_KeyFormBase):
+    class Meta:
+        model = APIKey
+        fields = [
+            "key_name",
+            "is_active",
+            "expires_at",
+            "allowed_models",
+            "exclude_from_budget",
+            "metadata",
+        ]
+        help_texts = _KEY_HELP
+
+
+class KeyExpiryFilter(admin.SimpleListFilter):
+    title = "expiry"
+    parameter_name = "expiry"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [("expired", "Expired"), ("week", "Expires within 7 days"), ("never", "Never")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        now = timezone.now()
+        if self.value() == "expired":
+            return queryset.filter(expires_at__lte=now)
+        if self.value() == "week":
+            return queryset.filter(expires_at__gt=now, expires_at__lte=now + timedelta(days=7))
+        if self.value() == "never":
+            return queryset.filter(expires_at__isnull=True)
+        return queryset
+
+
+@admin.register(APIKey)
+class APIKeyAdmin(ServiceAdmin):
+    """Keys: created, edited, revoked and rotated through the services. The secret is
+    rendered once, in the response to the request that made it; it is never stored (not
+    in the database, the session or the messages) and the hash is never shown."""
+
+    list_display = [
+        "key",
+        "key_name",
+        "owner",
+        "state",
+        "expires",
+        "last_used",
+        "created_at",
+        "budget_mode",
+    ]
+    list_filter = ["is_active", KeyExpiryFilter, "exclude_from_budget"]
+    list_select_related = ["user"]
+    search_fields = ["key_name", "key_prefix", "user__user_id", "user__alias"]
+    search_help_text = "Search by key name, key prefix (gw-…), user id or alias."
+    raw_id_fields = ["user"]
+    actions = ["revoke_keys", "rotate_keys"]
+    issued_key_template = "admin/budgets/apikey/key_secret.html"
+
+    def get_form(
+        self, request: HttpRequest, obj: APIKey | None = None, change: bool = False, **kwargs: Any
+    ) -> type[forms.ModelForm]:
+        kwargs["form"] = KeyChangeForm if obj is not None else KeyAddForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fieldsets(self, request: HttpRequest, obj: APIKey | None = None) -> list:
+        if obj is None:
+            return [
+                (
+                    None,
+                    {
+                        "fields": ["user", "key_name", "expires_at"],
+                        "description": "The secret is shown once, on the next page. "
+                        "Only its hash is stored.",
+                    },
+                ),
+                ("Access", {"fields": ["allowed_models", "exclude_from_budget", "metadata"]}),
+            ]
+        return [
+            (None, {"fields": ["key", "owner", "key_name", "is_active", "expires_at"]}),
+            ("Access", {"fields": ["allowed_models", "exclude_from_budget", "metadata"]}),
+            ("Record", {"fields": ["created_at", "updated_at", "last_used_at"]}),
+        ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: APIKey | None = None) -> list:
+        if obj is None:
+            return []
+        return ["key", "owner", "created_at", "updated_at", "last_used_at"]
+
+    def has_delete_permission(self, request: HttpRequest, obj: APIKey | None = None) -> bool:
+        # Usage rows refer to their key: revoke instead, and history keeps its key.
+        return False
+
+    @admin.display(description="Key", ordering="key_prefix")
+    def key(self, obj: APIKey) -> SafeString:
+        return format_html("<code>{}</code>", key_display(obj))
+
+    @admin.display(description="User", ordering="user__user_id")
+    def owner(self, obj: APIKey) -> SafeString:
+        return user_link(obj.user_id, str(obj.user))
+
+    @admin.display(description="State", ordering="is_active")
+    def state(self, obj: APIKey) -> SafeString:
+        return key_state(obj)
+
+    @admin.display(description="Expires", ordering="expires_at")
+    def expires(self, obj: APIKey) -> str:
+        return as_utc(obj.expires_at) if obj.expires_at else "never"
+
+    @admin.display(description="Last used", ordering="last_used_at")
+    def last_used(self, obj: APIKey) -> str:
+        return as_utc(obj.last_used_at) if obj.last_used_at else "never"
+
+    @admin.display(description="Budget", ordering="exclude_from_budget")
+    def budget_mode(self, obj: APIKey) -> SafeString | str:
+        if obj.exclude_from_budget:
+            return format_html(
+                '<span class="otari-badge otari-badge--warn" title="{}">{}</span>',
+                "Cost is logged but never held or charged",
+                "excluded",
+            )
+        return "charged"
+
+    def save_model(self, request: HttpRequest, obj: APIKey, form: forms.Form, change: bool) -> None:
+        data = form.cleaned_data
+        if change:
+            changes = {name: data[name] for name in form.changed_data if name in form.fields}
+            services.api_key_update(key_id=obj.pk, **changes)
+            self.adopt(obj, obj)
+            return
+        key, secret = services.api_key_create(
+            user=data["user"],
+            key_name=data["key_name"],
+            expires_at=data["expires_at"],
+            allowed_models=data["allowed_models"],
+            exclude_from_budget=data["exclude_from_budget"],
+            metadata=data["metadata"],
+        )
+        # Handed to response_add through the request object only: it dies with this
+        # request, and nothing persists it.
+        request._otari_issued = [(key, secret)]
+        self.adopt(obj, key)
+
+    def response_add(self, request: HttpRequest, obj: APIKey, post_url_continue: Any = None):
+        issued = getattr(request, "_otari_issued", None)
+        if not issued:
+            return super().response_add(request, obj, post_url_continue)
+        return self._secret_response(request, issued, created=True)
+
+    def _secret_response(
+        self, request: HttpRequest, issued: list[tuple[APIKey, str]], *, created: bool
+    ) -> TemplateResponse:
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Copy your new key now" if created else "Copy the rotated keys now",
+            "issued": [(key, secret, key_display(key)) for key, secret in issued],
+            "created": created,
+        }
+        response = TemplateResponse(request, self.issued_key_template, context)
+        # Keep the page out of every cache (browser back/forward included).
+        response["Cache-Control"] = "no-store, max-age=0"
+        response["Pragma"] = "no-cache"
+        return response
+
+    @admin.action(description="Revoke selected keys", permissions=["change"])
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet) -> None:
+        count = 0
+        for key in queryset.filter(is_active=True).order_by("pk"):
+            services.api_key_revoke(key_id=key.pk)
+            self.log_change(request, key, "Revoked the key.")
+            count += 1
+        self.message_user(request, f"Revoked {count} key{'s' if count != 1 else ''}.")
+
+    @admin.action(
+        description="Rotate selected keys (new secret, old one stops working)",
+        permissions=["change"],
+    )
+    def rotate_keys(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse:
+        issued = []
+        for key in queryset.order_by("pk"):
+            secret = services.api_key_rotate(key=key)
+            self.log_change(request, key, "Rotated the key's secret.")
+            issued.append((key, secret))
+        return self._secret_response(request, issued, created=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Holds and reset logs: history
+
+
+class StaleHoldFilter(admin.SimpleListFilter):
+    title = "expiry"
+    parameter_name = "stale"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [("yes", "Open past expiry (stale)")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "yes":
+            return queryset.filter(status=Hold.Status.OPEN, expires_at__lte=timezone.now())
+        return queryset
+
+
+def _search_by_id(queryset: QuerySet, term: str, id_field: str) -> QuerySet:
+    """Exact search on a ledger: a request id (UUID) or a user id. A substring search
+    would read every row of a table that grows by one row per request."""
+    term = term.strip()
+    if not term:
+        return queryset
+    try:
+        return queryset.filter(**{id_field: uuid.UUID(term)})
+    except ValueError:
+        return queryset.filter(user_id=term)
+
+
+@admin.register(Hold)
+class HoldAdmin(CsvExportMixin, LedgerAdmin):
+    list_display = [
+        "request",
+        "owner",
+        "amount",
+        "state",
+        "model_key",
+        "created_at",
+        "expires_at",
+        "closed_at",
+        "stale",
+    ]
+    list_filter = ["status", StaleHoldFilter, UserIdFilter]
+    search_fields = ["request_id"]
+    search_help_text = "Exact request id or user id."
+    list_display_links = ["request"]
+    date_hierarchy = "created_at"
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    show_facets = ShowFacets.NEVER
+    actions = ["release_selected_stale"]
+    csv_filename = "holds"
+    csv_columns = (
+        ("request_id", "request_id"),
+        ("user_id", "user_id"),
+        ("amount_usd", "amount_usd"),
+        ("status", "status"),
+        ("model_key", "model_key"),
+        ("created_at", "created_at"),
+        ("expires_at", "expires_at"),
+        ("closed_at", "closed_at"),
+    )
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
+        return _search_by_id(queryset, search_term, "request_id"), False
+
+    def get_urls(self) -> list:
+        release = path(
+            "release-stale/",
+            self.admin_site.admin_view(self.release_stale_view),
+            name="budgets_hold_release_stale",
+        )
+        return [release, *super().get_urls()]
+
+    def has_release_permission(self, request: HttpRequest) -> bool:
+        # Releasing a hold changes its user's `reserved`: the same right as changing users.
+        return request.user.has_perm("budgets.change_gatewayuser")
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):
+        extra = {"can_release_stale": self.has_release_permission(request)}
+        return super().changelist_view(request, {**extra, **(extra_context or {})})
+
+    def release_stale_view(self, request: HttpRequest) -> HttpResponse:
+        if request.method != "POST":
+            return HttpResponseRedirect(_admin_url(Hold, "changelist"))
+        if not self.has_release_permission(request):
+            raise PermissionDenied
+        now = timezone.now()
+        released = services.holds_expire_stale(now=now)
+        self._log_released(request, now)
+        self.message_user(
+            request,
+            f"Released {released} stale hold{'s' if released != 1 else ''}.",
+            messages.SUCCESS,
+        )
+        return HttpResponseRedirect(_admin_url(Hold, "changelist"))
+
+    def _log_released(self, request: HttpRequest, now: Any) -> None:
+        """An admin-log entry per hold released at `now` (the services stamp closed_at
+        with the `now` they were given, so these are exactly the holds this request
+        expired)."""
+        for hold in Hold.objects.filter(status=Hold.Status.EXPIRED, closed_at=now):
+            self.log_change(
+                request,
+                hold,
+                f"Released the stale hold: {format_usd(hold.amount_usd)} of {hold.user_id}'s "
+                "reservation given back.",
+            )
+
+    @admin.action(
+        description="Release selected holds that are past expiry", permissions=["release"]
+    )
+    def release_selected_stale(self, request: HttpRequest, queryset: QuerySet) -> None:
+        now = timezone.now()
+        released = 0
+        for request_id in queryset.filter(status=Hold.Status.OPEN, expires_at__lte=now).values_list(
+            "request_id", flat=True
+        ):
+            released += services.hold_expire(request_id=request_id, now=now)
+        self._log_released(request, now)
+        skipped = queryset.count() - released
+        note = f" ({skipped} not open or not yet expired, left alone)" if skipped else ""
+        self.message_user(request, f"Released {released} stale hold(s){note}.")
+
+    @admin.display(description="Request", ordering="request_id")
+    def request(self, obj: Hold) -> SafeString:
+        return format_html('<code title="{}">{}…</code>', obj.request_id, str(obj.request_id)[:8])
+
+    @admin.display(description="User", ordering="user_id")
+    def owner(self, obj: Hold) -> SafeString:
+        return user_link(obj.user_id)
+
+    @admin.display(description="Status", ordering="status")
+    def state(self, obj: Hold) -> SafeString:
+        tone = {"open": "warn", "settled": "good", "refunded": "muted", "expired": "bad"}
+        return badge(tone.get(obj.status, "muted"), obj.status)
+
+    @admin.display(description="Amount", ordering="amount_usd")
+    def amount(self, obj: Hold) -> SafeString:
+        return _money_cell(obj.amount_usd)
+
+    @admin.display(description="Stale", boolean=True)
+    def stale(self, obj: Hold) -> bool:
+        return obj.status == Hold.Status.OPEN and obj.expires_at <= timezone.now()
+
+
+@admin.register(BudgetResetLog)
+class BudgetResetLogAdmin(CsvExportMixin, LedgerAdmin):
+    list_display = ["reset_at", "owner", "budget_name", "previous_spend", "next_reset_at"]
+    list_filter = ["budget", UserIdFilter]
+    list_select_related = ["budget"]
+    date_hierarchy = "reset_at"
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    show_facets = ShowFacets.NEVER
+    csv_filename = "budget-resets"
+    csv_columns = (
+        ("user_id", "user_id"),
+        ("budget_id", "budget_id"),
+        ("previous_spend_usd", "previous_spend_usd"),
+        ("reset_at", "reset_at"),
+        ("next_reset_at", "next_reset_at"),
+    )
+
+    @admin.display(description="User", ordering="user_id")
+    def owner(self, obj: BudgetResetLog) -> SafeString:
+        return user_link(obj.user_id)
+
+    @admin.display(description="Budget")
+    def budget_name(self, obj: BudgetResetLog) -> str:
+        # The budget may have been deleted since (its history is kept).
+        return str(obj.budget) if obj.budget is not None else (obj.budget_id or "—")
+
+    @admin.display(description="Spend before the reset", ordering="previous_spend_usd")
+    def previous_spend(self, obj: BudgetResetLog) -> SafeString:
+        return _money_cell(obj.previous_spend_usd)

@@ -1,0 +1,375 @@
+"""Building blocks shared by the budget console's ModelAdmins (budgets/admin.py,
+usage/admin.py): money display and validation, service-backed saving, read-only ledgers,
+streamed CSV export, and changelists that stay fast on millions of rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+from asgiref.sync import sync_to_async
+from django import forms
+from django.conf import settings
+from django.contrib import admin
+from django.contrib.admin.options import csrf_protect_m
+from django.core.exceptions import PermissionDenied
+from django.core.handlers.asgi import ASGIRequest
+from django.core.paginator import Paginator
+from django.db import connections
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.urls import path
+from django.utils import timezone
+from django.utils.functional import cached_property
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from otari.fields import MoneyField
+from usage.exports import csv_lines
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from django.db.models import QuerySet
+
+ZERO = Decimal("0")
+NEAR_LIMIT = Decimal("0.8")
+
+
+# ---------------------------------------------------------------------------------------
+# Money on screen
+
+
+def format_usd(amount: Decimal | None, *, max_places: int = 6, min_places: int = 2) -> str:
+    """`$1,234.50`, `$0.000021`: at least cents, at most the micro-dollar (CONTRACT §3.1),
+    trailing zeros beyond the cents dropped. Display only: the stored value is exact."""
+    if amount is None:
+        return "—"
+    rounded = Decimal(amount).quantize(Decimal(1).scaleb(-max_places), rounding=ROUND_HALF_UP)
+    sign = "-" if rounded < 0 else ""
+    whole, _, fraction = f"{abs(rounded):,.{max_places}f}".partition(".")
+    fraction = fraction.rstrip("0").ljust(min_places, "0")
+    return f"{sign}${whole}.{fraction}"
+
+
+def format_usd_brief(amount: Decimal | None) -> str:
+    """A summary figure (dashboard cards, charts): cents, or the micro-dollar below a
+    cent so small spend never reads as $0.00."""
+    if amount is not None and abs(amount) >= Decimal("0.01"):
+        return format_usd(amount, max_places=2)
+    return format_usd(amount)
+
+
+def format_price(amount: Decimal | None) -> str:
+    """A per-million-token rate, to the ten places prices are stored with."""
+    return format_usd(amount, max_places=settings.MONEY_DECIMAL_PLACES)
+
+
+def usage_level(committed: Decimal, limit: Decimal | None) -> str:
+    """ "ok" below 80% of the limit, "near" from 80%, "over" when admission would refuse
+    (spend + reserved >= limit, CONTRACT §3.3), "uncapped" without a limit."""
+    if limit is None:
+        return "uncapped"
+    if committed >= limit:
+        return "over"
+    if committed >= limit * NEAR_LIMIT:
+        return "near"
+    return "ok"
+
+
+def _percent(part: Decimal, whole: Decimal) -> Decimal:
+    if whole <= 0:
+        return Decimal(100) if part > 0 else ZERO
+    return min(Decimal(100), part * 100 / whole)
+
+
+def usage_bar(*, spend: Decimal, reserved: Decimal, limit: Decimal | None) -> SafeString:
+    """A bar of spend (solid) and reserved (hatched) against the limit, with the
+    percentage and a tooltip giving the exact amounts."""
+    if limit is None:
+        return format_html(
+            '<span class="otari-muted" title="Spend {}; no limit">uncapped</span>',
+            format_usd(spend),
+        )
+    committed = spend + reserved
+    level = usage_level(committed, limit)
+    spend_pct = _percent(spend, limit)
+    reserved_pct = min(Decimal(100) - spend_pct, _percent(reserved, limit))
+    shown = Decimal(100) if limit <= 0 else committed * 100 / limit
+    return format_html(
+        '<span class="otari-usage otari-usage--{level}" title="{title}">'
+        '<span class="otari-bar" role="img" aria-label="{pct}% of the limit used">'
+        '<span class="otari-bar__spend" style="width:{spend_w}%"></span>'
+        '<span class="otari-bar__reserved" style="width:{reserved_w}%"></span>'
+        '</span><span class="otari-usage__pct">{pct}%</span></span>',
+        level=level,
+        title=(
+            f"Spend {format_usd(spend)} + reserved {format_usd(reserved)} of {format_usd(limit)}"
+        ),
+        spend_w=f"{spend_pct:.1f}",
+        reserved_w=f"{reserved_pct:.1f}",
+        pct=f"{shown:.0f}",
+    )
+
+
+def key_display(key: Any) -> str:
+    """`gw-AbCdEfG…wxyz`: enough to recognise a key, never enough to use it."""
+    return f"{key.key_prefix}…{key.key_suffix}" if key.key_suffix else f"{key.key_prefix}…"
+
+
+def badge(tone: str, label: str) -> SafeString:
+    return format_html('<span class="otari-badge otari-badge--{}">{}</span>', tone, label)
+
+
+def key_state(key: Any) -> SafeString:
+    if not key.is_active:
+        return badge("muted", "revoked")
+    if key.expires_at is not None and key.expires_at <= timezone.now():
+        return badge("bad", "expired")
+    return badge("good", "active")
+
+
+def status_badge(status: str, status_code: int | None) -> SafeString:
+    """A usage row's outcome: green success, red error, amber client disconnect."""
+    tone = {"success": "good", "error": "bad"}.get(status, "warn")
+    label = status.replace("_", " ")
+    if status_code:
+        label = f"{label} · {status_code}"
+    return badge(tone, label)
+
+
+class MoneyFormField(forms.DecimalField):
+    """A USD amount in a form: shown as `3.50`, never as the stored `3.5000000000` or
+    `0E-10`, and validated like every money column."""
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, Decimal) and value.is_finite():
+            text = f"{value:f}"
+            if "." in text:
+                whole, fraction = text.split(".")
+                fraction = fraction.rstrip("0").ljust(2, "0")
+                text = f"{whole}.{fraction}"
+            return text
+        return value
+
+
+# Every money field in a console form: no negatives, no more than the column's digits and
+# places, no more than the contract's largest amount, each with its own plain message.
+MONEY_FORMFIELD_OVERRIDES: dict[type, dict[str, Any]] = {
+    MoneyField: {
+        "form_class": MoneyFormField,
+        "min_value": ZERO,
+        "max_value": settings.MONEY_MAX_USD,
+        "error_messages": {
+            "min_value": "Amounts cannot be negative.",
+            "max_value": "Amounts cannot exceed $999,999,999,999.",
+            "max_decimal_places": "Use at most %(max)s decimal places.",
+            "max_digits": "Use at most %(max)s digits in total.",
+            "max_whole_digits": "Use at most %(max)s digits before the decimal point.",
+            "invalid": "Enter an amount in US dollars, such as 25 or 0.50.",
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------
+# ModelAdmins whose writes go through services
+
+
+class ServiceAdmin(admin.ModelAdmin):
+    """A ModelAdmin whose save_model/delete_model call services.
+
+    Django wraps its add/change and delete views in `transaction.atomic()`. The services
+    open their own durable transactions (they must really commit, and they raise when
+    nested), so these views run without the outer block: each service call is the unit
+    of work, exactly as when the API or a command calls it.
+    """
+
+    formfield_overrides = MONEY_FORMFIELD_OVERRIDES
+
+    @csrf_protect_m
+    def changeform_view(
+        self,
+        request: HttpRequest,
+        object_id: str | None = None,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        return self._changeform_view(request, object_id, form_url, extra_context)
+
+    @csrf_protect_m
+    def delete_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        return self._delete_view(request, object_id, extra_context)
+
+    @staticmethod
+    def adopt(obj: Any, saved: Any) -> None:
+        """Make the form's unsaved instance the row the service wrote, so the admin's
+        log entry, messages and redirect name the right object."""
+        obj.pk = saved.pk
+        obj.refresh_from_db()
+        obj._state.adding = False
+
+
+class LedgerAdmin(admin.ModelAdmin):
+    """History: viewable by those with the view permission, never added to, changed or
+    deleted by anyone (superusers included), whatever is POSTed."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Large changelists
+
+
+def planner_row_estimate(queryset: QuerySet) -> int:
+    """PostgreSQL's estimate of how many rows `queryset` returns (no rows are read)."""
+    sql, params = queryset.order_by().query.sql_with_params()
+    with connections[queryset.db].cursor() as cursor:
+        cursor.execute("EXPLAIN (FORMAT JSON) " + sql, params)
+        plan = cursor.fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+class EstimatedCountPaginator(Paginator):
+    """Counts exactly when few rows match, and uses the planner's estimate when many do.
+
+    Counting a million rows reads a million rows on every page view; the estimate costs
+    one EXPLAIN. The result count then reads "about N" (templates/admin/pagination.html).
+    """
+
+    exact_count_limit = 10_000
+    is_estimate = False
+
+    @cached_property
+    def count(self) -> int:
+        queryset = self.object_list
+        if connections[queryset.db].vendor == "postgresql":
+            estimate = planner_row_estimate(queryset)
+            if estimate > self.exact_count_limit:
+                self.is_estimate = True
+                return estimate
+        return super().count
+
+
+class InputFilter(admin.SimpleListFilter):
+    """A free-text list filter (an exact value typed in), for columns with too many
+    distinct values to list, such as the users or models of a million usage rows."""
+
+    template = "admin/otari/input_filter.html"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        # A placeholder: SimpleListFilter only renders when it has lookups.
+        return [("", "")]
+
+    def choices(self, changelist: Any) -> Iterator[dict[str, Any]]:
+        others = [
+            (name, value)
+            for name, values in changelist.get_filters_params().items()
+            if name != self.parameter_name
+            for value in (values if isinstance(values, list) else [values])
+        ]
+        yield {
+            "value": self.value() or "",
+            "other_params": others,
+            "clear_query_string": changelist.get_query_string(remove=[self.parameter_name]),
+        }
+
+
+class UserIdFilter(InputFilter):
+    title = "user id"
+    parameter_name = "user"
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value():
+            return queryset.filter(user_id=self.value())
+        return queryset
+
+
+# ---------------------------------------------------------------------------------------
+# CSV export of a changelist
+
+
+class CsvExportMixin:
+    """An "Export CSV" button on the changelist that streams the filtered, ordered rows.
+
+    Subclasses set `csv_columns`: (header, field path for values_list) pairs. Rows are
+    read with a server-side cursor (`iterator(chunk_size=...)`) and written line by line
+    through usage.exports.csv_lines (formula prefixes escaped), so a million rows never
+    sit in memory. Under ASGI the lines are produced by an async generator, since Django
+    would otherwise read a sync iterator to the end before sending anything.
+    """
+
+    csv_columns: tuple[tuple[str, str], ...] = ()
+    csv_filename = "export"
+    csv_chunk_size = 2000
+    change_list_template = "admin/otari/change_list.html"
+
+    def get_urls(self) -> list:
+        opts = self.model._meta
+        export = path(
+            "export.csv",
+            self.admin_site.admin_view(self.export_csv_view),
+            name=f"{opts.app_label}_{opts.model_name}_export_csv",
+        )
+        return [export, *super().get_urls()]
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type:
+        changelist = super().get_changelist(request, **kwargs)
+        if getattr(request, "_otari_csv_export", False):
+            # The export needs the changelist's filtered, ordered queryset, not a page of
+            # results: skip the count and the page query.
+            return type("ExportChangeList", (changelist,), {"get_results": _no_results})
+        return changelist
+
+    def export_csv_view(self, request: HttpRequest) -> StreamingHttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        request._otari_csv_export = True
+        changelist = self.get_changelist_instance(request)
+        paths = [field_path for _, field_path in self.csv_columns]
+        rows = changelist.queryset.values_list(*paths).iterator(chunk_size=self.csv_chunk_size)
+        lines = csv_lines([header for header, _ in self.csv_columns], rows)
+        if isinstance(request, ASGIRequest):
+            content: Any = _lines_async(lines, batch=self.csv_chunk_size)
+        else:
+            content = lines
+        response = StreamingHttpResponse(content, content_type="text/csv; charset=utf-8")
+        stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
+        response["Content-Disposition"] = f'attachment; filename="{self.csv_filename}-{stamp}.csv"'
+        response["Cache-Control"] = "no-store"
+        return response
+
+
+def _no_results(self: Any, request: HttpRequest) -> None:
+    return None
+
+
+async def _lines_async(lines: Iterator[str], *, batch: int) -> AsyncIterator[str]:
+    """Pull `lines` a batch at a time in the request's sync thread (thread-sensitive: the
+    server-side cursor lives on that thread's connection), yielding between batches."""
+    take = sync_to_async(lambda: "".join(islice(lines, batch)), thread_sensitive=True)
+    while chunk := await take():
+        yield chunk
+
+
+def as_utc(moment: datetime | None, *, zone: bool = True) -> str:
+    """A timestamp for the console: UTC, to the minute (`zone=False` where the column
+    header already says UTC)."""
+    if moment is None:
+        return "—"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M" + (" UTC" if zone else ""))

@@ -1,0 +1,97 @@
+"""user_period_reset: an operator's "reset the budget period now" (CONTRACT §3.6)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import time_machine
+
+from budgets import services
+from budgets.exceptions import UnknownUser
+from budgets.models import BudgetResetLog, GatewayUser, Hold
+from tests.admin.conftest import charge, open_hold
+from tests.factories import make_budget, make_user
+
+pytestmark = pytest.mark.django_db
+START = datetime(2025, 1, 20, 8, 0, tzinfo=UTC)
+LATER = datetime(2025, 1, 23, 17, 45, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("budget_kwargs", "next_reset"),
+    [
+        ({"reset_alignment": "calendar_month"}, datetime(2025, 2, 1, tzinfo=UTC)),
+        ({"reset_alignment": "calendar_week"}, datetime(2025, 1, 27, tzinfo=UTC)),
+        ({"budget_duration_sec": 7 * 86400}, LATER + timedelta(days=7)),
+        ({}, None),
+    ],
+)
+def test_reset_starts_a_fresh_window_now_and_keeps_reserved(budget_kwargs, next_reset):
+    with time_machine.travel(START, tick=False):
+        user = make_user(budget=make_budget(max_budget_usd=Decimal("10"), **budget_kwargs))
+    charge(user, "4.25", at=START + timedelta(hours=1))
+    hold = open_hold(user, "0.75", at=LATER - timedelta(seconds=5))
+
+    log = services.user_period_reset(user_id=user.pk, now=LATER)
+
+    user.refresh_from_db()
+    assert (user.spend_usd, user.reserved_usd, user.lifetime_spend_usd) == (
+        0,
+        Decimal("0.75"),
+        Decimal("4.25"),
+    )
+    assert (user.budget_started_at, user.next_budget_reset_at) == (LATER, next_reset)
+    assert (log.previous_spend_usd, log.reset_at, log.next_reset_at, log.budget_id) == (
+        Decimal("4.25"),
+        LATER,
+        next_reset,
+        user.budget_id,
+    )
+    assert Hold.objects.get(pk=hold.pk).status == Hold.Status.OPEN
+
+
+def test_an_open_hold_settles_into_the_new_window():
+    user = make_user(budget=make_budget(max_budget_usd=Decimal("10"), budget_duration_sec=3600))
+    charge(user, "2")
+    hold = open_hold(user, "1")
+    services.user_period_reset(user_id=user.pk)
+    services.hold_settle(
+        record=services.UsageRecord(
+            request_id=hold.pk,
+            user_id=user.pk,
+            api_key_id=None,
+            endpoint="/v1/chat/completions",
+            provider="openai",
+            model="gpt-4o-mini",
+            status="success",
+            status_code=200,
+            cost_usd=Decimal("0.8"),
+        ),
+        now=datetime.now(UTC),
+    )
+    user.refresh_from_db()
+    assert (user.spend_usd, user.reserved_usd) == (Decimal("0.8"), 0)
+
+
+def test_a_user_without_a_budget_can_be_reset():
+    user = make_user()
+    charge(user, "1")
+    log = services.user_period_reset(user_id=user.pk, now=LATER)
+    assert (log.previous_spend_usd, log.next_reset_at, log.budget_id) == (Decimal("1"), None, None)
+    assert GatewayUser.objects.get(pk=user.pk).spend_usd == 0
+
+
+def test_a_second_reset_at_the_same_instant_is_a_no_op():
+    user = make_user(budget=make_budget(max_budget_usd=Decimal("10"), budget_duration_sec=60))
+    charge(user, "1")
+    first = services.user_period_reset(user_id=user.pk, now=LATER)
+    second = services.user_period_reset(user_id=user.pk, now=LATER)
+    assert first.pk == second.pk
+    assert BudgetResetLog.objects.filter(user=user).count() == 1
+
+
+def test_unknown_user():
+    with pytest.raises(UnknownUser):
+        services.user_period_reset(user_id="nobody")

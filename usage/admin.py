@@ -1,0 +1,388 @@
+"""The console's prices and usage log (CONTRACT §5, §8).
+
+Prices are versioned: saving a price adds a version through usage.services.pricing_set,
+so every past request keeps the price it was charged at. The usage log is history:
+read-only for everyone, filterable, and exportable as a streamed CSV.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from django import forms
+from django.contrib import admin
+from django.contrib.admin.options import ShowFacets
+from django.contrib.admin.utils import quote
+from django.db.models import F, OuterRef, QuerySet, Subquery
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from otari.admin_tools import (
+    CsvExportMixin,
+    EstimatedCountPaginator,
+    InputFilter,
+    LedgerAdmin,
+    ServiceAdmin,
+    UserIdFilter,
+    as_utc,
+    badge,
+    format_price,
+    format_usd,
+    key_display,
+    status_badge,
+)
+from usage.models import ModelPricing, UsageLog
+from usage.services import pricing_set
+
+# The generation endpoints a usage row can name (CONTRACT §2); a fixed list, so the
+# filter never runs a DISTINCT over millions of rows.
+ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/messages",
+    "/v1/responses",
+    "/v1/embeddings",
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Prices
+
+
+class PricingForm(forms.ModelForm):
+    class Meta:
+        model = ModelPricing
+        fields = [
+            "model_key",
+            "effective_at",
+            "input_price_per_mtok_usd",
+            "output_price_per_mtok_usd",
+            "cache_read_price_per_mtok_usd",
+            "cache_write_price_per_mtok_usd",
+        ]
+        labels = {
+            "model_key": "Model",
+            "effective_at": "Effective from",
+            "input_price_per_mtok_usd": "Input (USD per 1M tokens)",
+            "output_price_per_mtok_usd": "Output (USD per 1M tokens)",
+            "cache_read_price_per_mtok_usd": "Cache read (USD per 1M tokens)",
+            "cache_write_price_per_mtok_usd": "Cache write (USD per 1M tokens)",
+        }
+        help_texts = {
+            "model_key": "provider:model, as callers name it, e.g. openai:gpt-4o-mini.",
+            "effective_at": "UTC. Leave empty for “now”, or schedule a future price. Prices "
+            "are never back-dated: past requests keep the price they were charged at.",
+            "cache_read_price_per_mtok_usd": "Empty = the input rate.",
+            "cache_write_price_per_mtok_usd": "Empty = the input rate.",
+        }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "effective_at" in self.fields:
+            self.fields["effective_at"].required = False
+
+    def clean_model_key(self) -> str:
+        value = (self.cleaned_data.get("model_key") or "").strip()
+        provider, _, model = value.partition(":")
+        if not provider or not model:
+            raise forms.ValidationError("Write the model as provider:model, e.g. openai:gpt-4o.")
+        return value
+
+    def clean_effective_at(self) -> Any:
+        value = self.cleaned_data.get("effective_at")
+        # A minute of slack for the time the form took to fill in.
+        if value is not None and value < timezone.now() - timedelta(minutes=1):
+            raise forms.ValidationError(
+                "Prices cannot be back-dated: leave empty for now, or pick a future time."
+            )
+        return value
+
+
+class PriceStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [("current", "In effect"), ("scheduled", "Scheduled"), ("old", "Superseded")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        now = timezone.now()
+        if self.value() == "current":
+            return queryset.filter(effective_at=F("current_effective_at"))
+        if self.value() == "scheduled":
+            return queryset.filter(effective_at__gt=now)
+        if self.value() == "old":
+            return queryset.filter(effective_at__lt=F("current_effective_at"))
+        return queryset
+
+
+@admin.register(ModelPricing)
+class ModelPricingAdmin(ServiceAdmin):
+    form = PricingForm
+    list_display = [
+        "model_key",
+        "effective_at",
+        "state",
+        "input_rate",
+        "output_rate",
+        "cache_read_rate",
+        "cache_write_rate",
+        "source",
+    ]
+    list_filter = [PriceStateFilter, "origin"]
+    search_fields = ["model_key"]
+    readonly_fields = ["origin", "created_at"]
+
+    def get_fieldsets(self, request: HttpRequest, obj: ModelPricing | None = None) -> list:
+        rates = [
+            ("input_price_per_mtok_usd", "output_price_per_mtok_usd"),
+            ("cache_read_price_per_mtok_usd", "cache_write_price_per_mtok_usd"),
+        ]
+        if obj is None:
+            return [(None, {"fields": ["model_key", "effective_at"]}), ("Rates", {"fields": rates})]
+        return [
+            (None, {"fields": ["model_key", "effective_at", "origin", "created_at"]}),
+            (
+                "Rates",
+                {
+                    "fields": rates,
+                    "description": "Saving adds a new price version, in effect from now (a "
+                    "scheduled version is replaced instead). Past requests keep the price "
+                    "they were charged at.",
+                },
+            ),
+        ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ModelPricing | None = None) -> list:
+        if obj is None:
+            return []
+        return ["model_key", "effective_at", "origin", "created_at"]
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Versions are history: a wrong price is corrected by a newer version.
+        return False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        in_effect = (
+            ModelPricing.objects.filter(
+                model_key=OuterRef("model_key"), effective_at__lte=timezone.now()
+            )
+            .order_by("-effective_at")
+            .values("effective_at")[:1]
+        )
+        return super().get_queryset(request).annotate(current_effective_at=Subquery(in_effect))
+
+    @admin.display(description="Set by", ordering="origin")
+    def source(self, obj: ModelPricing) -> str:
+        return {"config": "config file", "api": "API", "admin": "console"}.get(
+            obj.origin, obj.origin
+        )
+
+    @admin.display(description="State")
+    def state(self, obj: ModelPricing) -> SafeString:
+        if obj.effective_at > timezone.now():
+            return badge("warn", "scheduled")
+        if obj.effective_at == getattr(obj, "current_effective_at", None):
+            return badge("good", "in effect")
+        return badge("muted", "superseded")
+
+    @admin.display(description="Input / 1M", ordering="input_price_per_mtok_usd")
+    def input_rate(self, obj: ModelPricing) -> str:
+        return format_price(obj.input_price_per_mtok_usd)
+
+    @admin.display(description="Output / 1M", ordering="output_price_per_mtok_usd")
+    def output_rate(self, obj: ModelPricing) -> str:
+        return format_price(obj.output_price_per_mtok_usd)
+
+    @admin.display(description="Cache read / 1M")
+    def cache_read_rate(self, obj: ModelPricing) -> str:
+        if obj.cache_read_price_per_mtok_usd is None:
+            return "= input"
+        return format_price(obj.cache_read_price_per_mtok_usd)
+
+    @admin.display(description="Cache write / 1M")
+    def cache_write_rate(self, obj: ModelPricing) -> str:
+        if obj.cache_write_price_per_mtok_usd is None:
+            return "= input"
+        return format_price(obj.cache_write_price_per_mtok_usd)
+
+    def save_model(
+        self, request: HttpRequest, obj: ModelPricing, form: forms.Form, change: bool
+    ) -> None:
+        data = form.cleaned_data
+        now = timezone.now()
+        if change:
+            model_key = obj.model_key
+            # A version not yet in effect may be replaced; one in effect never is.
+            effective_at = obj.effective_at if obj.effective_at > now else now
+        else:
+            model_key = data["model_key"]
+            effective_at = data.get("effective_at") or now
+        saved = pricing_set(
+            model_key=model_key,
+            input_per_mtok=data["input_price_per_mtok_usd"],
+            output_per_mtok=data["output_price_per_mtok_usd"],
+            cache_read_per_mtok=data["cache_read_price_per_mtok_usd"],
+            cache_write_per_mtok=data["cache_write_price_per_mtok_usd"],
+            effective_at=effective_at,
+            origin=ModelPricing.Origin.ADMIN,
+        )
+        self.adopt(obj, saved)
+
+
+# ---------------------------------------------------------------------------------------
+# The usage log
+
+
+class EndpointFilter(admin.SimpleListFilter):
+    title = "endpoint"
+    parameter_name = "endpoint"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [(e, e) for e in ENDPOINTS]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value():
+            return queryset.filter(endpoint=self.value())
+        return queryset
+
+
+class ModelNameFilter(InputFilter):
+    title = "model"
+    parameter_name = "model"
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = (self.value() or "").strip()
+        if not value:
+            return queryset
+        provider, sep, model = value.partition(":")
+        if sep and provider and model:
+            return queryset.filter(provider=provider, model=model)
+        return queryset.filter(model=value)
+
+
+@admin.register(UsageLog)
+class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
+    list_display = [
+        "when",
+        "owner",
+        "key",
+        "api",
+        "model_name",
+        "outcome",
+        "tokens",
+        "cost",
+        "latency",
+    ]
+    list_display_links = ["when"]
+    list_filter = [
+        "status",
+        EndpointFilter,
+        UserIdFilter,
+        ModelNameFilter,
+        "counts_toward_budget",
+    ]
+    list_select_related = ["api_key"]
+    search_fields = ["id"]
+    search_help_text = "Exact request id (X-Otari-Request-Id) or user id."
+    date_hierarchy = "timestamp"
+    list_per_page = 100
+    paginator = EstimatedCountPaginator
+    # Counting a million rows for "N total" on every page view is what makes big admin
+    # changelists slow.
+    show_full_result_count = False
+    show_facets = ShowFacets.NEVER
+    fieldsets = [
+        (None, {"fields": ["id", "timestamp", "owner", "key", "endpoint", "model_name"]}),
+        ("Outcome", {"fields": ["outcome", "error_message", "latency"]}),
+        (
+            "Tokens and cost",
+            {
+                "fields": [
+                    ("prompt_tokens", "completion_tokens", "total_tokens"),
+                    ("cache_read_tokens", "cache_write_tokens"),
+                    "cost",
+                    "counts_toward_budget",
+                ]
+            },
+        ),
+    ]
+    csv_filename = "usage"
+    csv_columns = (
+        ("request_id", "id"),
+        ("timestamp", "timestamp"),
+        ("user_id", "user_id"),
+        ("api_key_prefix", "api_key__key_prefix"),
+        ("endpoint", "endpoint"),
+        ("provider", "provider"),
+        ("model", "model"),
+        ("status", "status"),
+        ("status_code", "status_code"),
+        ("prompt_tokens", "prompt_tokens"),
+        ("completion_tokens", "completion_tokens"),
+        ("total_tokens", "total_tokens"),
+        ("cache_read_tokens", "cache_read_tokens"),
+        ("cache_write_tokens", "cache_write_tokens"),
+        ("cost_usd", "cost_usd"),
+        ("latency_ms", "latency_ms"),
+        ("counts_toward_budget", "counts_toward_budget"),
+        ("error_message", "error_message"),
+    )
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
+        # Exact matches only: a substring search would read every row.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        try:
+            return queryset.filter(id=uuid.UUID(term)), False
+        except ValueError:
+            return queryset.filter(user_id=term), False
+
+    @admin.display(description="When (UTC)", ordering="timestamp")
+    def when(self, obj: UsageLog) -> str:
+        return as_utc(obj.timestamp, zone=False)
+
+    @admin.display(description="Endpoint", ordering="endpoint")
+    def api(self, obj: UsageLog) -> str:
+        return obj.endpoint.removeprefix("/v1/")
+
+    @admin.display(description="User", ordering="user_id")
+    def owner(self, obj: UsageLog) -> SafeString:
+        return format_html(
+            '<a href="{}">{}</a>',
+            reverse("admin:budgets_gatewayuser_change", args=[quote(obj.user_id)]),
+            obj.user_id,
+        )
+
+    @admin.display(description="Key")
+    def key(self, obj: UsageLog) -> SafeString | str:
+        if obj.api_key is None:
+            return "master key" if obj.api_key_id is None else "—"
+        return format_html("<code>{}</code>", key_display(obj.api_key))
+
+    @admin.display(description="Model", ordering="model")
+    def model_name(self, obj: UsageLog) -> str:
+        return f"{obj.provider}:{obj.model}" if obj.provider else obj.model
+
+    @admin.display(description="Status", ordering="status")
+    def outcome(self, obj: UsageLog) -> SafeString:
+        return status_badge(obj.status, obj.status_code)
+
+    @admin.display(description="Tokens in / out")
+    def tokens(self, obj: UsageLog) -> str:
+        if obj.prompt_tokens is None and obj.completion_tokens is None:
+            return "—"
+        return f"{obj.prompt_tokens or 0:,} / {obj.completion_tokens or 0:,}"
+
+    @admin.display(description="Cost", ordering="cost_usd")
+    def cost(self, obj: UsageLog) -> SafeString:
+        return format_html('<span class="otari-money">{}</span>', format_usd(obj.cost_usd))
+
+    @admin.display(description="Latency", ordering="latency_ms")
+    def latency(self, obj: UsageLog) -> str:
+        return "—" if obj.latency_ms is None else f"{obj.latency_ms:,} ms"
