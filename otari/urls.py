@@ -2,8 +2,7 @@
 (the path the otari SDK and otari-cli call, CONTRACT §6)."""
 
 from django.contrib import admin
-from django.contrib.staticfiles.views import serve as static_serve
-from django.urls import include, path, re_path
+from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from otari import health
@@ -29,9 +28,6 @@ urlpatterns = [
     *health_urls,
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="docs"),
-    # Static files (the docs page's bundled Swagger UI, the admin's CSS) straight from
-    # the installed apps: production servers run no collectstatic step or file server.
-    re_path(r"^static/(?P<path>.*)$", static_serve, {"insecure": True}),
 ]
 
 handler404 = "otari.rest.page_not_found"
