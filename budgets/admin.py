@@ -2,35 +2,47 @@
 
 Every change of money-related state goes through budgets.services, the same functions
 the API and the commands call: the forms validate, then save_model/delete_model and the
-actions call a service. Spend, reserved and lifetime spend are never editable; holds and
-reset logs are history, read-only for everyone. Secrets are shown once and never stored.
+actions call a service. Spend, reserved and lifetime spend are never editable; holds,
+reset logs and budget alerts are history, read-only for everyone. Secrets are shown once
+and never stored.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import ShowFacets
 from django.contrib.admin.utils import quote
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, F, Q, QuerySet, Sum
+from django.db.models import Count, F, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
-from budgets import services
-from budgets.models import APIKey, Budget, BudgetResetLog, GatewayUser, Hold, ResetAlignment
+from budgets import alerting, services
+from budgets.models import (
+    APIKey,
+    Budget,
+    BudgetAlert,
+    BudgetResetLog,
+    GatewayUser,
+    Hold,
+    ResetAlignment,
+)
 from budgets.selectors import user_money_annotate
 from otari.admin_tools import (
     ZERO,
@@ -101,8 +113,87 @@ def _money_cell(amount: Decimal | None) -> SafeString:
 # ---------------------------------------------------------------------------------------
 # Budgets
 
+# Commas, semicolons, spaces or one entry per line.
+_LIST_SEPARATORS = re.compile(r"[\s,;]+")
+
+
+def _by_service_rule(rule: Callable[[Any], Any], value: Any) -> Any:
+    """`value` through one of budgets.alerting's rules, the ones budget_create and
+    budget_update apply: the console refuses exactly what the API refuses, with the
+    rule's own message (which never repeats the value)."""
+    try:
+        return rule(value)
+    except forms.ValidationError as exc:
+        raise forms.ValidationError([m[:1].upper() + m[1:] for m in exc.messages]) from None
+
+
+class AlertThresholdsField(forms.CharField):
+    """Percents typed as `80, 100`, cleaned to the sorted list the service stores."""
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return ", ".join(str(item) for item in value)
+        return value
+
+    def to_python(self, value: Any) -> list[int]:
+        parts = [p for p in _LIST_SEPARATORS.split(super().to_python(value)) if p]
+        if not all(p.isascii() and p.isdigit() for p in parts):
+            raise forms.ValidationError(
+                "Enter whole percentages separated by commas, such as 80, 100."
+            )
+        return [int(p) for p in parts]
+
+    def clean(self, value: Any) -> list[int]:
+        return _by_service_rule(alerting.clean_thresholds, super().clean(value))
+
+
+class AlertEmailsField(forms.CharField):
+    """Addresses separated by commas or one per line."""
+
+    widget = forms.Textarea(attrs={"rows": 3, "cols": 60})
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return "\n".join(value)
+        return value
+
+    def to_python(self, value: Any) -> list[str]:
+        return [p for p in _LIST_SEPARATORS.split(super().to_python(value)) if p]
+
+    def clean(self, value: Any) -> list[str]:
+        return _by_service_rule(alerting.clean_emails, super().clean(value))
+
+
+class AlertWebhookField(forms.CharField):
+    def clean(self, value: Any) -> str:
+        return _by_service_rule(alerting.clean_webhook_url, super().clean(value))
+
+
+# Form fields of their own rather than the model's (the lists are easier to type as text
+# than as JSON), validated by the service's rules only (see BudgetForm).
+ALERT_FIELDS = ("alert_thresholds_pct", "alert_webhook_url", "alert_emails")
+
 
 class BudgetForm(forms.ModelForm):
+    alert_thresholds_pct = AlertThresholdsField(
+        label="Alert at (% of the limit)",
+        required=False,
+        help_text="Whole percents, such as 80, 100: each alerts once per user and period. "
+        "Empty = no alerts.",
+    )
+    alert_webhook_url = AlertWebhookField(
+        label="Alert webhook URL",
+        required=False,
+        max_length=2000,
+        widget=forms.URLInput(attrs={"size": 60}),
+        help_text="An http(s) URL that receives each alert as a JSON POST.",
+    )
+    alert_emails = AlertEmailsField(
+        label="Alert email addresses",
+        required=False,
+        help_text=f"Up to {alerting.MAX_EMAILS}, separated by commas or one per line.",
+    )
+
     class Meta:
         model = Budget
         fields = ["name", "max_budget_usd", "budget_duration_sec", "reset_alignment"]
@@ -122,9 +213,20 @@ class BudgetForm(forms.ModelForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        duration = self.fields["budget_duration_sec"]
-        duration.widget.attrs["min"] = 1
-        duration.validators.append(_positive_seconds)
+        for name in ALERT_FIELDS:
+            # The budget's settings (the model's defaults on the add page).
+            self.initial.setdefault(name, getattr(self.instance, name))
+        # Absent on the read-only page of staff who may only view budgets.
+        if "budget_duration_sec" in self.fields:
+            duration = self.fields["budget_duration_sec"]
+            duration.widget.attrs["min"] = 1
+            duration.validators.append(_positive_seconds)
+
+    def _get_validation_exclusions(self) -> set[str]:
+        # The alert settings are checked by the service's rules above, as in the API.
+        # The model's URLField validator would also refuse URLs the API accepts, such
+        # as `http://receiver:8080/` (a host without a dot, e.g. a container's name).
+        return super()._get_validation_exclusions() | set(ALERT_FIELDS)
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
@@ -171,9 +273,25 @@ class BudgetAdmin(ServiceAdmin):
     ]
     list_filter = [PeriodKindFilter]
     search_fields = ["name", "budget_id"]
-    readonly_fields = ["budget_id", "created_at", "updated_at", "users_table"]
+    readonly_fields = [
+        "budget_id",
+        "created_at",
+        "updated_at",
+        "users_table",
+        "alerts_link",
+        "alert_thresholds",
+        "alert_webhook",
+        "alert_recipients",
+    ]
 
     def get_fieldsets(self, request: HttpRequest, obj: Budget | None = None) -> list:
+        alert_fields = list(ALERT_FIELDS)
+        if obj is not None and not self.has_change_permission(request, obj):
+            # Staff who may only look: the settings in words, and the webhook without
+            # its path (which may carry a token).
+            alert_fields = ["alert_thresholds", "alert_webhook", "alert_recipients"]
+        if obj is not None and request.user.has_perm("budgets.view_budgetalert"):
+            alert_fields.append("alerts_link")
         fieldsets: list = [
             (None, {"fields": ["name", "max_budget_usd"]}),
             (
@@ -182,6 +300,15 @@ class BudgetAdmin(ServiceAdmin):
                     "fields": ["budget_duration_sec", "reset_alignment"],
                     "description": "Changing the period re-times each user's current "
                     "window from its start; spend so far is kept.",
+                },
+            ),
+            (
+                "Alerts",
+                {
+                    "fields": alert_fields,
+                    "description": "Tell someone when a user's spend reaches these "
+                    "percentages of their limit (the budget's limit plus any top-up). "
+                    "Needs a webhook or an email address; without either, nothing is sent.",
                 },
             ),
         ]
@@ -254,6 +381,25 @@ class BudgetAdmin(ServiceAdmin):
             },
         )
 
+    @admin.display(description="Alert at")
+    def alert_thresholds(self, obj: Budget) -> str:
+        return ", ".join(f"{t}%" for t in obj.alert_thresholds_pct) or "never"
+
+    @admin.display(description="Alert webhook")
+    def alert_webhook(self, obj: Budget) -> str:
+        if not obj.alert_webhook_url:
+            return "—"
+        parts = urlsplit(obj.alert_webhook_url)
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
+
+    @admin.display(description="Alert email addresses")
+    def alert_recipients(self, obj: Budget) -> str:
+        return ", ".join(obj.alert_emails) or "—"
+
+    @admin.display(description="Raised")
+    def alerts_link(self, obj: Budget) -> SafeString:
+        return _alerts_link(BudgetAlert.objects.filter(budget_id=obj.pk).count(), budget=obj.pk)
+
     def save_model(self, request: HttpRequest, obj: Budget, form: forms.Form, change: bool) -> None:
         data = form.cleaned_data
         if change:
@@ -265,6 +411,7 @@ class BudgetAdmin(ServiceAdmin):
                 max_budget_usd=data["max_budget_usd"],
                 budget_duration_sec=data["budget_duration_sec"],
                 reset_alignment=data["reset_alignment"] or None,
+                **{name: data[name] for name in ALERT_FIELDS},
             )
         self.adopt(obj, saved)
 
@@ -277,6 +424,19 @@ class BudgetAdmin(ServiceAdmin):
                 services.budget_delete(budget_id=budget_id)
             except Conflict as exc:
                 messages.error(request, f"{budget_id}: {exc.message}")
+
+
+def _alerts_link(count: int, *, budget: str | None = None, user: str | None = None) -> SafeString:
+    """ "N alerts", linking to the alert list filtered to a budget or a user."""
+    query = {"budget__budget_id__exact": budget} if budget is not None else {"user": user}
+    if not count:
+        return format_html('<span class="otari-muted">{}</span>', "No alerts yet.")
+    return format_html(
+        '<a href="{}">{} alert{}</a>',
+        _admin_url(BudgetAlert, "changelist", query=query),
+        f"{count:,}",
+        "s" if count != 1 else "",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,6 +588,7 @@ class GatewayUserAdmin(ServiceAdmin):
         "period",
         "api_keys_table",
         "recent_usage",
+        "alerts_link",
         "created_at",
         "updated_at",
         "deleted_at",
@@ -471,6 +632,11 @@ class GatewayUserAdmin(ServiceAdmin):
             ),
             ("API keys", {"fields": ["api_keys_table"]}),
             ("Recent requests", {"fields": ["recent_usage"]}),
+            *(
+                [("Budget alerts", {"fields": ["alerts_link"]})]
+                if request.user.has_perm("budgets.view_budgetalert")
+                else []
+            ),
             ("Access", {"fields": ["allowed_models", "metadata"], "classes": ["collapse"]}),
             ("Record", {"fields": ["created_at", "updated_at", "deleted_at"]}),
         ]
@@ -595,6 +761,10 @@ class GatewayUserAdmin(ServiceAdmin):
                 "all_url": _admin_url(UsageLog, "changelist", query={"user": obj.pk}),
             },
         )
+
+    @admin.display(description="Raised")
+    def alerts_link(self, obj: GatewayUser) -> SafeString:
+        return _alerts_link(BudgetAlert.objects.filter(user_id=obj.pk).count(), user=obj.pk)
 
     # -- saving through the services -------------------------------------------------
 
@@ -1083,3 +1253,172 @@ class BudgetResetLogAdmin(CsvExportMixin, LedgerAdmin):
     @admin.display(description="Spend before the reset", ordering="previous_spend_usd")
     def previous_spend(self, obj: BudgetResetLog) -> SafeString:
         return _money_cell(obj.previous_spend_usd)
+
+
+# ---------------------------------------------------------------------------------------
+# Budget alerts: history (docs/OPERATIONS.md)
+
+
+class DeliveryStateFilter(admin.SimpleListFilter):
+    title = "delivery state"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [
+            (BudgetAlert.Status.PENDING, "Pending (being delivered or retried)"),
+            (BudgetAlert.Status.DELIVERED, "Delivered"),
+            (BudgetAlert.Status.FAILED, "Failed"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value():
+            return queryset.filter(status=self.value())
+        return queryset
+
+
+class ThresholdFilter(admin.SimpleListFilter):
+    title = "threshold"
+    parameter_name = "threshold"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        # A handful of distinct values (at most ten per budget).
+        values = BudgetAlert.objects.order_by("threshold_pct").values_list(
+            "threshold_pct", flat=True
+        )
+        return [(str(v), f"{v}%") for v in values.distinct()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if value and value.isascii() and value.isdigit():
+            return queryset.filter(threshold_pct=int(value))
+        if value:
+            return queryset.none()
+        return queryset
+
+
+@admin.register(BudgetAlert)
+class BudgetAlertAdmin(CsvExportMixin, LedgerAdmin):
+    """Alerts raised by budgets.services (one per user, budget, threshold and period),
+    with their delivery state. Read-only: delivery and its retries belong to the
+    services and the beat sweep."""
+
+    list_display = [
+        "raised_at",
+        "owner",
+        "budget_name",
+        "threshold",
+        "spend",
+        "limit",
+        "period_end",
+        "state",
+        "channels",
+        "attempts",
+    ]
+    list_display_links = ["raised_at"]
+    list_filter = [DeliveryStateFilter, ThresholdFilter, "budget", UserIdFilter]
+    search_fields = ["user__user_id"]
+    search_help_text = "Exact user id."
+    show_facets = ShowFacets.NEVER
+    fieldsets = [
+        (None, {"fields": ["raised_at", "owner", "budget_name", "threshold"]}),
+        (
+            "When it was raised",
+            {"fields": [("spend", "limit"), ("period_started_at", "period_ends_at")]},
+        ),
+        (
+            "Delivery",
+            {
+                "fields": [
+                    "state",
+                    "channels",
+                    ("webhook_delivered_at", "email_delivered_at"),
+                    ("attempts", "last_attempt_at"),
+                    "last_error",
+                ]
+            },
+        ),
+    ]
+    csv_filename = "budget-alerts"
+    csv_columns = (
+        ("alert_id", "id"),
+        ("created_at", "created_at"),
+        ("user_id", "user_id"),
+        ("budget_id", "budget_id"),
+        ("threshold_pct", "threshold_pct"),
+        ("spend_usd", "spend_usd"),
+        ("limit_usd", "limit_usd"),
+        ("period_started_at", "period_started_at"),
+        ("period_ends_at", "period_ends_at"),
+        ("status", "status"),
+        ("attempts", "attempts"),
+        ("webhook_delivered_at", "webhook_delivered_at"),
+        ("email_delivered_at", "email_delivered_at"),
+        ("last_error", "last_error"),
+    )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        # The budget's name by subquery, not a join: the budget may have been deleted
+        # since (its alerts are kept), and an inner join would hide those alerts.
+        name = Budget.objects.filter(pk=OuterRef("budget_id")).values("name")[:1]
+        return super().get_queryset(request).annotate(budget_label=Subquery(name))
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
+        # Exact, as on the other history lists.
+        term = search_term.strip()
+        return (queryset.filter(user_id=term) if term else queryset), False
+
+    @admin.display(description="Raised (UTC)", ordering="created_at")
+    def raised_at(self, obj: BudgetAlert) -> str:
+        return as_utc(obj.created_at, zone=False)
+
+    @admin.display(description="User", ordering="user_id")
+    def owner(self, obj: BudgetAlert) -> SafeString:
+        return user_link(obj.user_id)
+
+    @admin.display(description="Budget", ordering="budget_label")
+    def budget_name(self, obj: BudgetAlert) -> SafeString | str:
+        if obj.budget_label is None:
+            return f"{obj.budget_id} (deleted)"
+        return format_html(
+            '<a href="{}">{}</a>',
+            _admin_url(Budget, "change", obj.budget_id),
+            obj.budget_label or obj.budget_id,
+        )
+
+    @admin.display(description="Threshold", ordering="threshold_pct")
+    def threshold(self, obj: BudgetAlert) -> str:
+        return f"{obj.threshold_pct}%"
+
+    @admin.display(description="Spend then", ordering="spend_usd")
+    def spend(self, obj: BudgetAlert) -> SafeString:
+        return _money_cell(obj.spend_usd)
+
+    @admin.display(description="Limit then", ordering="limit_usd")
+    def limit(self, obj: BudgetAlert) -> SafeString:
+        return _money_cell(obj.limit_usd)
+
+    @admin.display(description="Period ends (UTC)", ordering="period_ends_at")
+    def period_end(self, obj: BudgetAlert) -> str:
+        return as_utc(obj.period_ends_at, zone=False) if obj.period_ends_at else "never"
+
+    @admin.display(description="Delivery", ordering="status")
+    def state(self, obj: BudgetAlert) -> SafeString:
+        tone = {"pending": "warn", "delivered": "good", "failed": "bad"}
+        return badge(tone.get(obj.status, "muted"), obj.status)
+
+    @admin.display(description="Sent to")
+    def channels(self, obj: BudgetAlert) -> SafeString | str:
+        # The webhook's URL is not shown: it may carry a token. Where it went now is on
+        # the budget's page.
+        parts = []
+        if obj.webhook_url:
+            parts.append(("webhook", obj.webhook_delivered_at))
+        if obj.emails:
+            parts.append((f"email ({', '.join(obj.emails)})", obj.email_delivered_at))
+        if not parts:
+            return "—"
+        return format_html_join(
+            ", ",
+            "{}{}",
+            ((label, " ✓" if delivered else "") for label, delivered in parts),
+        )

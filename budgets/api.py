@@ -31,6 +31,8 @@ from budgets import selectors, services
 from budgets.exceptions import UnknownUser
 from budgets.models import APIKey, Budget
 from budgets.serializers import (
+    ALERT_SETTINGS,
+    BudgetAlertResponse,
     BudgetResetLogResponse,
     BudgetResponse,
     BudgetSettings,
@@ -119,6 +121,12 @@ def _budget_period_check(data: dict[str, Any]) -> None:
         )
 
 
+def _alert_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """The alert settings that were sent, as sent: budgets.services validates them (an
+    omitted one keeps its default on create, its value on update)."""
+    return {name: data[name] for name in ALERT_SETTINGS if name in data}
+
+
 class BudgetListApi(ManagementMixin, APIView):
     @extend_schema(
         operation_id="budgets_list",
@@ -136,6 +144,9 @@ class BudgetListApi(ManagementMixin, APIView):
         operation_id="budgets_create",
         tags=["budgets"],
         request=BudgetSettings,
+        description="Alert settings are optional: thresholds default to [80, 100], and a "
+        "budget alerts only once it has a webhook or an email address. Invalid alert "
+        "settings: 422 naming the rule, never the value.",
         responses={200: BudgetResponse, **error_responses(400, 422)},
     )
     def post(self, request: Request) -> Response:
@@ -147,6 +158,7 @@ class BudgetListApi(ManagementMixin, APIView):
             max_budget_usd=data.get("max_budget"),
             budget_duration_sec=data.get("budget_duration_sec"),
             reset_alignment=data.get("reset_alignment"),
+            **_alert_settings(data),
         )
         return Response(BudgetResponse(_budget_or_404(budget.budget_id)).data)
 
@@ -165,7 +177,9 @@ class BudgetDetailApi(ManagementMixin, APIView):
         tags=["budgets"],
         request=BudgetSettings,
         description="Only the fields sent change. Setting one kind of period clears the "
-        "other; sending both is a 400. Takes effect on the next request, everywhere.",
+        "other; sending both is a 400. Takes effect on the next request, everywhere. "
+        "`alert_webhook_url` / `alert_emails` null clears them; `alert_thresholds_pct` [] "
+        "turns alerts off.",
         responses={200: BudgetResponse, **error_responses(400, 404, 422)},
     )
     def patch(self, request: Request, budget_id: str) -> Response:
@@ -185,6 +199,7 @@ class BudgetDetailApi(ManagementMixin, APIView):
             changes["reset_alignment"] = data["reset_alignment"]
             if data["reset_alignment"] is not None:
                 changes["budget_duration_sec"] = None
+        changes.update(_alert_settings(data))
         try:
             services.budget_update(budget_id=budget_id, **changes)
         except Budget.DoesNotExist:
@@ -226,6 +241,34 @@ class BudgetResetLogListApi(ManagementMixin, APIView):
             raise NotFound(f"Budget {quoted_id(budget_id)} not found", code="budget_not_found")
         logs = selectors.budget_reset_log_list(budget_id=budget_id, skip=skip, limit=limit)
         return Response(BudgetResetLogResponse(logs, many=True).data)
+
+
+class BudgetAlertListApi(ManagementMixin, APIView):
+    @extend_schema(
+        operation_id="budgets_alerts",
+        tags=["budgets"],
+        parameters=[
+            *PAGE_PARAMETERS,
+            OpenApiParameter("user_id", str, description="Only this user's alerts."),
+        ],
+        description="Alerts raised for the budget's users (one per user, threshold and "
+        "period), newest first, with their delivery state. Read-only. Kept (and listed "
+        "here) after the budget is deleted.",
+        responses={200: BudgetAlertResponse(many=True), **error_responses(404, 422)},
+    )
+    def get(self, request: Request, budget_id: str) -> Response:
+        skip, limit = page_params(request)
+        if selectors.budget_get(budget_id=budget_id) is None and not (
+            selectors.budget_alert_exists(budget_id=budget_id)
+        ):
+            raise NotFound(f"Budget {quoted_id(budget_id)} not found", code="budget_not_found")
+        alerts = selectors.budget_alert_list(
+            budget_id=budget_id,
+            skip=skip,
+            limit=limit,
+            user_id=request.query_params.get("user_id"),
+        )
+        return Response(BudgetAlertResponse(alerts, many=True).data)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ urlpatterns = [
     path("budgets", api.BudgetListApi.as_view()),
     path("budgets/<str:budget_id>", api.BudgetDetailApi.as_view()),
     path("budgets/<str:budget_id>/reset-logs", api.BudgetResetLogListApi.as_view()),
+    path("budgets/<str:budget_id>/alerts", api.BudgetAlertListApi.as_view()),
     path("users", api.UserListApi.as_view()),
     path("users/<str:user_id>", api.UserDetailApi.as_view()),
     path("users/<str:user_id>/topup", api.UserTopupApi.as_view()),

@@ -28,7 +28,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 
-from budgets.models import APIKey, Budget, BudgetResetLog, GatewayUser, Hold
+from budgets.models import APIKey, Budget, BudgetAlert, BudgetResetLog, GatewayUser, Hold
 from otari import pgpool
 from otari.fields import MoneyField
 from usage.models import ModelPricing, UsageLog
@@ -370,6 +370,20 @@ def budget_reset_log_list(*, budget_id: str, skip: int, limit: int) -> list[Budg
 
 def budget_reset_log_exists(*, budget_id: str) -> bool:
     return BudgetResetLog.objects.filter(budget_id=budget_id).exists()
+
+
+def budget_alert_list(
+    *, budget_id: str, skip: int, limit: int, user_id: str | None = None
+) -> list[BudgetAlert]:
+    """A budget's alerts, newest first (kept after the budget itself is deleted)."""
+    alerts = BudgetAlert.objects.filter(budget_id=budget_id)
+    if user_id is not None:
+        alerts = alerts.filter(user_id=user_id)
+    return list(alerts.order_by("-created_at", "-pk")[skip : skip + limit])
+
+
+def budget_alert_exists(*, budget_id: str) -> bool:
+    return BudgetAlert.objects.filter(budget_id=budget_id).exists()
 
 
 def _users_with_counters() -> QuerySet[GatewayUser]:

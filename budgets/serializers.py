@@ -1,4 +1,4 @@
-"""Wire shapes of the users, budgets, keys and reset-log API (CONTRACT §6).
+"""Wire shapes of the users, budgets, keys, reset-log and budget-alert API (CONTRACT §6).
 
 Field names are the API's (`max_budget`, `spend`, ...), mapped onto the models' unit-named
 columns (`max_budget_usd`, `spend_usd`, ...). Output types are what the `otari` SDK's
@@ -15,7 +15,8 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from budgets.models import ResetAlignment
+from budgets import alerting
+from budgets.models import BudgetAlert, ResetAlignment
 from otari.rest import (
     DEFAULT_WORKSPACE_ID,
     ChoiceField,
@@ -91,6 +92,62 @@ def _identifier_validate(value: str) -> str:
 # Budgets
 
 
+class _AlertSetting(serializers.Field):
+    """A budget alert setting, passed through as sent: budgets.services validates it
+    (budget_create/budget_update), with the same rules for the API, the admin and the
+    tests, and refuses it with 422 invalid_alert_settings naming the rule, never the
+    value (a webhook URL may carry a token)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 1, "maximum": alerting.MAX_THRESHOLD_PCT},
+        "maxItems": alerting.MAX_THRESHOLDS,
+        "description": "Whole percents of the limit at which to alert, once per user and "
+        "period. Default [80, 100]; [] = no alerts.",
+    }
+)
+class AlertThresholdsField(_AlertSetting):
+    pass
+
+
+@extend_schema_field(
+    {
+        "type": "string",
+        "nullable": True,
+        "maxLength": 2000,
+        "description": "An http(s) URL that receives each alert as a JSON POST; "
+        '"" or null = none. Never echoed in errors.',
+    }
+)
+class AlertWebhookField(_AlertSetting):
+    pass
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "nullable": True,
+        "items": {"type": "string", "format": "email"},
+        "maxItems": alerting.MAX_EMAILS,
+        "description": "Addresses mailed each alert; [] or null = none.",
+    }
+)
+class AlertEmailsField(_AlertSetting):
+    pass
+
+
+# The API's names are the model's and the services' (docs/OPERATIONS.md).
+ALERT_SETTINGS = ("alert_thresholds_pct", "alert_webhook_url", "alert_emails")
+
+
 class BudgetSettings(serializers.Serializer):
     """Create (all optional) or PATCH (only what is sent changes; null clears)."""
 
@@ -117,6 +174,9 @@ class BudgetSettings(serializers.Serializer):
     token_limit = StrictIntegerField(
         min_value=0, allow_null=True, required=False, help_text="Not supported: must be null."
     )
+    alert_thresholds_pct = AlertThresholdsField(required=False)
+    alert_webhook_url = AlertWebhookField(required=False, allow_null=True)
+    alert_emails = AlertEmailsField(required=False, allow_null=True)
 
 
 class BudgetResponse(serializers.Serializer):
@@ -131,6 +191,11 @@ class BudgetResponse(serializers.Serializer):
     user_count = serializers.IntegerField(help_text="Live users on this budget.")
     total_spend = MoneyOutField(help_text="Their combined spend this period.")
     total_reserved = MoneyOutField(help_text="Their combined open holds.")
+    alert_thresholds_pct = serializers.ListField(
+        child=serializers.IntegerField(), help_text="Percents of the limit that alert."
+    )
+    alert_webhook_url = serializers.CharField(help_text='"" = no webhook.')
+    alert_emails = serializers.ListField(child=serializers.CharField())
     created_at = DateTimeField()
     updated_at = DateTimeField()
 
@@ -142,6 +207,43 @@ class BudgetResetLogResponse(serializers.Serializer):
     previous_spend = MoneyOutField(source="previous_spend_usd")
     reset_at = DateTimeField()
     next_reset_at = DateTimeField(allow_null=True)
+
+
+@extend_schema_field({"type": "array", "items": {"type": "string", "enum": ["webhook", "email"]}})
+class _AlertChannelsField(serializers.Field):
+    """Where the alert was sent (as configured when it was raised); not the webhook
+    URL itself, which may carry a token."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["read_only"] = True
+        kwargs["source"] = "*"
+        super().__init__(**kwargs)
+
+    def to_representation(self, alert: BudgetAlert) -> list[str]:
+        return [
+            name
+            for name, configured in (("webhook", alert.webhook_url), ("email", alert.emails))
+            if configured
+        ]
+
+
+class BudgetAlertResponse(serializers.Serializer):
+    id = serializers.IntegerField()
+    budget_id = serializers.CharField()
+    user_id = serializers.CharField()
+    threshold_pct = serializers.IntegerField()
+    spend = MoneyOutField(source="spend_usd", help_text="The user's spend when it was raised.")
+    limit = MoneyOutField(source="limit_usd", help_text="Their limit then (with any top-up).")
+    period_started_at = DateTimeField()
+    period_ends_at = DateTimeField(allow_null=True, help_text="Null: the budget never resets.")
+    status = serializers.ChoiceField([s.value for s in BudgetAlert.Status])
+    channels = _AlertChannelsField()
+    webhook_delivered_at = DateTimeField(allow_null=True)
+    email_delivered_at = DateTimeField(allow_null=True)
+    attempts = serializers.IntegerField()
+    last_attempt_at = DateTimeField(allow_null=True)
+    last_error = serializers.CharField(help_text='The last failure, per channel; "" = none.')
+    created_at = DateTimeField()
 
 
 # ---------------------------------------------------------------------------------------

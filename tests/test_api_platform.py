@@ -101,7 +101,18 @@ _BAD_VALUES = st.one_of(
 @pytest.mark.parametrize(
     ("path", "fields"),
     [
-        ("/v1/budgets", ["max_budget", "budget_duration_sec", "reset_alignment", "name"]),
+        (
+            "/v1/budgets",
+            [
+                "max_budget",
+                "budget_duration_sec",
+                "reset_alignment",
+                "name",
+                "alert_thresholds_pct",
+                "alert_webhook_url",
+                "alert_emails",
+            ],
+        ),
         ("/v1/users", ["user_id", "blocked", "allowed_models", "metadata", "budget_id"]),
         ("/v1/keys", ["expires_at", "allowed_models", "is_active", "exclude_from_budget"]),
         ("/v1/pricing", ["model_key", "input_price_per_million", "unit", "effective_at"]),
