@@ -68,11 +68,43 @@ def enqueue(task: Task, *args: Any, countdown: float | None = None, **kwargs: An
         _run_in_background(task, args, kwargs)
 
 
-def enqueue_on_commit(task: Task, *args: Any, **kwargs: Any) -> None:
-    """Enqueue once the current transaction commits (immediately outside one)."""
+def enqueue_on_commit(task: Task, *args: Any, detached: bool = False, **kwargs: Any) -> None:
+    """Enqueue once the current transaction commits (immediately outside one);
+    `detached`: through `enqueue_detached`."""
     from django.db import transaction
 
-    transaction.on_commit(lambda: enqueue(task, *args, **kwargs))
+    send = enqueue_detached if detached else enqueue
+    transaction.on_commit(lambda: send(task, *args, **kwargs))
+
+
+_publisher: ThreadPoolExecutor | None = None
+_publisher_lock = threading.Lock()
+
+
+def enqueue_detached(task: Task, *args: Any, **kwargs: Any) -> None:
+    """Enqueue from a background thread, and only log a failure.
+
+    For work whose durable record the caller has already committed and which a periodic
+    re-drive finds again (platform usage reports): publishing to a broker that is down
+    blocks on kombu's connection retries, and that must never slow or fail the request
+    that produced the work. One thread keeps the publishes in order and bounds their cost.
+    """
+    global _publisher
+    if _publisher is None:
+        with _publisher_lock:
+            if _publisher is None:
+                _publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otari-publish")
+
+    def publish() -> None:
+        try:
+            enqueue(task, *args, **kwargs)
+        except Exception as exc:
+            # The message only: a broker URL can carry a password.
+            logger.warning(
+                "could not enqueue %s (left to the re-drive): %s", task.name, type(exc).__name__
+            )
+
+    _publisher.submit(publish)
 
 
 # --- the embedded beat: periodic jobs without a broker ---------------------------------------
