@@ -13,7 +13,7 @@ from django.db.models import Count, F, Max, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce, TruncDay, TruncHour
 
 from budgets.models import APIKey, GatewayUser
-from usage.models import ModelPricing, UsageLog
+from usage.models import ModelPricing, UsageLog, UsageReport
 
 ZERO = Decimal(0)
 
@@ -377,3 +377,12 @@ def usage_summary_rows(*, filters: UsageFilters) -> Iterator[tuple[Any, ...]]:
             group["total_tokens"],
             group["cost"],
         )
+
+
+def usage_reports_dead(*, status_code: int | None = None) -> QuerySet[UsageReport]:
+    """Dead-lettered platform usage reports, newest first; those whose last answer had
+    `status_code`, when given."""
+    dead = UsageReport.objects.filter(delivery_status=UsageReport.Delivery.DEAD)
+    if status_code is not None:
+        dead = dead.filter(last_status_code=status_code)
+    return dead.order_by("-created_at")

@@ -284,10 +284,10 @@ def usage_reports_redrive_dead(
     `redrive_usage_reports` and the admin action): all of them, those whose last answer
     had `status_code`, or the rows `report_ids`. Their last status and error stay on the
     row until the next try replaces them. Returns how many were re-driven."""
+    from usage.selectors import usage_reports_dead
+
     now = now or timezone.now()
-    dead = UsageReport.objects.filter(delivery_status=UsageReport.Delivery.DEAD)
-    if status_code is not None:
-        dead = dead.filter(last_status_code=status_code)
+    dead = usage_reports_dead(status_code=status_code)
     if report_ids is not None:
         dead = dead.filter(pk__in=report_ids)
     with transaction.atomic(durable=True):
