@@ -79,6 +79,10 @@ def enqueue_on_commit(task: Task, *args: Any, detached: bool = False, **kwargs: 
 
 _publisher: ThreadPoolExecutor | None = None
 _publisher_lock = threading.Lock()
+# After a failed publish the broker is presumed down for this long: the work waiting
+# meanwhile is left to the re-drive instead of each item paying for its own failure.
+_PUBLISH_PAUSE_S = 5.0
+_publish_paused_until = 0.0
 
 
 def enqueue_detached(task: Task, *args: Any, **kwargs: Any) -> None:
@@ -96,12 +100,20 @@ def enqueue_detached(task: Task, *args: Any, **kwargs: Any) -> None:
                 _publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otari-publish")
 
     def publish() -> None:
+        global _publish_paused_until
+        if time.monotonic() < _publish_paused_until:
+            return
         try:
             enqueue(task, *args, **kwargs)
         except Exception as exc:
-            # The message only: a broker URL can carry a password.
+            _publish_paused_until = time.monotonic() + _PUBLISH_PAUSE_S
+            # The exception's name only: its text can carry the broker URL's password.
             logger.warning(
-                "could not enqueue %s (left to the re-drive): %s", task.name, type(exc).__name__
+                "could not enqueue %s, broker presumed down for %.0f s (the re-drive will "
+                "send what waits): %s",
+                task.name,
+                _PUBLISH_PAUSE_S,
+                type(exc).__name__,
             )
 
     _publisher.submit(publish)

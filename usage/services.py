@@ -107,9 +107,9 @@ def pricing_sync_from_config(*, now: datetime | None = None) -> list[ModelPricin
 # Platform usage reports (CONTRACT §7, docs/PLATFORM.md). The policy is usage.reporting's;
 # here are the row's state moves, each a compare-and-swap, and the POST itself.
 
-# A try that has not recorded its outcome after this long is presumed dead (its worker
-# was killed) and the report may be tried again.
-_LEASE_MARGIN = timedelta(seconds=30)
+# A try that has not recorded its outcome after twice its POST's timeout and this margin
+# is presumed dead (its worker was killed), and the report may be tried again.
+_LEASE_MARGIN = timedelta(seconds=5)
 # Rows handled per re-drive run; the next run takes the rest.
 _REDRIVE_BATCH = 1000
 
@@ -137,7 +137,9 @@ class ReportDelivery:
 
 
 def _report_lease() -> timedelta:
-    return timedelta(seconds=settings.OTARI_PLATFORM_REPORT_TIMEOUT_SECONDS) + _LEASE_MARGIN
+    # Twice: httpx's timeout bounds each phase of the POST (connect, write, read), not
+    # the whole of it.
+    return 2 * timedelta(seconds=settings.OTARI_PLATFORM_REPORT_TIMEOUT_SECONDS) + _LEASE_MARGIN
 
 
 def _report_send(report: UsageReport) -> tuple[int | None, str, str | None]:

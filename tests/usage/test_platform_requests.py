@@ -422,3 +422,37 @@ def test_health_reports_platform_reachability(gateway, platform, settings):
         assert client.get("/health").json() == {"status": "healthy", "platform": "unreachable"}
         settings.OTARI_PLATFORM_URL = ""
         assert client.get("/health").json() == {"status": "healthy"}
+
+
+def test_without_a_broker_the_embedded_beat_redrives_a_lost_report(
+    gateway, platform, settings, monkeypatch
+):
+    """A report whose task was lost (the process died right after its commit) is found
+    by the re-drive, which the gateway runs itself when there is no broker."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from budgets import services
+    from otari.celery import embedded_beat_reset
+
+    platform.attempts = [attempt("l-1", "openai", "gpt-4o-mini", api_base=gateway.fake.base_url)]
+    platform.fresh_ids = True
+    with monkeypatch.context() as lost:
+        lost.setattr(services, "enqueue_detached", lambda *args: None)
+        response = post(gateway, "chat", body_for("chat", "openai:gpt-4o-mini"))
+    assert response.status_code == 200
+    time.sleep(0.5)
+    assert platform.posts == []
+    (report,) = reports_of(response)
+    UsageReport.objects.update(next_attempt_at=timezone.now() - timedelta(minutes=5))
+
+    settings.OTARI_EMBEDDED_BEAT = True
+    embedded_beat_reset()
+    try:
+        assert post(gateway, "chat", body_for("chat", "openai:gpt-4o-mini")).status_code == 200
+        wait_until(lambda: UsageReport.objects.filter(delivery_status="delivered").count() == 2)
+    finally:
+        settings.OTARI_EMBEDDED_BEAT = False
+        embedded_beat_reset()
+    assert platform.accepted() == {report.correlation_id: 1, "l-1-2": 1}
