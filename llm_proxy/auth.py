@@ -16,6 +16,7 @@ from budgets.exceptions import (
     UnknownUser,
 )
 from budgets.selectors import Caller, caller_load
+from llm_proxy import platform
 from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
@@ -75,8 +76,6 @@ async def authenticate(
 async def is_platform_user_token(credential: str) -> bool:
     """In platform mode (CONTRACT §7), a credential that is neither a `gw-` key nor the
     master key is a platform user token, for the platform to judge."""
-    from llm_proxy import platform
-
     if not platform.enabled() or credential.startswith(services.API_KEY_PREFIX):
         return False
     return not await sync_to_async(services.master_key_matches)(credential)
