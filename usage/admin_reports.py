@@ -48,13 +48,18 @@ class UsageReportAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        # The change page is the detail view (all read-only); saving changes nothing.
-        return request.method in ("GET", "HEAD") or obj is None
+        # History: shown, never edited (the detail page is Django's read-only view).
+        return False
 
     def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
-    @admin.action(description="Re-drive the selected dead reports")
+    def has_redrive_permission(self, request: HttpRequest) -> bool:
+        """Re-driving changes delivery state: for those the auth system lets change
+        reports, although the admin itself never edits one."""
+        return request.user.has_perm("usage.change_usagereport")
+
+    @admin.action(description="Re-drive the selected dead reports", permissions=["redrive"])
     def redrive_reports(self, request: HttpRequest, queryset: QuerySet[UsageReport]) -> None:
         count = usage_reports_redrive_dead(report_ids=list(queryset.values_list("pk", flat=True)))
         skipped = queryset.count() - count

@@ -214,6 +214,9 @@ def test_the_admin_lists_dead_letters_and_redrives_them(platform, gateway_url, s
     detail = client.get(f"/admin/usage/usagereport/{dead.pk}/change/")
     assert detail.status_code == 200
     assert "gone" in detail.content.decode()
+    # History is never edited here.
+    assert client.post(f"/admin/usage/usagereport/{dead.pk}/change/", {}).status_code == 403
+    assert client.post(f"/admin/usage/usagereport/{dead.pk}/delete/", {}).status_code == 403
 
     redriven = client.post(
         "/admin/usage/usagereport/",
