@@ -22,6 +22,11 @@ one statement per step sent from the event loop (`_HOLD_OPEN_SQL`, ...), with th
 conditions written in SQL. When a statement's conditions do not hold (period due, over
 budget, hold not open) it changes nothing, and the caller falls back to the general path,
 which then decides. Both paths are exercised by the same tests.
+
+In platform mode (CONTRACT §7) a request's usage record also carries one report per
+resolved attempt: the outbox rows are written by the same statement (fast path) or in the
+same transaction (general path) as the usage row, and their delivery is enqueued once
+that commits (usage.services delivers them).
 """
 
 from __future__ import annotations

@@ -68,13 +68,11 @@ def enqueue(task: Task, *args: Any, countdown: float | None = None, **kwargs: An
         _run_in_background(task, args, kwargs)
 
 
-def enqueue_on_commit(task: Task, *args: Any, detached: bool = False, **kwargs: Any) -> None:
-    """Enqueue once the current transaction commits (immediately outside one);
-    `detached`: through `enqueue_detached`."""
+def enqueue_on_commit(task: Task, *args: Any, **kwargs: Any) -> None:
+    """Enqueue once the current transaction commits (immediately outside one)."""
     from django.db import transaction
 
-    send = enqueue_detached if detached else enqueue
-    transaction.on_commit(lambda: send(task, *args, **kwargs))
+    transaction.on_commit(lambda: enqueue(task, *args, **kwargs))
 
 
 _publisher: ThreadPoolExecutor | None = None
