@@ -226,6 +226,44 @@ async def caller_load(
     )
 
 
+_RATES_SQL = """
+SELECT DISTINCT ON (model_key) model_key, input_price_per_mtok_usd,
+       output_price_per_mtok_usd, cache_read_price_per_mtok_usd, cache_write_price_per_mtok_usd
+FROM usage_modelpricing
+WHERE model_key = ANY(%(model_keys)s) AND effective_at <= %(now)s
+ORDER BY model_key, effective_at DESC
+"""
+
+
+def _rates_current_orm(model_keys: list[str], now: datetime) -> dict[str, Rates]:
+    rates = {}
+    for model_key in set(model_keys):
+        price = price_at(model_key, now)
+        if price is not None:
+            rates[model_key] = Rates(
+                input_per_mtok=price.input_price_per_mtok_usd,
+                output_per_mtok=price.output_price_per_mtok_usd,
+                cache_read_per_mtok=price.cache_read_price_per_mtok_usd,
+                cache_write_per_mtok=price.cache_write_price_per_mtok_usd,
+            )
+    return rates
+
+
+async def rates_current(*, model_keys: list[str], now: datetime) -> dict[str, Rates]:
+    """The current rates of several `provider:model` keys (platform mode: one request's
+    attempts), in one statement; keys without a price are absent."""
+    if not model_keys:
+        return {}
+    if pgpool.enabled():
+        rates = {}
+        for row in await pgpool.fetchall(
+            _RATES_SQL, {"model_keys": list(set(model_keys)), "now": now}
+        ):
+            rates[row["model_key"]] = _rates_from_row(row)
+        return rates
+    return await sync_to_async(_rates_current_orm)(model_keys, now)
+
+
 # ---------------------------------------------------------------------------------------
 # Operations: what the reset, sweep and audit commands look at (CONTRACT §3.5, §3.6)
 

@@ -22,6 +22,11 @@ one statement per step sent from the event loop (`_HOLD_OPEN_SQL`, ...), with th
 conditions written in SQL. When a statement's conditions do not hold (period due, over
 budget, hold not open) it changes nothing, and the caller falls back to the general path,
 which then decides. Both paths are exercised by the same tests.
+
+In platform mode (CONTRACT §7) a request's usage record also carries one report per
+resolved attempt: the outbox rows are written by the same statement (fast path) or in the
+same transaction (general path) as the usage row, and their delivery is enqueued once
+that commits (usage.services delivers them).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from psycopg.types.json import Jsonb
 
 from budgets import alerting, periods
 from budgets.exceptions import BudgetExceeded, InvalidAlertSettings, UnknownUser, UserBlocked
@@ -60,10 +66,12 @@ from budgets.models import (
 )
 from budgets.tasks import budget_alert_deliver as budget_alert_deliver_task
 from otari import pgpool
-from otari.celery import enqueue, enqueue_on_commit
+from otari.celery import enqueue, enqueue_detached, enqueue_on_commit
 from otari.exceptions import Conflict
-from usage.models import UsageLog
+from usage.models import UsageLog, UsageReport
 from usage.pricing import TokenUsage
+from usage.reporting import AttemptReport
+from usage.tasks import usage_report_push as usage_report_push_task
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +118,8 @@ class UsageRecord:
     counts_toward_budget: bool = True
     error_message: str = ""
     latency_ms: int | None = None
+    # Platform mode: one report per resolved attempt, written with the usage row (§7).
+    reports: tuple[AttemptReport, ...] = ()
 
     @property
     def charge_usd(self) -> Decimal:
@@ -141,6 +151,7 @@ class UsageRecord:
             "latency_ms": self.latency_ms,
             "counts_toward_budget": self.counts_toward_budget,
             "touch_before": now - _KEY_TOUCH_INTERVAL,
+            **({"reports": Jsonb([r.row() for r in self.reports])} if self.reports else {}),
         }
 
 
@@ -443,6 +454,35 @@ def _usage_row_create(record: UsageRecord, timestamp: datetime) -> None:
         APIKey.objects.filter(pk=record.api_key_id).exclude(
             last_used_at__gte=timestamp - _KEY_TOUCH_INTERVAL
         ).update(last_used_at=timestamp)
+    if record.reports:
+        _reports_create(record, timestamp)
+
+
+def _reports_create(record: UsageRecord, now: datetime) -> None:
+    """Platform mode: the request's outbox rows, in the usage row's transaction, and
+    their delivery once it commits (§7). A report already written (same attempt id) is
+    left alone."""
+    UsageReport.objects.bulk_create(
+        [
+            UsageReport(
+                request_id=record.request_id,
+                user_id=record.user_id,
+                next_attempt_at=now,
+                created_at=now,
+                **report.row(),
+            )
+            for report in record.reports
+        ],
+        ignore_conflicts=True,
+    )
+    transaction.on_commit(lambda: _reports_enqueue(record))
+
+
+def _reports_enqueue(record: UsageRecord) -> None:
+    """Hand the reports to the delivery task, without waiting for the broker: the rows
+    are committed, and the periodic re-drive finds any report whose message was lost."""
+    for report in record.reports:
+        enqueue_detached(usage_report_push_task, report.correlation_id)
 
 
 def hold_settle(*, record: UsageRecord, now: datetime) -> BudgetState | None:
@@ -491,7 +531,35 @@ _USAGE_VALUES = """
     %(cache_read_tokens)s, %(cache_write_tokens)s, %(cost_usd)s, %(status)s,
     %(status_code)s, %(error_message)s, %(latency_ms)s, %(counts_toward_budget)s"""
 
-_HOLD_SETTLE_SQL = f"""
+# Platform mode (§7): the request's attempt reports, inserted by the statement that writes
+# its usage row, so both commit together. `{condition}` ties them to that row's insert.
+_REPORTS_INSERT = """
+reported AS (
+    INSERT INTO usage_usagereport
+        (correlation_id, request_id, platform_request_id, user_id, position, provider, model,
+         status, is_final_attempt, prompt_tokens, completion_tokens, total_tokens,
+         cache_read_tokens, cache_write_tokens, error_class, delivery_status, attempts,
+         next_attempt_at, last_error, created_at)
+    SELECT r.correlation_id, %(request_id)s, r.platform_request_id, %(user_id)s, r.position,
+           r.provider, r.model, r.status, r.is_final_attempt, r.prompt_tokens,
+           r.completion_tokens, r.total_tokens, r.cache_read_tokens, r.cache_write_tokens,
+           r.error_class, 'pending', 0, %(now)s, '', %(now)s
+    FROM jsonb_to_recordset(%(reports)s) AS r(
+        correlation_id text, platform_request_id text, position int, provider text,
+        model text, status text, is_final_attempt boolean, prompt_tokens int,
+        completion_tokens int, total_tokens int, cache_read_tokens int,
+        cache_write_tokens int, error_class text)
+    {condition}
+    ON CONFLICT (correlation_id) DO NOTHING
+)"""
+
+
+def _with_reports(sql: str, condition: str = "") -> str:
+    """A closing statement that also writes the request's attempt reports."""
+    return sql.replace("{reports}", ", " + _REPORTS_INSERT.format(condition=condition))
+
+
+_HOLD_SETTLE_TEMPLATE = f"""
 WITH closed AS (
     UPDATE budgets_hold AS h
     SET status = 'settled', closed_at = %(now)s
@@ -515,13 +583,19 @@ WITH closed AS (
     SELECT {_USAGE_VALUES.format(timestamp="GREATEST(%(now)s, charged.budget_started_at)")}
     FROM charged
     ON CONFLICT (id) DO NOTHING
-), {_TOUCH_KEY}
+), {_TOUCH_KEY}{{reports}}
 SELECT charged.spend_usd, charged.reserved_usd, charged.next_budget_reset_at,
        b.max_budget_usd
        + CASE WHEN charged.topup_expires_at > %(now)s THEN charged.topup_usd ELSE 0 END
        AS limit_usd
 FROM charged LEFT JOIN budgets_budget b ON b.budget_id = charged.budget_id
 """
+_HOLD_SETTLE_SQL = _HOLD_SETTLE_TEMPLATE.replace("{reports}", "")
+# The reports only when this statement settled (and so wrote the usage row); otherwise
+# the general path writes both.
+_HOLD_SETTLE_REPORTED_SQL = _with_reports(
+    _HOLD_SETTLE_TEMPLATE, "WHERE EXISTS (SELECT 1 FROM charged)"
+)
 
 
 async def hold_settle_async(*, record: UsageRecord, now: datetime) -> BudgetState | None:
@@ -529,8 +603,11 @@ async def hold_settle_async(*, record: UsageRecord, now: datetime) -> BudgetStat
     period current (all three conditions are re-checked under the row locks); otherwise
     nothing is changed and the general path settles."""
     if pgpool.enabled():
-        row = await pgpool.fetchone(_HOLD_SETTLE_SQL, record.usage_row_params(now))
+        sql = _HOLD_SETTLE_REPORTED_SQL if record.reports else _HOLD_SETTLE_SQL
+        row = await pgpool.fetchone(sql, record.usage_row_params(now))
         if row is not None:
+            if record.reports:
+                _reports_enqueue(record)
             return BudgetState(
                 spend_usd=row["spend_usd"],
                 reserved_usd=row["reserved_usd"],
@@ -560,7 +637,7 @@ def hold_refund(*, record: UsageRecord, now: datetime) -> None:
         _usage_row_create(record, now)
 
 
-_HOLD_REFUND_SQL = f"""
+_HOLD_REFUND_TEMPLATE = f"""
 WITH released AS (
     UPDATE budgets_hold SET status = 'refunded', closed_at = %(now)s
     WHERE request_id = %(request_id)s AND status = 'open'
@@ -574,16 +651,21 @@ WITH released AS (
     INSERT INTO usage_usagelog {_USAGE_COLUMNS}
     VALUES ({_USAGE_VALUES.format(timestamp="%(now)s")})
     ON CONFLICT (id) DO NOTHING
-), {_TOUCH_KEY}
+), {_TOUCH_KEY}{{reports}}
 SELECT 1
 """
+_HOLD_REFUND_SQL = _HOLD_REFUND_TEMPLATE.replace("{reports}", "")
+_HOLD_REFUND_REPORTED_SQL = _with_reports(_HOLD_REFUND_TEMPLATE)
 
 
 async def hold_refund_async(*, record: UsageRecord, now: datetime) -> None:
     """`hold_refund` for the request path: always one statement on PostgreSQL (a refund
     does not depend on the period, and a hold that is no longer open is left alone)."""
     if pgpool.enabled():
-        await pgpool.fetchone(_HOLD_REFUND_SQL, record.usage_row_params(now))
+        sql = _HOLD_REFUND_REPORTED_SQL if record.reports else _HOLD_REFUND_SQL
+        await pgpool.fetchone(sql, record.usage_row_params(now))
+        if record.reports:
+            _reports_enqueue(record)
         return
     await sync_to_async(hold_refund)(record=record, now=now)
 
@@ -594,19 +676,24 @@ def usage_record(*, record: UsageRecord, now: datetime) -> None:
         _usage_row_create(record, now)
 
 
-_USAGE_RECORD_SQL = f"""
+_USAGE_RECORD_TEMPLATE = f"""
 WITH logged AS (
     INSERT INTO usage_usagelog {_USAGE_COLUMNS}
     VALUES ({_USAGE_VALUES.format(timestamp="%(now)s")})
     ON CONFLICT (id) DO NOTHING
-), {_TOUCH_KEY}
+), {_TOUCH_KEY}{{reports}}
 SELECT 1
 """
+_USAGE_RECORD_SQL = _USAGE_RECORD_TEMPLATE.replace("{reports}", "")
+_USAGE_RECORD_REPORTED_SQL = _with_reports(_USAGE_RECORD_TEMPLATE)
 
 
 async def usage_record_async(*, record: UsageRecord, now: datetime) -> None:
     if pgpool.enabled():
-        await pgpool.fetchone(_USAGE_RECORD_SQL, record.usage_row_params(now))
+        sql = _USAGE_RECORD_REPORTED_SQL if record.reports else _USAGE_RECORD_SQL
+        await pgpool.fetchone(sql, record.usage_row_params(now))
+        if record.reports:
+            _reports_enqueue(record)
         return
     await sync_to_async(usage_record)(record=record, now=now)
 
@@ -795,6 +882,17 @@ def user_create(
         )
         if budget is not None:
             _start_fresh_window(user, budget, now)
+        return user
+
+
+def user_ensure(*, user_id: str) -> GatewayUser:
+    """The user a platform resolve named (CONTRACT §7), created on first sight: no
+    budget (the platform prices and bills), marked in its metadata as the platform's.
+    Safe under concurrency: of two first requests, one creates and the other reads."""
+    with transaction.atomic(durable=True):
+        user, _ = GatewayUser.objects.get_or_create(
+            pk=user_id, defaults={"metadata": {"created_by": "platform"}}
+        )
         return user
 
 

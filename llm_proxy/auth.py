@@ -16,6 +16,7 @@ from budgets.exceptions import (
     UnknownUser,
 )
 from budgets.selectors import Caller, caller_load
+from llm_proxy import platform
 from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
@@ -70,6 +71,26 @@ async def authenticate(
             raise UnknownUser
         return caller
     raise InvalidAPIKey
+
+
+async def is_platform_user_token(credential: str) -> bool:
+    """In platform mode (CONTRACT §7), a credential that is neither a `gw-` key nor the
+    master key is a platform user token, for the platform to judge."""
+    if not platform.enabled() or credential.startswith(services.API_KEY_PREFIX):
+        return False
+    return not await sync_to_async(services.master_key_matches)(credential)
+
+
+async def authenticate_platform_user(*, user_id: str, now: datetime) -> Caller:
+    """The local user a platform resolve named: held and billed like any other, created
+    on first sight. A user deleted here stays refused (404): the local operator's word."""
+    caller = await _caller_load(user_id=user_id, model_key="", now=now)
+    if caller is None:
+        await sync_to_async(services.user_ensure)(user_id=user_id)
+        caller = await _caller_load(user_id=user_id, model_key="", now=now)
+    if caller is None or caller.deleted:
+        raise UnknownUser
+    return caller
 
 
 async def _caller_load(

@@ -2,6 +2,12 @@
 
     authenticate -> admission checks (§3.3) -> hold -> provider call -> settle | refund
 
+In platform mode (CONTRACT §7, llm_proxy.platform) a platform user token is resolved into
+the user to bill and an ordered list of attempts; the provider call walks them, and a
+failure before the commit point moves to the next one. A local request has exactly one
+attempt. Either way the request is one Exchange, closed once, at the price of the
+attempt that served it.
+
 Every path out of `handle` closes the request exactly once through `Exchange`: settle
 (charge), refund (release), or, for requests refused before a hold, a usage row alone.
 Database work per successful request: three statements on PostgreSQL (load the caller
@@ -15,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -30,12 +36,14 @@ from django.utils import timezone
 
 from budgets import alerting, services
 from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
-from budgets.selectors import Caller
-from llm_proxy import upstream
+from budgets.selectors import Caller, rates_current
+from llm_proxy import platform, upstream
 from llm_proxy.auth import (
     authenticate,
     authenticate_listing,
+    authenticate_platform_user,
     credential_from_headers,
+    is_platform_user_token,
     model_allowed,
 )
 from llm_proxy.errors import (
@@ -51,8 +59,9 @@ from llm_proxy.streaming import relay
 from llm_proxy.translate import TranslationError, route_for
 from otari.celery import embedded_beat_tick
 from otari.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
-from usage.models import UsageLog
+from usage.models import UsageLog, UsageReport
 from usage.pricing import TokenUsage, cost_usd, estimate_usd, prompt_tokens_from_chars
+from usage.reporting import AttemptReport
 from usage.selectors import prices_current
 
 if TYPE_CHECKING:
@@ -86,31 +95,125 @@ class Target:
 
 
 @dataclass(eq=False)
+class Attempt:
+    """One place a request may be sent: a provider, its model, price and route.
+
+    A local request has one. A platform request has one per resolved attempt; an attempt
+    the gateway cannot use (no route to it, a model the user may not use) carries its
+    `refusal` and is skipped, and reported like a failed one.
+    """
+
+    provider: Provider | None
+    provider_name: str
+    model: str
+    model_key: str
+    rates: Rates | None
+    target: Target | None = field(default=None, repr=False)
+    refusal: GatewayError | None = None
+    resolved: platform.ResolvedAttempt | None = field(default=None, repr=False)
+    # Why it failed, once tried.
+    failure: GatewayError | None = None
+
+
+@dataclass(eq=False)
 class Exchange:
-    """A request that has been admitted: its caller, route, price and hold."""
+    """A request that has been admitted: its caller, attempts, price and hold."""
 
     request_id: uuid.UUID
     fmt: ApiFormat
     caller: Caller
-    provider: Provider
-    model: str
-    model_key: str
+    attempts: list[Attempt]
     prompt_chars: int
     prompt_texts: list[str]
     started: float
-    rates: Rates | None
     estimate_usd: Decimal
     held: bool
     budget_state: BudgetState | None
     body: dict[str, Any] = field(repr=False)
-    target: Target = field(repr=False)
+    # The attempt being tried, or that served the request.
+    current: int = 0
+    # Platform mode: the platform's id of the request (its attempts are reported).
+    platform_request_id: str | None = None
     # The cost charged at settlement (None until then, or when the model has no price).
     charged_usd: Decimal | None = None
     _closing: asyncio.Future | None = field(default=None, repr=False)
 
     @property
+    def attempt(self) -> Attempt:
+        return self.attempts[self.current]
+
+    @property
+    def provider(self) -> Provider:
+        provider = self.attempt.provider
+        assert provider is not None, "an attempt with a refusal is never sent"  # noqa: S101
+        return provider
+
+    @property
+    def model(self) -> str:
+        return self.attempt.model
+
+    @property
+    def model_key(self) -> str:
+        return self.attempt.model_key
+
+    @property
+    def rates(self) -> Rates | None:
+        """The serving attempt's price: what the request is charged at."""
+        return self.attempt.rates
+
+    @property
+    def target(self) -> Target:
+        target = self.attempt.target
+        assert target is not None, "an attempt with a refusal is never sent"  # noqa: S101
+        return target
+
+    def next_attempt(self, failure: GatewayError) -> bool:
+        """The current attempt failed before anything reached the client: move to the
+        next one that can be tried. False when none is left; the request then fails with
+        `final_failure`."""
+        self.attempt.failure = failure
+        while self.current + 1 < len(self.attempts):
+            self.current += 1
+            if self.attempt.refusal is None:
+                return True
+            self.attempt.failure = self.attempt.refusal
+        return False
+
+    @property
+    def final_failure(self) -> GatewayError:
+        failure = self.attempt.failure
+        assert failure is not None  # noqa: S101
+        return failure
+
+    @property
     def counts_toward_budget(self) -> bool:
         return not self.caller.exclude_from_budget
+
+    def _reports(
+        self, *, status: str, usage: TokenUsage | None, error_class: str
+    ) -> tuple[AttemptReport, ...]:
+        """Platform mode: a report for every attempt tried up to the one that ended the
+        request (which is final); attempts after it were never tried."""
+        if self.platform_request_id is None:
+            return ()
+        reports = []
+        for index, attempt in enumerate(self.attempts[: self.current + 1]):
+            final = index == self.current
+            failed = attempt.failure or attempt.refusal
+            success = final and status == UsageLog.Status.SUCCESS
+            reports.append(
+                _attempt_report(
+                    attempt,
+                    platform_request_id=self.platform_request_id,
+                    success=success,
+                    final=final,
+                    usage=usage if final else None,
+                    error_class=""
+                    if success
+                    else (error_class if final else failed.code if failed else "error"),
+                )
+            )
+        return tuple(reports)
 
     def latency_ms(self) -> int:
         return int((time.perf_counter() - self.started) * 1000)
@@ -128,13 +231,14 @@ class Exchange:
         usage: TokenUsage | None = None,
         cost: Decimal | None = None,
         error_message: str = "",
+        error_class: str = "",
     ) -> services.UsageRecord:
         return services.UsageRecord(
             request_id=self.request_id,
             user_id=self.caller.user_id,
             api_key_id=self.caller.api_key_id,
             endpoint=self.fmt.endpoint,
-            provider=self.provider.name,
+            provider=self.attempt.provider_name,
             model=self.model,
             status=status,
             status_code=status_code,
@@ -143,6 +247,7 @@ class Exchange:
             counts_toward_budget=self.counts_toward_budget,
             error_message=error_message,
             latency_ms=self.latency_ms(),
+            reports=self._reports(status=status, usage=usage, error_class=error_class),
         )
 
     def _close_once(self, close: Callable[[], Awaitable[Any]]) -> asyncio.Future:
@@ -170,6 +275,7 @@ class Exchange:
             usage=usage,
             cost=self.cost_of(usage),
             error_message=error_message,
+            error_class=_settled_error_class(status, status_code),
         )
         self.charged_usd = record.cost_usd
 
@@ -200,7 +306,14 @@ class Exchange:
 
     async def refund(self, exc: GatewayError, *, status: str = UsageLog.Status.ERROR) -> None:
         """Release the hold without charging; the usage row says why."""
-        record = self._record(status=status, status_code=exc.status, error_message=exc.message)
+        record = self._record(
+            status=status,
+            status_code=exc.status,
+            error_message=exc.message,
+            error_class=(
+                "client_disconnected" if status == UsageLog.Status.CLIENT_DISCONNECTED else exc.code
+            ),
+        )
 
         async def close() -> None:
             now = timezone.now()
@@ -276,6 +389,39 @@ class Exchange:
         )
 
 
+def _settled_error_class(status: str, status_code: int) -> str:
+    """What a charged request that did not end well reports as its error class."""
+    if status == UsageLog.Status.CLIENT_DISCONNECTED:
+        return "client_disconnected"
+    if status_code == STATUS_STREAM_BROKEN:
+        return "stream_broken"
+    return "usage_missing"
+
+
+def _attempt_report(
+    attempt: Attempt,
+    *,
+    platform_request_id: str,
+    success: bool,
+    final: bool,
+    usage: TokenUsage | None = None,
+    error_class: str = "",
+) -> AttemptReport:
+    resolved = attempt.resolved
+    assert resolved is not None  # noqa: S101
+    return AttemptReport(
+        correlation_id=resolved.attempt_id,
+        platform_request_id=platform_request_id,
+        position=resolved.position,
+        provider=resolved.provider,
+        model=resolved.model,
+        status=UsageReport.Outcome.SUCCESS if success else UsageReport.Outcome.ERROR,
+        is_final_attempt=final,
+        usage=usage,
+        error_class=error_class[:100],
+    )
+
+
 class EventStreamResponse(StreamingHttpResponse):
     """A streaming response whose body Django iterates directly.
 
@@ -331,6 +477,8 @@ async def _admit(
 ) -> tuple[Exchange, dict[str, Any]]:
     """Authenticate and admit, or raise the refusal (after logging it, for known users)."""
     credential = credential_from_headers(request)
+    if await is_platform_user_token(credential):
+        return await _admit_platform(request, fmt, request_id, started, credential)
     body: dict[str, Any] = {}
     refusal: GatewayError | None = None
     provider: Provider | None = None
@@ -375,9 +523,15 @@ async def _admit(
                 "This API key belongs to a different user than the request names",
                 code="user_mismatch",
             )
-        return await _admit_known(
-            caller, fmt, body, provider, model, model_key, target, request_id, started, now
-        ), body
+        attempt = Attempt(
+            provider=provider,
+            provider_name=provider.name,
+            model=model,
+            model_key=model_key,
+            rates=caller.rates,
+            target=target,
+        )
+        return await _admit_known(caller, fmt, body, attempt, request_id, started, now), body
     except GatewayError as exc:
         # A refusal of a known user leaves a usage row (CONTRACT §3.4, §5).
         record = services.UsageRecord(
@@ -398,14 +552,24 @@ async def _admit(
         raise
 
 
+def _loaded_state(caller: Caller, limit: Decimal | None) -> BudgetState | None:
+    """The caller's budget as loaded: what requests that take no hold still show
+    (CONTRACT §2)."""
+    if limit is None:
+        return None
+    return services.BudgetState(
+        spend_usd=caller.spend_usd,
+        reserved_usd=caller.reserved_usd,
+        limit_usd=limit,
+        next_reset_at=caller.next_budget_reset_at,
+    )
+
+
 async def _admit_known(
     caller: Caller,
     fmt: ApiFormat,
     body: dict[str, Any],
-    provider: Provider,
-    model: str,
-    model_key: str,
-    target: Target,
+    attempt: Attempt,
     request_id: uuid.UUID,
     started: float,
     now,
@@ -413,9 +577,9 @@ async def _admit_known(
     """The admission checks of §3.3, in order, and the hold."""
     if caller.blocked:
         raise UserBlocked
-    if not model_allowed(caller.allowed_models, model_key):
+    if not model_allowed(caller.allowed_models, attempt.model_key):
         raise ModelNotAllowed
-    rates = caller.rates
+    rates = attempt.rates
     limit = caller.limit_usd(now)
     if rates is None and settings.OTARI_REQUIRE_PRICING:
         if limit is not None and caller.spend_usd + caller.reserved_usd >= limit:
@@ -425,17 +589,7 @@ async def _admit_known(
     prompt_chars = fmt.prompt_chars(body, texts)
     estimate = Decimal(0)
     held = False
-    # Requests that take no hold still show the caller's budget (CONTRACT §2), as loaded.
-    state = (
-        services.BudgetState(
-            spend_usd=caller.spend_usd,
-            reserved_usd=caller.reserved_usd,
-            limit_usd=limit,
-            next_reset_at=caller.next_budget_reset_at,
-        )
-        if limit is not None
-        else None
-    )
+    state = _loaded_state(caller, limit)
     if rates is not None:
         estimate = estimate_usd(
             prompt_chars=prompt_chars,
@@ -450,28 +604,205 @@ async def _admit_known(
                 request_id=request_id,
                 amount_usd=estimate,
                 limit_usd=limit,
-                model_key=model_key,
+                model_key=attempt.model_key,
                 now=now,
             )
             held = True
-    exchange = Exchange(
+    return Exchange(
         request_id=request_id,
         fmt=fmt,
         caller=caller,
-        provider=provider,
-        model=model,
-        model_key=model_key,
+        attempts=[attempt],
         prompt_chars=prompt_chars,
         prompt_texts=texts,
         started=started,
-        rates=rates,
         estimate_usd=estimate,
         held=held,
         budget_state=state,
         body=body,
-        target=target,
     )
-    return exchange
+
+
+# --- platform mode (CONTRACT §7) -----------------------------------------------------------
+
+
+def _platform_attempt(
+    request: HttpRequest,
+    fmt: ApiFormat,
+    body: dict[str, Any],
+    caller: Caller,
+    resolved: platform.ResolvedAttempt,
+    rates: Rates | None,
+) -> Attempt:
+    """An attempt as the gateway will try it, routed (and translated) exactly as a local
+    request is; or, when it cannot be tried, with its refusal."""
+    attempt = Attempt(
+        provider=None,
+        provider_name=resolved.provider,
+        model=resolved.model,
+        model_key=resolved.model_key,
+        rates=rates,
+        resolved=resolved,
+    )
+    try:
+        provider = platform.provider_for(resolved)
+        # The local operator's restrictions on the user still apply.
+        if not model_allowed(caller.allowed_models, resolved.model_key):
+            raise ModelNotAllowed
+        route = route_for(fmt, provider)
+        attempt.target = Target(
+            route=route,
+            body=route.upstream_body(body, resolved.model, stream=body.get("stream") is True),
+            headers={} if route.translated else provider.forwarded_headers(request.headers),
+        )
+        attempt.provider = provider
+    except GatewayError as exc:
+        attempt.refusal = exc
+    return attempt
+
+
+def _refusal_reports(
+    attempts: list[Attempt], exc: GatewayError, platform_request_id: str
+) -> tuple[AttemptReport, ...]:
+    """A platform request refused at admission: the attempts up to the first one that
+    could have been tried (all, when none could), each with its reason; the last final."""
+    reports = []
+    for index, attempt in enumerate(attempts):
+        final = attempt.refusal is None or index == len(attempts) - 1
+        reports.append(
+            _attempt_report(
+                attempt,
+                platform_request_id=platform_request_id,
+                success=False,
+                final=final,
+                error_class=(attempt.refusal or exc).code,
+            )
+        )
+        if final:
+            break
+    return tuple(reports)
+
+
+async def _admit_platform(
+    request: HttpRequest,
+    fmt: ApiFormat,
+    request_id: uuid.UUID,
+    started: float,
+    user_token: str,
+) -> tuple[Exchange, dict[str, Any]]:
+    """Admission of a request made with a platform user token.
+
+    The request is checked before the platform is asked (a malformed request is the
+    caller's 400 without a round trip), then resolved: the platform names the user, held
+    and billed locally, and the attempts. Refusals before the user is known leave no
+    usage row, as for an unknown key.
+    """
+    body = _parse_body(request)
+    selector = body.get("model")
+    if not isinstance(selector, str) or not selector:
+        raise BadRequest("model is required", code="invalid_model", param="model")
+    fmt.validate(body)
+    resolution = await platform.resolve(user_token=user_token, selector=selector)
+    now = timezone.now()
+    caller = await authenticate_platform_user(user_id=resolution.user_id, now=now)
+    rates = await rates_current(
+        model_keys=[resolved.model_key for resolved in resolution.attempts], now=now
+    )
+    attempts = [
+        _platform_attempt(request, fmt, body, caller, resolved, rates.get(resolved.model_key))
+        for resolved in resolution.attempts
+    ]
+    try:
+        exchange = await _admit_platform_known(
+            caller, fmt, body, attempts, request_id, started, now, resolution.request_id
+        )
+        return exchange, body
+    except GatewayError as exc:
+        first = next((a for a in attempts if a.refusal is None), attempts[-1])
+        record = services.UsageRecord(
+            request_id=request_id,
+            user_id=caller.user_id,
+            api_key_id=None,
+            endpoint=fmt.endpoint,
+            provider=first.provider_name,
+            model=first.model,
+            status=UsageLog.Status.ERROR,
+            status_code=exc.status,
+            error_message=exc.message,
+            latency_ms=int((time.perf_counter() - started) * 1000),
+            reports=_refusal_reports(attempts, exc, resolution.request_id),
+        )
+        await services.usage_record_async(record=record, now=timezone.now())
+        exc.headers.setdefault("X-Otari-Request-Id", str(request_id))
+        raise
+
+
+async def _admit_platform_known(
+    caller: Caller,
+    fmt: ApiFormat,
+    body: dict[str, Any],
+    attempts: list[Attempt],
+    request_id: uuid.UUID,
+    started: float,
+    now,
+    platform_request_id: str,
+) -> Exchange:
+    """§3.3 for a platform request. The platform prices and bills, so a model without a
+    local price is not refused (`require_pricing` is for local providers); the local
+    ledger still holds what the dearest usable attempt could cost, and settles at the
+    price of the attempt that serves."""
+    if caller.blocked:
+        raise UserBlocked
+    usable = [index for index, attempt in enumerate(attempts) if attempt.refusal is None]
+    if not usable:
+        # Nothing can be tried: the last attempt's reason is the request's.
+        refusal = attempts[-1].refusal
+        assert refusal is not None  # noqa: S101
+        raise refusal
+    texts = fmt.prompt_texts(body)
+    prompt_chars = fmt.prompt_chars(body, texts)
+    max_output_tokens = fmt.output_token_budget(body)
+    # Whichever attempt serves, its cost fits under the hold's estimate.
+    estimate = max(
+        (
+            estimate_usd(
+                prompt_chars=prompt_chars, max_output_tokens=max_output_tokens, rates=rates
+            )
+            for index in usable
+            if (rates := attempts[index].rates) is not None and not rates.is_free
+        ),
+        default=Decimal(0),
+    )
+    limit = caller.limit_usd(now)
+    state = _loaded_state(caller, limit)
+    held = False
+    if estimate > 0:
+        state = await services.hold_open_async(
+            user_id=caller.user_id,
+            request_id=request_id,
+            amount_usd=estimate,
+            limit_usd=limit,
+            model_key=attempts[usable[0]].model_key,
+            now=now,
+        )
+        held = True
+    for index in range(usable[0]):
+        attempts[index].failure = attempts[index].refusal
+    return Exchange(
+        request_id=request_id,
+        fmt=fmt,
+        caller=caller,
+        attempts=attempts,
+        current=usable[0],
+        prompt_chars=prompt_chars,
+        prompt_texts=texts,
+        started=started,
+        estimate_usd=estimate,
+        held=held,
+        budget_state=state,
+        body=body,
+        platform_request_id=platform_request_id,
+    )
 
 
 def _provider_failure(exc: httpx.HTTPError) -> ProviderError:
@@ -493,8 +824,32 @@ async def _provider_status_error(exchange: Exchange, response: httpx.Response) -
     )
 
 
-async def _complete(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
-    """A non-streaming request: call, settle, answer."""
+async def _fail(exchange: Exchange, failure: GatewayError) -> HttpResponse | None:
+    """An attempt failed before anything reached the client. Returns None when there is
+    another attempt to try (platform mode); otherwise closes the request with a refund
+    and returns the last failure's error response."""
+    if exchange.next_attempt(failure):
+        logger.info(
+            "request %s: attempt failed (%s), trying the next one",
+            exchange.request_id,
+            failure.code,
+        )
+        return None
+    failure = exchange.final_failure
+    await exchange.refund(failure)
+    return _error(exchange, failure)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    content: bytes  # in the client's API
+    usage: TokenUsage | None
+    output_chars: int
+
+
+async def _answer(exchange: Exchange, body: dict[str, Any]) -> _Answer | GatewayError:
+    """Send the current attempt and read its whole answer, in the client's API; or
+    the failure, before anything was charged or sent."""
     target, route = exchange.target, exchange.target.route
     client = upstream.client()
     request = exchange.provider.build_request(
@@ -503,21 +858,15 @@ async def _complete(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
     try:
         response = await client.send(request)
     except httpx.HTTPError as exc:
-        failure = _provider_failure(exc)
-        await exchange.refund(failure)
-        return _error(exchange, failure)
+        return _provider_failure(exc)
     if response.status_code >= 400:
-        failure = await _provider_status_error(exchange, response)
-        await exchange.refund(failure)
-        return _error(exchange, failure)
+        return await _provider_status_error(exchange, response)
     try:
         parsed = json.loads(response.content)
         if not isinstance(parsed, dict):
             raise ValueError("not an object")
     except ValueError:
-        failure = ProviderError("LLM provider error: the response was not valid JSON")
-        await exchange.refund(failure)
-        return _error(exchange, failure)
+        return ProviderError("LLM provider error: the response was not valid JSON")
     content = response.content
     if route.translated:
         try:
@@ -525,12 +874,26 @@ async def _complete(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
         except TranslationError as exc:
             # Nothing reached the client: like any provider fault before the answer,
             # a full refund (the usage row says what could not be translated).
-            failure = ProviderError(f"LLM provider error: the answer had {exc}")
-            await exchange.refund(failure)
-            return _error(exchange, failure)
-    await exchange.settle_complete(
-        route.upstream.usage_from_body(parsed), route.upstream.output_chars_from_body(parsed)
+            return ProviderError(f"LLM provider error: the answer had {exc}")
+    return _Answer(
+        content=content,
+        usage=route.upstream.usage_from_body(parsed),
+        output_chars=route.upstream.output_chars_from_body(parsed),
     )
+
+
+async def _complete(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
+    """A non-streaming request: call (each attempt in turn, in platform mode), settle,
+    answer."""
+    while True:
+        answer = await _answer(exchange, body)
+        if isinstance(answer, _Answer):
+            break
+        failed = await _fail(exchange, answer)
+        if failed is not None:
+            return failed
+    await exchange.settle_complete(answer.usage, answer.output_chars)
+    content = answer.content
     result = HttpResponse(content, content_type="application/json")
     result["Content-Length"] = str(len(content))
     result["X-Otari-Request-Id"] = str(exchange.request_id)
@@ -541,10 +904,11 @@ async def _complete(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
     return result
 
 
-async def _stream(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
-    """A streaming request: open the upstream stream and wait for its first bytes before
-    committing, so that anything failing until then is an ordinary HTTP error with a
-    full refund (CONTRACT §4)."""
+async def _stream_open(
+    exchange: Exchange,
+) -> tuple[httpx.Response, AsyncIterator[bytes], bytes] | GatewayError:
+    """Open the current attempt's upstream stream and read its first bytes: the commit
+    point. Returns the failure when anything goes wrong until then."""
     target, route = exchange.target, exchange.target.route
     client = upstream.client()
     request = exchange.provider.build_request(
@@ -556,33 +920,45 @@ async def _stream(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
         if response.status_code >= 400:
             failure = await _provider_status_error(exchange, response)
             await response.aclose()
-            await exchange.refund(failure)
-            return _error(exchange, failure)
+            return failure
         chunks = response.aiter_bytes()
         first_chunk = await anext(chunks)
     except (httpx.HTTPError, StopAsyncIteration) as exc:
         if response is not None:
             await response.aclose()
-        failure = (
+        return (
             _provider_failure(exc)
             if isinstance(exc, httpx.HTTPError)
             else ProviderError("LLM provider error: the stream ended before any data")
         )
-        await exchange.refund(failure)
-        return _error(exchange, failure)
     except BaseException:
         # Cancelled while the stream was being opened (the client gave up): nothing was
         # delivered, so nothing is charged.
         if response is not None:
             await response.aclose()
         raise
+    return response, chunks, first_chunk
+
+
+async def _stream(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
+    """A streaming request: open the upstream stream and wait for its first bytes before
+    committing, so that anything failing until then is an ordinary HTTP error with a
+    full refund (CONTRACT §4), or, in platform mode, a move to the next attempt."""
+    while True:
+        opened = await _stream_open(exchange)
+        if not isinstance(opened, GatewayError):
+            break
+        failed = await _fail(exchange, opened)
+        if failed is not None:
+            return failed
+    response, chunks, first_chunk = opened
     result = EventStreamResponse(
         relay(
             exchange=exchange,
             upstream=response,
             chunks=chunks,
             first_chunk=first_chunk,
-            codec=route.stream_codec(body),
+            codec=exchange.target.route.stream_codec(body),
             keepalive_s=settings.OTARI_STREAM_KEEPALIVE_SECONDS,
         ),
         content_type="text/event-stream",

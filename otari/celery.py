@@ -75,6 +75,48 @@ def enqueue_on_commit(task: Task, *args: Any, **kwargs: Any) -> None:
     transaction.on_commit(lambda: enqueue(task, *args, **kwargs))
 
 
+_publisher: ThreadPoolExecutor | None = None
+_publisher_lock = threading.Lock()
+# After a failed publish the broker is presumed down for this long: the work waiting
+# meanwhile is left to the re-drive instead of each item paying for its own failure.
+_PUBLISH_PAUSE_S = 5.0
+_publish_paused_until = 0.0
+
+
+def enqueue_detached(task: Task, *args: Any, **kwargs: Any) -> None:
+    """Enqueue from a background thread, and only log a failure.
+
+    For work whose durable record the caller has already committed and which a periodic
+    re-drive finds again (platform usage reports): publishing to a broker that is down
+    blocks on kombu's connection retries, and that must never slow or fail the request
+    that produced the work. One thread keeps the publishes in order and bounds their cost.
+    """
+    global _publisher
+    if _publisher is None:
+        with _publisher_lock:
+            if _publisher is None:
+                _publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otari-publish")
+
+    def publish() -> None:
+        global _publish_paused_until
+        if time.monotonic() < _publish_paused_until:
+            return
+        try:
+            enqueue(task, *args, **kwargs)
+        except Exception as exc:
+            _publish_paused_until = time.monotonic() + _PUBLISH_PAUSE_S
+            # The exception's name only: its text can carry the broker URL's password.
+            logger.warning(
+                "could not enqueue %s, broker presumed down for %.0f s (the re-drive will "
+                "send what waits): %s",
+                task.name,
+                _PUBLISH_PAUSE_S,
+                type(exc).__name__,
+            )
+
+    _publisher.submit(publish)
+
+
 # --- the embedded beat: periodic jobs without a broker ---------------------------------------
 
 # monotonic time at which the next job is due; read on every request, so kept as a float.

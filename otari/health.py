@@ -25,12 +25,28 @@ class HealthApi(_Public):
         operation_id="health",
         tags=["health"],
         auth=[],
+        description="In platform mode (CONTRACT §7) `platform` says whether the platform "
+        "answers: `reachable` or `unreachable`. The gateway stays healthy either way: "
+        "requests made with `gw-` keys do not need the platform.",
         responses={
-            200: inline_serializer("Health", {"status": serializers.CharField()}),
+            200: inline_serializer(
+                "Health",
+                {
+                    "status": serializers.CharField(),
+                    "platform": serializers.ChoiceField(
+                        choices=["reachable", "unreachable"], required=False
+                    ),
+                },
+            ),
         },
     )
     def get(self, request: Request) -> Response:
-        return Response({"status": "healthy"})
+        from llm_proxy import platform
+
+        body = {"status": "healthy"}
+        if platform.enabled():
+            body["platform"] = "reachable" if platform.reachable() else "unreachable"
+        return Response(body)
 
 
 class LivenessApi(_Public):

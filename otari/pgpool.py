@@ -82,3 +82,11 @@ async def fetchone(sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
     async with p.connection() as conn:
         cur = await conn.execute(sql, params)
         return await cur.fetchone() if cur.description else None
+
+
+async def fetchall(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one statement in autocommit and return all its rows."""
+    p = await pool()
+    async with p.connection() as conn:
+        cur = await conn.execute(sql, params)
+        return await cur.fetchall() if cur.description else []

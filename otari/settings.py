@@ -172,9 +172,31 @@ OTARI_HOLD_TTL_SECONDS = env.int(
 )
 OTARI_STREAM_KEEPALIVE_SECONDS = env.float("OTARI_STREAM_KEEPALIVE_SECONDS", default=15.0)
 OTARI_HOTPATH_POOL_SIZE = env.int("OTARI_HOTPATH_POOL_SIZE", default=10)
-OTARI_PLATFORM_URL = env.str("OTARI_PLATFORM_URL", default="")
-OTARI_PLATFORM_TOKEN = env.str("OTARI_PLATFORM_TOKEN", default="")
 OTARI_ENABLE_METRICS = env.bool("OTARI_ENABLE_METRICS", default=False)
+
+# --- Platform mode (CONTRACT §7, docs/PLATFORM.md) -------------------------------------------
+# Both set: platform user tokens are resolved per request and every attempt is reported.
+OTARI_PLATFORM_URL = env.str("OTARI_PLATFORM_URL", default="").rstrip("/")
+OTARI_PLATFORM_TOKEN = env.str("OTARI_PLATFORM_TOKEN", default="")
+# The resolve call is on the request path: a platform that does not answer quickly is a 502.
+OTARI_PLATFORM_RESOLVE_TIMEOUT_SECONDS = env.float(
+    "OTARI_PLATFORM_RESOLVE_TIMEOUT_SECONDS", default=5.0
+)
+# One usage-report POST (off the request path, in a worker).
+OTARI_PLATFORM_REPORT_TIMEOUT_SECONDS = env.float(
+    "OTARI_PLATFORM_REPORT_TIMEOUT_SECONDS", default=10.0
+)
+# The first retry of a report waits about this long; each later one twice as long.
+OTARI_PLATFORM_REPORT_BACKOFF_SECONDS = env.float(
+    "OTARI_PLATFORM_REPORT_BACKOFF_SECONDS", default=1.0
+)
+# Tries of one report in all (the first and the retries), then it is dead-lettered.
+OTARI_PLATFORM_REPORT_MAX_TRIES = env.int("OTARI_PLATFORM_REPORT_MAX_TRIES", default=8)
+# A report still pending this long after it was due lost its task (broker outage, worker
+# crash): the periodic re-drive enqueues it again.
+OTARI_PLATFORM_REPORT_REDRIVE_AFTER_SECONDS = env.float(
+    "OTARI_PLATFORM_REPORT_REDRIVE_AFTER_SECONDS", default=60.0
+)
 
 # Provider shortcuts (the YAML file can define more named instances).
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")
@@ -213,6 +235,12 @@ CELERY_BEAT_SCHEDULE = {
     },
     "budgets-sweep-alerts": {
         "task": "budgets.sweep_alerts",
+        "schedule": OTARI_BEAT_INTERVAL_SECONDS,
+        "options": {"expires": OTARI_BEAT_INTERVAL_SECONDS},
+    },
+    # Platform mode: usage reports whose delivery task was lost (docs/PLATFORM.md).
+    "usage-redrive-reports": {
+        "task": "usage.redrive_reports",
         "schedule": OTARI_BEAT_INTERVAL_SECONDS,
         "options": {"expires": OTARI_BEAT_INTERVAL_SECONDS},
     },

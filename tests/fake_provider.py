@@ -26,6 +26,7 @@ Behaviour is selected by substrings of the request's ``model`` (combine freely, 
   fail-midstream  200, then about half the SSE events (or half the JSON body), then a TCP close
                   without the terminating chunk
   dropafter-<n>   stream the preamble events and n content chunks, then close the TCP connection
+  cutstream       200 and the stream's headers, then a TCP close before the first event
   slow-<ms>       extra wait before the first byte (the constructor's latency_ms adds to it)
   hang            never answer; the connection is closed once the client goes away
   chunks-<n>      n content chunks (= completion tokens) instead of the default
@@ -188,6 +189,7 @@ class _Behaviour:
     fail_status: int | None = None
     midstream: bool = False
     drop_after: int | None = None
+    cut_stream: bool = False
     slow_s: float = 0.0
     hang: bool = False
     chunks: int | None = None
@@ -208,6 +210,7 @@ class _Behaviour:
             fail_status=fail if fail is not None and 400 <= fail <= 599 else None,
             midstream="fail-midstream" in model,
             drop_after=number("dropafter"),
+            cut_stream="cutstream" in model,
             slow_s=(number("slow") or 0) / 1000,
             hang="hang" in model,
             chunks=number("chunks"),
@@ -1127,7 +1130,7 @@ class FakeProvider:
             return _Reply(hang=True)
         if b.fail_status is not None:
             return _error(api, b.fail_status)
-        drop = b.midstream or b.drop_after is not None
+        drop = b.midstream or b.drop_after is not None or b.cut_stream
         if api == "embeddings":
             return _Reply(body=_build_embeddings(body, model), cut_body=drop)
         n = self.chunks if b.chunks is None else b.chunks
@@ -1165,7 +1168,9 @@ class FakeProvider:
         reply = _Reply(
             events=events, event_delay=self.chunk_delay_s if b.delay_s is None else b.delay_s
         )
-        if b.midstream:
+        if b.cut_stream:
+            reply.abort_after = 0
+        elif b.midstream:
             reply.abort_after = max(1, len(events) // 2)
         elif b.drop_after is not None:
             reply.abort_after = len(built.preamble) + min(b.drop_after, len(built.content))

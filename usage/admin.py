@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.options import ShowFacets
 from django.contrib.admin.utils import quote
 from django.db.models import F, OuterRef, QuerySet, Subquery
@@ -36,8 +36,8 @@ from otari.admin_tools import (
     key_display,
     status_badge,
 )
-from usage.models import ModelPricing, UsageLog
-from usage.services import pricing_set
+from usage.models import ModelPricing, UsageLog, UsageReport
+from usage.services import pricing_set, usage_reports_redrive_dead
 
 # The generation endpoints a usage row can name (CONTRACT §2); a fixed list, so the
 # filter never runs a DISTINCT over millions of rows.
@@ -386,3 +386,47 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
     @admin.display(description="Latency", ordering="latency_ms")
     def latency(self, obj: UsageLog) -> str:
         return "—" if obj.latency_ms is None else f"{obj.latency_ms:,} ms"
+
+
+@admin.register(UsageReport)
+class UsageReportAdmin(LedgerAdmin):
+    """The platform's usage-report outbox (CONTRACT §7): dead letters with their last
+    status, and a re-drive (the same service as `manage.py redrive_usage_reports`)."""
+
+    list_display = (
+        "correlation_id",
+        "delivery_status",
+        "last_status_code",
+        "attempts",
+        "status",
+        "is_final_attempt",
+        "user",
+        "provider",
+        "model",
+        "created_at",
+        "next_attempt_at",
+    )
+    list_filter = ("delivery_status", "last_status_code", "status", "is_final_attempt")
+    search_fields = ("correlation_id", "=request_id", "platform_request_id", "user__user_id")
+    list_select_related = ("user",)
+    raw_id_fields = ("user",)
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    actions = ("redrive_reports",)
+    readonly_fields = [field.name for field in UsageReport._meta.fields]
+
+    def has_redrive_permission(self, request: HttpRequest) -> bool:
+        """Re-driving changes delivery state: for those the auth system lets change
+        reports, although the admin itself never edits one."""
+        return request.user.has_perm("usage.change_usagereport")
+
+    @admin.action(description="Re-drive the selected dead reports", permissions=["redrive"])
+    def redrive_reports(self, request: HttpRequest, queryset: QuerySet[UsageReport]) -> None:
+        count = usage_reports_redrive_dead(report_ids=list(queryset.values_list("pk", flat=True)))
+        skipped = queryset.count() - count
+        self.message_user(
+            request,
+            f"Re-drove {count} dead report(s)"
+            + (f"; {skipped} not dead, left alone" if skipped > 0 else ""),
+            messages.SUCCESS,
+        )

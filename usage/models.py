@@ -121,3 +121,103 @@ class UsageLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.timestamp:%Y-%m-%d %H:%M:%S} {self.user_id} {self.model} {self.status}"
+
+
+class UsageReport(models.Model):
+    """Platform mode: the outcome of one resolved attempt, to be pushed to the platform
+    (CONTRACT §7). A durable outbox row: written in the same transaction as the request's
+    usage row, then delivered by a Celery task (usage.reporting).
+
+    pending -> delivered | dead, each move a compare-and-swap; `leased_until` marks a try
+    in progress so that two workers never push the same row at once.
+    """
+
+    class Outcome(models.TextChoices):
+        SUCCESS = "success"
+        ERROR = "error"
+
+    class Delivery(models.TextChoices):
+        PENDING = "pending"
+        DELIVERED = "delivered"
+        DEAD = "dead"
+
+    # The platform's attempt_id: what it deduplicates redeliveries by.
+    correlation_id = models.CharField(max_length=255, unique=True)
+    # The gateway request (the usage row's id, X-Otari-Request-Id) and the platform's.
+    request_id = models.UUIDField(db_index=True)
+    platform_request_id = models.CharField(max_length=255, blank=True, default="")
+    user = models.ForeignKey(GatewayUser, on_delete=models.PROTECT, related_name="usage_reports")
+    position = models.IntegerField(default=0)
+    provider = models.CharField(max_length=100, blank=True, default="")
+    model = models.CharField(max_length=255, blank=True, default="")
+    status = models.CharField(max_length=10, choices=Outcome.choices)
+    is_final_attempt = models.BooleanField()
+    prompt_tokens = models.IntegerField(default=0)
+    completion_tokens = models.IntegerField(default=0)
+    total_tokens = models.IntegerField(default=0)
+    cache_read_tokens = models.IntegerField(default=0)
+    cache_write_tokens = models.IntegerField(default=0)
+    error_class = models.CharField(max_length=100, blank=True, default="")
+
+    delivery_status = models.CharField(
+        max_length=10, choices=Delivery.choices, default=Delivery.PENDING
+    )
+    # Tries so far (each POST, whatever its outcome).
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    leased_until = models.DateTimeField(null=True, blank=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.IntegerField(null=True, blank=True)
+    # The platform's answer (or the transport error), truncated.
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField()
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    dead_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "platform usage report"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(delivery_status__in=["pending", "delivered", "dead"]),
+                name="usage_report_delivery_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=["success", "error"]), name="usage_report_status_valid"
+            ),
+        ]
+        indexes = [
+            # The re-drive: pending rows whose try is overdue.
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=Q(delivery_status="pending"),
+                name="usage_report_pending_idx",
+            ),
+            # The dead-letter views: by status code, newest first.
+            models.Index(
+                fields=["last_status_code", "-created_at"],
+                condition=Q(delivery_status="dead"),
+                name="usage_report_dead_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.correlation_id} {self.status} ({self.delivery_status})"
+
+    def payload(self) -> dict[str, object]:
+        """The body of `POST {platform}/gateway/usage`."""
+        body: dict[str, object] = {
+            "correlation_id": self.correlation_id,
+            "status": self.status,
+            "is_final_attempt": self.is_final_attempt,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens,
+                "cache_read_tokens": self.cache_read_tokens,
+                "cache_write_tokens": self.cache_write_tokens,
+            },
+        }
+        if self.error_class:
+            body["error_class"] = self.error_class
+        return body

@@ -14,7 +14,7 @@ from django.db.models.functions import Coalesce, TruncDate, TruncDay, TruncHour
 
 from budgets.models import APIKey, GatewayUser
 from otari.fields import MoneyField
-from usage.models import ModelPricing, UsageLog
+from usage.models import ModelPricing, UsageLog, UsageReport
 
 ZERO = Decimal(0)
 
@@ -506,3 +506,12 @@ def usage_recent_errors(*, limit: int = 10) -> list[UsageLog]:
         )
         .order_by("-timestamp")[:limit]
     )
+
+
+def usage_reports_dead(*, status_code: int | None = None) -> QuerySet[UsageReport]:
+    """Dead-lettered platform usage reports, newest first; those whose last answer had
+    `status_code`, when given."""
+    dead = UsageReport.objects.filter(delivery_status=UsageReport.Delivery.DEAD)
+    if status_code is not None:
+        dead = dead.filter(last_status_code=status_code)
+    return dead.order_by("-created_at")

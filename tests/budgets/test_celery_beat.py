@@ -51,9 +51,11 @@ def test_the_beat_schedule_names_registered_tasks():
         "budgets.roll_due_periods",
         "budgets.expire_stale_holds",
         "budgets.sweep_alerts",
+        "usage.redrive_reports",
     }
     assert names <= set(app.tasks)
     assert "budgets.deliver_alert" in app.tasks
+    assert "usage.push_report" in app.tasks
     for entry in settings.CELERY_BEAT_SCHEDULE.values():
         assert entry["schedule"] == settings.OTARI_BEAT_INTERVAL_SECONDS == 60
 
