@@ -105,6 +105,10 @@ class GatewayUser(models.Model):
     # A temporary top-up raises this user's limit by `topup_usd` until `topup_expires_at`.
     topup_usd = MoneyField()
     topup_expires_at = models.DateTimeField(null=True, blank=True)
+    # Rate limits (llm_proxy/ratelimit.py), per window of OTARI_RATELIMIT_WINDOW_SECONDS
+    # (a minute): null = unlimited, 0 = nothing allowed. A key's own limits apply on top.
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True)
+    tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -300,6 +304,9 @@ class APIKey(models.Model):
     allowed_models = models.JSONField(null=True, blank=True)
     # Cost is logged, never held or charged.
     exclude_from_budget = models.BooleanField(default=False)
+    # Rate limits of this key alone, on top of its user's (null = unlimited).
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True)
+    tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -61,6 +61,21 @@ class Caller:
     # The budget's alert thresholds (percent of the limit); empty when the budget has
     # no alert target, so that settlement does no alert arithmetic at all.
     alert_thresholds_pct: tuple[int, ...] = ()
+    # Rate limits per window (llm_proxy/ratelimit.py); None = unlimited.
+    user_rpm_limit: int | None = None
+    user_tpm_limit: int | None = None
+    key_rpm_limit: int | None = None
+    key_tpm_limit: int | None = None
+
+    @property
+    def has_rate_limits(self) -> bool:
+        """False for most callers, who then cost the rate limiter nothing at all."""
+        return not (
+            self.user_rpm_limit is None
+            and self.user_tpm_limit is None
+            and self.key_rpm_limit is None
+            and self.key_tpm_limit is None
+        )
 
     @property
     def allowed_models(self) -> list[str] | None:
@@ -84,6 +99,7 @@ _CALLER_COLUMNS = """
     u.topup_usd, u.topup_expires_at,
     CASE WHEN b.alert_webhook_url <> '' OR b.alert_emails <> '[]'::jsonb
          THEN b.alert_thresholds_pct END AS alert_thresholds_pct,
+    u.rpm_limit AS user_rpm_limit, u.tpm_limit AS user_tpm_limit,
     p.input_price_per_mtok_usd, p.output_price_per_mtok_usd,
     p.cache_read_price_per_mtok_usd, p.cache_write_price_per_mtok_usd
 """
@@ -99,7 +115,8 @@ _PRICE_JOIN = """
 _CALLER_BY_KEY_SQL = f"""
 SELECT {_CALLER_COLUMNS},
        k.id AS api_key_id, k.is_active, k.expires_at AS key_expires_at,
-       k.allowed_models AS key_allowed_models, k.exclude_from_budget
+       k.allowed_models AS key_allowed_models, k.exclude_from_budget,
+       k.rpm_limit AS key_rpm_limit, k.tpm_limit AS key_tpm_limit
 FROM budgets_apikey k
 JOIN budgets_gatewayuser u ON u.user_id = k.user_id
 {_PRICE_JOIN}
@@ -149,6 +166,10 @@ def _caller_from_row(row: dict[str, Any]) -> Caller:
         exclude_from_budget=row.get("exclude_from_budget", False),
         rates=_rates_from_row(row),
         alert_thresholds_pct=tuple(_json_list(row.get("alert_thresholds_pct")) or ()),
+        user_rpm_limit=row["user_rpm_limit"],
+        user_tpm_limit=row["user_tpm_limit"],
+        key_rpm_limit=row.get("key_rpm_limit"),
+        key_tpm_limit=row.get("key_tpm_limit"),
     )
 
 
@@ -190,6 +211,8 @@ def _caller_load_orm(
         "alert_thresholds_pct": (
             user.budget.alert_thresholds_pct if user.budget and user.budget.alerts_enabled else None
         ),
+        "user_rpm_limit": user.rpm_limit,
+        "user_tpm_limit": user.tpm_limit,
         "input_price_per_mtok_usd": price.input_price_per_mtok_usd if price else None,
         "output_price_per_mtok_usd": price.output_price_per_mtok_usd if price else None,
         "cache_read_price_per_mtok_usd": price.cache_read_price_per_mtok_usd if price else None,
@@ -202,6 +225,8 @@ def _caller_load_orm(
             key_expires_at=key.expires_at,
             key_allowed_models=key.allowed_models,
             exclude_from_budget=key.exclude_from_budget,
+            key_rpm_limit=key.rpm_limit,
+            key_tpm_limit=key.tpm_limit,
         )
     return _caller_from_row(row)
 
@@ -550,3 +575,9 @@ def holds_open_summary(*, now: datetime) -> OpenHolds:
         stale_count=row["stale"],
         oldest_created_at=row["oldest"],
     )
+
+
+def users_reserved_total() -> Decimal:
+    """The sum of all users' `reserved`: by invariant 1, the open holds' total (a gap
+    between the two is drift for `audit_budgets`)."""
+    return GatewayUser.objects.aggregate(total=Sum("reserved_usd"))["total"] or Decimal(0)

@@ -515,11 +515,17 @@ def hold_settle(*, record: UsageRecord, now: datetime) -> BudgetState | None:
 
 
 # Shared by the three closing statements: the key's last_used_at, at most once a minute.
+# SKIP LOCKED: two closing statements of one key can each hold the row the other needs
+# next (the user's, the key's); the touch is bookkeeping, so it gives way instead of
+# waiting, which deadlocked (found by tests/observability, two requests of one key).
 _TOUCH_KEY = """
 touched AS (
     UPDATE budgets_apikey SET last_used_at = %(now)s
-    WHERE id = %(api_key_id)s
-      AND (last_used_at IS NULL OR last_used_at < %(touch_before)s)
+    WHERE id = (
+        SELECT id FROM budgets_apikey
+        WHERE id = %(api_key_id)s
+          AND (last_used_at IS NULL OR last_used_at < %(touch_before)s)
+        FOR NO KEY UPDATE SKIP LOCKED)
 )"""
 _USAGE_COLUMNS = """
     (id, user_id, api_key_id, timestamp, endpoint, provider, model, prompt_tokens,
@@ -868,6 +874,8 @@ def user_create(
     blocked: bool = False,
     allowed_models: list[str] | None = None,
     metadata: dict[str, Any] | None = None,
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
     now: datetime | None = None,
 ) -> GatewayUser:
     """Create a user; a budget given here starts its first window now."""
@@ -879,6 +887,8 @@ def user_create(
             blocked=blocked,
             allowed_models=allowed_models,
             metadata=metadata or {},
+            rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit,
         )
         if budget is not None:
             _start_fresh_window(user, budget, now)
@@ -904,6 +914,8 @@ def user_update(
     allowed_models: list[str] | None = UNSET,
     metadata: dict[str, Any] = UNSET,
     budget: Budget | None = UNSET,
+    rpm_limit: int | None = UNSET,
+    tpm_limit: int | None = UNSET,
     now: datetime | None = None,
 ) -> GatewayUser:
     """Change a user. Moving them to a different budget starts a fresh window (§3.6);
@@ -921,6 +933,8 @@ def user_update(
                 ("blocked", blocked),
                 ("allowed_models", allowed_models),
                 ("metadata", metadata),
+                ("rpm_limit", rpm_limit),
+                ("tpm_limit", tpm_limit),
             )
             if value is not UNSET
         }
@@ -1001,6 +1015,8 @@ def api_key_create(
     allowed_models: list[str] | None = None,
     exclude_from_budget: bool = False,
     metadata: dict[str, Any] | None = None,
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
 ) -> tuple[APIKey, str]:
     """Create a key for `user`. Returns the key and its secret, which is not kept."""
     secret = _new_api_key_secret()
@@ -1014,6 +1030,8 @@ def api_key_create(
         allowed_models=allowed_models,
         exclude_from_budget=exclude_from_budget,
         metadata=metadata or {},
+        rpm_limit=rpm_limit,
+        tpm_limit=tpm_limit,
     )
     return key, secret
 
@@ -1052,6 +1070,8 @@ def api_key_update(
     allowed_models: list[str] | None = UNSET,
     exclude_from_budget: bool = UNSET,
     metadata: dict[str, Any] = UNSET,
+    rpm_limit: int | None = UNSET,
+    tpm_limit: int | None = UNSET,
 ) -> APIKey:
     """Change a key's settings (never its secret: see api_key_rotate)."""
     changes = {
@@ -1063,6 +1083,8 @@ def api_key_update(
             ("allowed_models", allowed_models),
             ("exclude_from_budget", exclude_from_budget),
             ("metadata", metadata),
+            ("rpm_limit", rpm_limit),
+            ("tpm_limit", tpm_limit),
         )
         if value is not UNSET
     }

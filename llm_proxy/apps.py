@@ -4,3 +4,9 @@ from django.apps import AppConfig
 class LlmProxyConfig(AppConfig):
     name = "llm_proxy"
     verbose_name = "LLM proxy"
+
+    def ready(self) -> None:
+        # Every log record carries the id of the request it was written for.
+        from otari.logging import install_record_factory
+
+        install_record_factory()

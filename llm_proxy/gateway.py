@@ -37,7 +37,7 @@ from django.utils import timezone
 from budgets import alerting, services
 from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
 from budgets.selectors import Caller, rates_current
-from llm_proxy import platform, upstream
+from llm_proxy import platform, ratelimit, upstream
 from llm_proxy.auth import (
     authenticate,
     authenticate_listing,
@@ -57,8 +57,11 @@ from llm_proxy.formats import MESSAGES
 from llm_proxy.providers import resolve_model
 from llm_proxy.streaming import relay
 from llm_proxy.translate import TranslationError, route_for
+from otari import metrics
 from otari.celery import embedded_beat_tick
 from otari.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
+from otari.logging import bind_request, log_payload
+from otari.logging import current as current_request
 from usage.models import UsageLog, UsageReport
 from usage.pricing import TokenUsage, cost_usd, estimate_usd, prompt_tokens_from_chars
 from usage.reporting import AttemptReport
@@ -68,6 +71,7 @@ if TYPE_CHECKING:
     from budgets.services import BudgetState
     from llm_proxy.formats.base import ApiFormat
     from llm_proxy.providers.base import Provider
+    from llm_proxy.ratelimit import RateAdmission
     from llm_proxy.streaming import StreamCodec
     from llm_proxy.translate import Route
     from usage.pricing import Rates
@@ -134,6 +138,8 @@ class Exchange:
     current: int = 0
     # Platform mode: the platform's id of the request (its attempts are reported).
     platform_request_id: str | None = None
+    # What the rate limiter counted (None: the caller has no limits).
+    rate: RateAdmission | None = None
     # The cost charged at settlement (None until then, or when the model has no price).
     charged_usd: Decimal | None = None
     _closing: asyncio.Future | None = field(default=None, repr=False)
@@ -250,15 +256,33 @@ class Exchange:
             reports=self._reports(status=status, usage=usage, error_class=error_class),
         )
 
-    def _close_once(self, close: Callable[[], Awaitable[Any]]) -> asyncio.Future:
+    def _close_once(
+        self, close: Callable[[], Awaitable[Any]], record: services.UsageRecord
+    ) -> asyncio.Future:
         """Run the first close of this request, shielded; later calls await that one.
 
         Shielded: Django cancels the response task when the client disconnects, and a
         settlement cut off half-way would leave the hold open until the sweeper.
         """
         if self._closing is None:
-            self._closing = _track(close())
+            self._closing = _track(self._close(close, record))
         return asyncio.shield(self._closing)
+
+    async def _close(
+        self, close: Callable[[], Awaitable[Any]], record: services.UsageRecord
+    ) -> None:
+        """Close the books and, concurrently, correct the rate limiter's token count to
+        what the request used (its estimate was counted at admission)."""
+        metrics.request_closed(record)
+        if self.rate is None:
+            await close()
+            return
+        used = record.usage.total_tokens if record.usage is not None else 0
+        correction = asyncio.ensure_future(ratelimit.rate_settle(self.rate, tokens=used))
+        try:
+            await close()
+        finally:
+            await correction
 
     async def settle(
         self,
@@ -269,6 +293,7 @@ class Exchange:
         error_message: str = "",
     ) -> None:
         """Charge the request's cost and release its hold."""
+        metrics.provider_call_ended()
         record = self._record(
             status=status,
             status_code=status_code,
@@ -289,7 +314,7 @@ class Exchange:
             else:
                 await services.usage_record_async(record=record, now=now)
 
-        await self._close_once(close)
+        await self._close_once(close, record)
 
     def _alerts_after_settle(self, state: BudgetState, charge_usd: Decimal, now) -> None:
         """Arithmetic only, unless this settlement took spend across an alert threshold;
@@ -306,6 +331,7 @@ class Exchange:
 
     async def refund(self, exc: GatewayError, *, status: str = UsageLog.Status.ERROR) -> None:
         """Release the hold without charging; the usage row says why."""
+        metrics.provider_call_ended()
         record = self._record(
             status=status,
             status_code=exc.status,
@@ -322,7 +348,7 @@ class Exchange:
             else:
                 await services.usage_record_async(record=record, now=now)
 
-        await self._close_once(close)
+        await self._close_once(close, record)
 
     # --- the endings of a committed stream -------------------------------------------------
 
@@ -373,6 +399,8 @@ class Exchange:
         await self.settle_complete(codec.usage, codec.output_chars())
 
     async def settle_broken_stream(self, codec: StreamCodec) -> None:
+        provider = self.attempt.provider_name
+        metrics.provider_error_observed(provider=provider, failure="stream_broken")
         await self.settle(
             self._delivered_usage(codec),
             status=UsageLog.Status.ERROR,
@@ -548,6 +576,7 @@ async def _admit(
             latency_ms=int((time.perf_counter() - started) * 1000),
         )
         await services.usage_record_async(record=record, now=timezone.now())
+        metrics.request_closed(record)
         exc.headers.setdefault("X-Otari-Request-Id", str(request_id))
         raise
 
@@ -587,19 +616,25 @@ async def _admit_known(
         raise PricingMissing
     texts = fmt.prompt_texts(body)
     prompt_chars = fmt.prompt_chars(body, texts)
+    max_output = fmt.output_token_budget(body)
+    # Rate limits (429) before the budget: no hold is taken for a request refused here.
+    rate = await ratelimit.rate_admit(
+        caller=caller, tokens=prompt_tokens_from_chars(prompt_chars) + max_output
+    )
     estimate = Decimal(0)
     held = False
     state = _loaded_state(caller, limit)
     if rates is not None:
         estimate = estimate_usd(
             prompt_chars=prompt_chars,
-            max_output_tokens=fmt.output_token_budget(body),
+            max_output_tokens=max_output,
             rates=rates,
         )
         # Free models and keys excluded from budget take no hold and are never refused
         # for money (CONTRACT §1, §3.3).
         if not rates.is_free and not caller.exclude_from_budget:
-            state = await services.hold_open_async(
+            state = await _hold_open(
+                rate,
                 user_id=caller.user_id,
                 request_id=request_id,
                 amount_usd=estimate,
@@ -620,7 +655,20 @@ async def _admit_known(
         held=held,
         budget_state=state,
         body=body,
+        rate=rate,
     )
+
+
+async def _hold_open(rate: RateAdmission | None, **hold: Any) -> BudgetState:
+    """`hold_open_async`; a refusal gives the rate limiter back the request's tokens
+    (it used none) and still shows the caller its rate limits."""
+    try:
+        return await services.hold_open_async(**hold)
+    except GatewayError as exc:
+        await ratelimit.rate_settle(rate, tokens=0)
+        if rate is not None:
+            exc.headers.update(ratelimit.rate_headers(rate.windows))
+        raise
 
 
 # --- platform mode (CONTRACT §7) -----------------------------------------------------------
@@ -733,6 +781,7 @@ async def _admit_platform(
             reports=_refusal_reports(attempts, exc, resolution.request_id),
         )
         await services.usage_record_async(record=record, now=timezone.now())
+        metrics.request_closed(record)
         exc.headers.setdefault("X-Otari-Request-Id", str(request_id))
         raise
 
@@ -762,6 +811,9 @@ async def _admit_platform_known(
     texts = fmt.prompt_texts(body)
     prompt_chars = fmt.prompt_chars(body, texts)
     max_output_tokens = fmt.output_token_budget(body)
+    rate = await ratelimit.rate_admit(
+        caller=caller, tokens=prompt_tokens_from_chars(prompt_chars) + max_output_tokens
+    )
     # Whichever attempt serves, its cost fits under the hold's estimate.
     estimate = max(
         (
@@ -777,7 +829,8 @@ async def _admit_platform_known(
     state = _loaded_state(caller, limit)
     held = False
     if estimate > 0:
-        state = await services.hold_open_async(
+        state = await _hold_open(
+            rate,
             user_id=caller.user_id,
             request_id=request_id,
             amount_usd=estimate,
@@ -802,6 +855,7 @@ async def _admit_platform_known(
         budget_state=state,
         body=body,
         platform_request_id=platform_request_id,
+        rate=rate,
     )
 
 
@@ -828,6 +882,7 @@ async def _fail(exchange: Exchange, failure: GatewayError) -> HttpResponse | Non
     """An attempt failed before anything reached the client. Returns None when there is
     another attempt to try (platform mode); otherwise closes the request with a refund
     and returns the last failure's error response."""
+    metrics.provider_error_observed(provider=exchange.attempt.provider_name, failure=failure)
     if exchange.next_attempt(failure):
         logger.info(
             "request %s: attempt failed (%s), trying the next one",
@@ -855,10 +910,12 @@ async def _answer(exchange: Exchange, body: dict[str, Any]) -> _Answer | Gateway
     request = exchange.provider.build_request(
         client, route.upstream.name, target.body, target.headers
     )
+    metrics.provider_call_started()
     try:
         response = await client.send(request)
     except httpx.HTTPError as exc:
         return _provider_failure(exc)
+    metrics.provider_call_ended()
     if response.status_code >= 400:
         return await _provider_status_error(exchange, response)
     try:
@@ -915,6 +972,7 @@ async def _stream_open(
         client, route.upstream.name, target.body, target.headers
     )
     response: httpx.Response | None = None
+    metrics.provider_call_started()
     try:
         response = await client.send(request, stream=True)
         if response.status_code >= 400:
@@ -999,7 +1057,7 @@ def _error(exchange: Exchange, exc: GatewayError) -> HttpResponse:
 
 async def handle(request: HttpRequest, fmt: ApiFormat) -> HttpResponse:
     """Serve one generation request of API `fmt`."""
-    request_id = uuid.uuid4()
+    request_id = bind_request(fmt.endpoint)
     started = time.perf_counter()
     embedded_beat_tick()
     # Admission runs shielded: a hold taken by a statement whose caller was cancelled
@@ -1008,14 +1066,19 @@ async def handle(request: HttpRequest, fmt: ApiFormat) -> HttpResponse:
     try:
         exchange, body = await asyncio.shield(admission)
     except GatewayError as exc:
-        return error_response(exc, fmt.error_style)
+        metrics.refusal_observed(exc)
+        exc.headers.setdefault("X-Otari-Request-Id", str(request_id))
+        return _with_overhead(error_response(exc, fmt.error_style))
     except asyncio.CancelledError:
         _track(_release_abandoned(admission))
         raise
+    if settings.OTARI_LOG_PAYLOADS:
+        log_payload("request", body)
     try:
         if body.get("stream") is True:
-            return await _stream(exchange, body)
-        return await _complete(exchange, body)
+            response = await _stream(exchange, body)
+        else:
+            response = await _complete(exchange, body)
     except asyncio.CancelledError:
         # The client left before anything was sent: release the hold (a no-op when the
         # request had already been closed).
@@ -1028,7 +1091,29 @@ async def handle(request: HttpRequest, fmt: ApiFormat) -> HttpResponse:
         logger.exception("request %s failed", request_id)
         failure = GatewayError("Internal error")
         await exchange.refund(failure)
-        return _error(exchange, failure)
+        response = _error(exchange, failure)
+    return _finish(exchange, response)
+
+
+def _finish(exchange: Exchange, response: HttpResponse) -> HttpResponse:
+    """Headers every generation response gets: X-RateLimit-* when the caller has limits,
+    X-Otari-Overhead-Ms when the response is not a stream."""
+    if exchange.rate is not None:
+        for name, value in ratelimit.rate_headers(exchange.rate.windows).items():
+            response[name] = value
+    if not response.streaming:
+        _with_overhead(response)
+        if settings.OTARI_LOG_PAYLOADS:
+            log_payload("response", response.content)
+    return response
+
+
+def _with_overhead(response: HttpResponse) -> HttpResponse:
+    ctx = current_request()
+    overhead = ctx.overhead_s() if ctx is not None else None
+    if overhead is not None:
+        response["X-Otari-Overhead-Ms"] = f"{overhead * 1000:.2f}"
+    return response
 
 
 async def list_models(request: HttpRequest) -> HttpResponse:

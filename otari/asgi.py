@@ -23,6 +23,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
 # Django must be set up before anything imports models.
 django_http = get_asgi_application()
 
+from llm_proxy import ratelimit  # noqa: E402 - needs Django set up
+from otari.metrics import ObservabilityMiddleware  # noqa: E402
+
 
 class GatewayASGIHandler(ASGIHandler):
     """Django's ASGI handler with an empty middleware chain (see the module docstring)."""
@@ -46,13 +49,18 @@ class GatewayASGIHandler(ASGIHandler):
 
 GENERATION_ROUTES = r"^(?:api/)?v1/(?:chat/completions|messages|responses|embeddings|models)"
 
-application = ProtocolTypeRouter(
-    {
-        "http": URLRouter(
-            [
-                re_path(GENERATION_ROUTES, GatewayASGIHandler()),
-                re_path(r"", django_http),
-            ]
-        ),
-    }
+ratelimit.warn_if_per_process()
+
+# Outermost: every request's log context (request id), metrics and access log line.
+application = ObservabilityMiddleware(
+    ProtocolTypeRouter(
+        {
+            "http": URLRouter(
+                [
+                    re_path(GENERATION_ROUTES, GatewayASGIHandler()),
+                    re_path(r"", django_http),
+                ]
+            ),
+        }
+    )
 )

@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -172,7 +173,6 @@ OTARI_HOLD_TTL_SECONDS = env.int(
 )
 OTARI_STREAM_KEEPALIVE_SECONDS = env.float("OTARI_STREAM_KEEPALIVE_SECONDS", default=15.0)
 OTARI_HOTPATH_POOL_SIZE = env.int("OTARI_HOTPATH_POOL_SIZE", default=10)
-OTARI_ENABLE_METRICS = env.bool("OTARI_ENABLE_METRICS", default=False)
 
 # --- Platform mode (CONTRACT §7, docs/PLATFORM.md) -------------------------------------------
 # Both set: platform user tokens are resolved per request and every attempt is reported.
@@ -257,6 +257,29 @@ OTARI_ALERT_FROM_EMAIL = env.str("OTARI_ALERT_FROM_EMAIL", default="otari@localh
 # localhost:25.
 vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
 
+# --- Observability and rate limits (docs/OBSERVABILITY.md) ---------------------------------
+OTARI_ENABLE_METRICS = env.bool("OTARI_ENABLE_METRICS", default=False)
+# When set, GET /metrics requires `Authorization: Bearer <token>`.
+OTARI_METRICS_TOKEN = env.str("OTARI_METRICS_TOKEN", default="")
+OTARI_LOG_FORMAT = env.str("OTARI_LOG_FORMAT", default="text")
+if OTARI_LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured("OTARI_LOG_FORMAT must be text or json")
+# One line per HTTP request (logger otari.access), with its request id.
+OTARI_ACCESS_LOG = env.bool("OTARI_ACCESS_LOG", default=True)
+# Debugging only: log request and response bodies (prompts, completions) at DEBUG level.
+OTARI_LOG_PAYLOADS = env.bool("OTARI_LOG_PAYLOADS", default=False)
+# Where rate limits are counted, shared by every process. Default: the Celery broker when
+# it is Redis; else per process (a warning says so at startup).
+OTARI_RATELIMIT_REDIS_URL = env.str(
+    "OTARI_RATELIMIT_REDIS_URL",
+    default=CELERY_BROKER_URL
+    if CELERY_BROKER_URL.startswith(("redis://", "rediss://", "unix://"))
+    else "",
+)
+# The length of a rate-limit window: rpm_limit and tpm_limit count per window (a minute).
+OTARI_RATELIMIT_WINDOW_SECONDS = env.int("OTARI_RATELIMIT_WINDOW_SECONDS", default=60)
+OTARI_RATELIMIT_KEY_PREFIX = env.str("OTARI_RATELIMIT_KEY_PREFIX", default="otari:rl:")
+
 # --- REST framework (management API) --------------------------------------------------------
 # Master-key auth, JSON with exact Decimals and `{"detail": ...}` errors: otari/rest.py.
 REST_FRAMEWORK = {
@@ -302,8 +325,12 @@ SPECTACULAR_SETTINGS = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Both formatters add the request id and remove secrets (otari/logging.py).
+    "formatters": {
+        "text": {"()": "otari.logging.TextFormatter"},
+        "json": {"()": "otari.logging.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": OTARI_LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": env.str("OTARI_LOG_LEVEL", default="INFO")},
     "loggers": {
         # httpx logs every request line, which would put provider URLs in the log stream.

@@ -6,6 +6,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from otari import health
+from otari.metrics import metrics_view
 
 health_urls = [
     path("health", health.HealthApi.as_view()),
@@ -22,6 +23,7 @@ v1 = [
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("metrics", metrics_view, name="metrics"),
     path("v1/", include(v1)),
     path("api/v1/", include(v1)),
     # otari-cli's `health` calls /health on the gateway's origin.

@@ -13,9 +13,10 @@ shift || true
 [ "${1:-}" = "--" ] && shift
 BENCH_DIR="${BENCH_DIR:-../shared/bench}"
 OUT="${OUT:-var/bench}"
-DB=otari_bench
-PORT_UPSTREAM=9100
-PORT_GATEWAY=8100
+# Overridable, so that two benchmarks on one machine do not share a database or ports.
+DB="${BENCH_DB:-otari_bench}"
+PORT_UPSTREAM="${BENCH_PORT_UPSTREAM:-9100}"
+PORT_GATEWAY="${BENCH_PORT_GATEWAY:-8100}"
 mkdir -p "$OUT"
 
 [ -x var/benchvenv/bin/python ] || {
@@ -37,6 +38,8 @@ psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATAB
 .venv/bin/python manage.py migrate -v0
 .venv/bin/python manage.py bootstrap >/dev/null
 # A user with a budget so large it never refuses: every request takes and settles a hold.
+# BENCH_RPM_LIMIT / BENCH_TPM_LIMIT give it rate limits too (never reached, but checked
+# and counted on every request), to measure the rate limiter.
 KEY=$(.venv/bin/python - <<'PY'
 import django, os
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
@@ -44,7 +47,12 @@ django.setup()
 from decimal import Decimal
 from budgets import services
 budget = services.budget_create(name="bench", max_budget_usd=Decimal("999999999"))
-user = services.user_create(user_id="bench", budget=budget)
+limits = {
+    name: int(os.environ[var])
+    for name, var in (("rpm_limit", "BENCH_RPM_LIMIT"), ("tpm_limit", "BENCH_TPM_LIMIT"))
+    if os.environ.get(var)
+}
+user = services.user_create(user_id="bench", budget=budget, **limits)
 print(services.api_key_create(user=user)[1])
 PY
 )

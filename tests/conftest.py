@@ -225,8 +225,13 @@ class ServerProcess:
         self.process.wait(timeout=10)
 
 
-def start_server_process(config_file: Path, **env: str) -> ServerProcess:
-    """`uvicorn otari.asgi:application` in its own process, on the test database."""
+def start_server_process(
+    config_file: Path, *, log_path: Path | None = None, **env: str
+) -> ServerProcess:
+    """`uvicorn otari.asgi:application` in its own process, on the test database.
+
+    `log_path`: where its stderr (the log stream) goes, for tests that read its logs.
+    """
     sock = _free_socket()
     port = sock.getsockname()[1]
     sock.close()
@@ -253,6 +258,7 @@ def start_server_process(config_file: Path, **env: str) -> ServerProcess:
             "DJANGO_SETTINGS_MODULE": "otari.settings",
             **env,
         },
+        stderr=log_path.open("ab") if log_path is not None else None,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

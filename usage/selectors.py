@@ -515,3 +515,13 @@ def usage_reports_dead(*, status_code: int | None = None) -> QuerySet[UsageRepor
     if status_code is not None:
         dead = dead.filter(last_status_code=status_code)
     return dead.order_by("-created_at")
+
+
+def usage_reports_outbox_counts() -> tuple[int, int]:
+    """Platform usage reports not yet delivered, and given up on (dead letters). Two
+    counts rather than one aggregate: each is answered from its partial index."""
+    reports = UsageReport.objects
+    return (
+        reports.filter(delivery_status=UsageReport.Delivery.PENDING).count(),
+        reports.filter(delivery_status=UsageReport.Delivery.DEAD).count(),
+    )
