@@ -14,6 +14,7 @@ import pytest
 from budgets.models import Hold
 from tests.conftest import start_server_process
 from tests.factories import make_budget, make_key, make_user, priced, set_price
+from tests.fake_platform import GATEWAY_TOKEN, FakePlatform, attempt
 from tests.observability.conftest import scrape, value
 from usage.models import UsageLog
 
@@ -262,3 +263,21 @@ def test_over_the_limit_on_messages_is_an_anthropic_rate_limit_error(gateway, ba
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert refused.json()["error"]["message"].startswith("Rate limit exceeded")
     assert int(refused.headers["Retry-After"]) >= 1
+
+
+def test_a_platform_users_limits_apply_to_requests_made_with_their_platform_token(
+    gateway, backend, settings
+):
+    token = "ptok-rate-limited-user"
+    with FakePlatform(users={token: "plat-limited"}) as platform:
+        settings.OTARI_PLATFORM_URL, settings.OTARI_PLATFORM_TOKEN = platform.url, GATEWAY_TOKEN
+        settings.CELERY_BROKER_URL = ""
+        platform.fresh_ids = True
+        platform.attempts = [attempt("rl", "openai", "gpt-4o-mini", api_base=gateway.fake.base_url)]
+        set_price()
+        make_user(user_id="plat-limited", rpm_limit=1)
+
+        statuses = [_chat(gateway, token).status_code for _ in range(2)]
+
+    assert statuses == [200, 429]
+    assert gateway.fake.hits == 1
