@@ -1,12 +1,13 @@
 """A small Redis client for the rate limiter's hot path: one pipelined connection per
 event loop, scripts only.
 
-Why not redis-py's asyncio client: measured on this machine, one EVALSHA through it
-costs about 80 us of CPU (connection pool checkout, per-command timeout tasks, reply
-parsing in Python line by line), and a limited request needs one or two of them. Here
+Why not redis-py's asyncio client: measured on the development machine, one EVALSHA
+through it costs about 115 us of CPU (connection pool checkout, a timeout task per read,
+the reply parsed line by line), and a limited request needs one or two of them. Here
 every concurrent request of the process shares one connection: a command is written at
 once and its future queued; Redis answers in order, so replies resolve the queue in
-order. About a quarter of the CPU per command (docs/OBSERVABILITY.md has the figures).
+order. About half the CPU per command, most of the rest being the socket system calls
+(docs/OBSERVABILITY.md has the figures).
 
 Scope, on purpose: `redis://` and `rediss://` (TLS) and `unix://` URLs with an optional
 user/password and database number, RESP2 replies, EVALSHA with a fallback to EVAL when
