@@ -41,13 +41,16 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import redis.asyncio as aioredis
 from django.conf import settings
+from redis.exceptions import RedisError
 
-from llm_proxy.resp import RedisError, Script, ScriptClient
 from otari import metrics
 from otari.exceptions import GatewayError
 
 if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
     from budgets.selectors import Caller
 
 logger = logging.getLogger(__name__)
@@ -127,7 +130,7 @@ class RateLimitExceeded(GatewayError):
 # ARGV: window (ms), tokens to count, then per subject its request and token limit
 # (-1: none). Returns {refused subject (0: admitted), kind, now, then per subject
 # start, requests, tokens}: counted when admitted, as found when refused.
-_ADMIT = Script("""
+_ADMIT_LUA = """
 local window = tonumber(ARGV[1])
 local tokens = tonumber(ARGV[2])
 local clock = redis.call('TIME')
@@ -169,13 +172,13 @@ for i, key in ipairs(KEYS) do
   table.insert(out, s[3])
 end
 return out
-""")
+"""
 
 # KEYS: the windows counted at admission. ARGV: the token correction (may be negative),
 # then per subject the start of the window it was counted in; a window that has since
 # ended is left alone. Returns {0, 0, now, then per subject start, requests, tokens of
 # its current window (0, 0, 0 when there is none)}.
-_CORRECT = Script("""
+_CORRECT_LUA = """
 local delta = tonumber(ARGV[1])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -196,7 +199,7 @@ for i, key in ipairs(KEYS) do
   table.insert(out, used)
 end
 return out
-""")
+"""
 
 
 def _step(reply: object) -> _Step:
@@ -216,23 +219,44 @@ class _Backend(Protocol):
 
 
 class _RedisBackend:
-    """The shared counters: one Lua script per step, so one round trip, atomically."""
+    """The shared counters: one Lua script per step, so one round trip, atomically.
+
+    redis-py's asyncio client, one per event loop (its connections belong to the loop
+    that opened them; a server process has one). Scripts go as EVALSHA, and as EVAL the
+    first time a server does not know them.
+    """
 
     def __init__(self, url: str) -> None:
-        self.client = ScriptClient(url, timeout_s=_REDIS_TIMEOUT_S)
+        self.url = url
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._admit: AsyncScript | None = None
+        self._correct: AsyncScript | None = None
+
+    def _scripts(self) -> tuple[AsyncScript, AsyncScript]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._admit is None or self._correct is None:
+            client = aioredis.Redis.from_url(
+                self.url,
+                socket_timeout=_REDIS_TIMEOUT_S,
+                socket_connect_timeout=_REDIS_TIMEOUT_S,
+            )
+            self._admit = client.register_script(_ADMIT_LUA)
+            self._correct = client.register_script(_CORRECT_LUA)
+            self._loop = loop
+        return self._admit, self._correct
 
     async def admit(self, subjects: list[Subject], tokens: int, window_ms: int) -> _Step:
         args: list[int] = [window_ms, tokens]
         for subject in subjects:
             args += [_or_none(subject.rpm), _or_none(subject.tpm)]
-        reply = await self.client.evalsha(_ADMIT, [s.key for s in subjects], args)
-        return _step(reply)
+        admit, _ = self._scripts()
+        return _step(await admit(keys=[s.key for s in subjects], args=args))
 
     async def correct(
         self, subjects: list[Subject], starts: list[int], delta: int, window_ms: int
     ) -> _Step:
-        reply = await self.client.evalsha(_CORRECT, [s.key for s in subjects], [delta, *starts])
-        return _step(reply)
+        _, correct = self._scripts()
+        return _step(await correct(keys=[s.key for s in subjects], args=[delta, *starts]))
 
 
 def _or_none(limit: int | None) -> int:
