@@ -49,8 +49,12 @@ def test_create_get_list_update_delete(admin):
     assert budget_id in missing.json()["detail"]
 
 
+@pytest.mark.postgres
 def test_money_is_exact_both_ways(admin):
-    """Parsed from the JSON text as Decimal, written back as a JSON number, every digit."""
+    """Parsed from the JSON text as Decimal, written back as a JSON number, every digit.
+
+    PostgreSQL only: SQLite stores decimals as binary floats, ~15 significant digits
+    (docs/ARCHITECTURE.md, "Money")."""
     response = admin.post(
         "/v1/budgets",
         content=b'{"max_budget": 123456789012.1234567891}',
