@@ -558,8 +558,11 @@ async def _admit(
             model_key=model_key,
             rates=caller.rates,
             target=target,
+            refusal=(
+                None if model_allowed(caller.allowed_models, model_key) else ModelNotAllowed()
+            ),
         )
-        return await _admit_known(caller, fmt, body, attempt, request_id, started, now), body
+        return await _admit_known(caller, fmt, body, [attempt], request_id, started, now), body
     except GatewayError as exc:
         # A refusal of a known user leaves a usage row (CONTRACT §3.4, §5).
         record = services.UsageRecord(
@@ -598,19 +601,31 @@ async def _admit_known(
     caller: Caller,
     fmt: ApiFormat,
     body: dict[str, Any],
-    attempt: Attempt,
+    attempts: list[Attempt],
     request_id: uuid.UUID,
     started: float,
     now,
+    platform_request_id: str | None = None,
 ) -> Exchange:
-    """The admission checks of §3.3, in order, and the hold."""
+    """The admission checks of §3.3, in order, and the hold.
+
+    A local request has one attempt; a platform request (§7) has the resolved ones, and
+    an attempt that cannot be tried (a model the user may not use, no route) carries its
+    refusal. The hold covers the dearest usable attempt, so whichever serves fits under
+    it; the request is charged at the price of the one that serves. The platform prices
+    and bills its own attempts: `require_pricing` is for local providers.
+    """
     if caller.blocked:
         raise UserBlocked
-    if not model_allowed(caller.allowed_models, attempt.model_key):
-        raise ModelNotAllowed
-    rates = attempt.rates
+    usable = [index for index, attempt in enumerate(attempts) if attempt.refusal is None]
+    if not usable:
+        # Nothing can be tried: the last attempt's reason is the request's.
+        refusal = attempts[-1].refusal
+        assert refusal is not None  # noqa: S101
+        raise refusal
     limit = caller.limit_usd(now)
-    if rates is None and settings.OTARI_REQUIRE_PRICING:
+    priced = [rates for index in usable if (rates := attempts[index].rates) is not None]
+    if not priced and platform_request_id is None and settings.OTARI_REQUIRE_PRICING:
         if limit is not None and caller.spend_usd + caller.reserved_usd >= limit:
             raise BudgetExceeded
         raise PricingMissing
@@ -621,33 +636,36 @@ async def _admit_known(
     rate = await ratelimit.rate_admit(
         caller=caller, tokens=prompt_tokens_from_chars(prompt_chars) + max_output
     )
-    estimate = Decimal(0)
-    held = False
+    estimate = max(
+        (
+            estimate_usd(prompt_chars=prompt_chars, max_output_tokens=max_output, rates=rates)
+            for rates in priced
+        ),
+        default=Decimal(0),
+    )
     state = _loaded_state(caller, limit)
-    if rates is not None:
-        estimate = estimate_usd(
-            prompt_chars=prompt_chars,
-            max_output_tokens=max_output,
-            rates=rates,
+    held = False
+    # Free models and keys excluded from budget take no hold and are never refused for
+    # money (CONTRACT §1, §3.3).
+    if any(not rates.is_free for rates in priced) and not caller.exclude_from_budget:
+        state = await _hold_open(
+            rate,
+            user_id=caller.user_id,
+            request_id=request_id,
+            amount_usd=estimate,
+            limit_usd=limit,
+            model_key=attempts[usable[0]].model_key,
+            now=now,
         )
-        # Free models and keys excluded from budget take no hold and are never refused
-        # for money (CONTRACT §1, §3.3).
-        if not rates.is_free and not caller.exclude_from_budget:
-            state = await _hold_open(
-                rate,
-                user_id=caller.user_id,
-                request_id=request_id,
-                amount_usd=estimate,
-                limit_usd=limit,
-                model_key=attempt.model_key,
-                now=now,
-            )
-            held = True
+        held = True
+    for index in range(usable[0]):
+        attempts[index].failure = attempts[index].refusal
     return Exchange(
         request_id=request_id,
         fmt=fmt,
         caller=caller,
-        attempts=[attempt],
+        attempts=attempts,
+        current=usable[0],
         prompt_chars=prompt_chars,
         prompt_texts=texts,
         started=started,
@@ -655,6 +673,7 @@ async def _admit_known(
         held=held,
         budget_state=state,
         body=body,
+        platform_request_id=platform_request_id,
         rate=rate,
     )
 
@@ -761,7 +780,7 @@ async def _admit_platform(
         for resolved in resolution.attempts
     ]
     try:
-        exchange = await _admit_platform_known(
+        exchange = await _admit_known(
             caller, fmt, body, attempts, request_id, started, now, resolution.request_id
         )
         return exchange, body
@@ -784,79 +803,6 @@ async def _admit_platform(
         metrics.request_closed(record)
         exc.headers.setdefault("X-Otari-Request-Id", str(request_id))
         raise
-
-
-async def _admit_platform_known(
-    caller: Caller,
-    fmt: ApiFormat,
-    body: dict[str, Any],
-    attempts: list[Attempt],
-    request_id: uuid.UUID,
-    started: float,
-    now,
-    platform_request_id: str,
-) -> Exchange:
-    """§3.3 for a platform request. The platform prices and bills, so a model without a
-    local price is not refused (`require_pricing` is for local providers); the local
-    ledger still holds what the dearest usable attempt could cost, and settles at the
-    price of the attempt that serves."""
-    if caller.blocked:
-        raise UserBlocked
-    usable = [index for index, attempt in enumerate(attempts) if attempt.refusal is None]
-    if not usable:
-        # Nothing can be tried: the last attempt's reason is the request's.
-        refusal = attempts[-1].refusal
-        assert refusal is not None  # noqa: S101
-        raise refusal
-    texts = fmt.prompt_texts(body)
-    prompt_chars = fmt.prompt_chars(body, texts)
-    max_output_tokens = fmt.output_token_budget(body)
-    rate = await ratelimit.rate_admit(
-        caller=caller, tokens=prompt_tokens_from_chars(prompt_chars) + max_output_tokens
-    )
-    # Whichever attempt serves, its cost fits under the hold's estimate.
-    estimate = max(
-        (
-            estimate_usd(
-                prompt_chars=prompt_chars, max_output_tokens=max_output_tokens, rates=rates
-            )
-            for index in usable
-            if (rates := attempts[index].rates) is not None and not rates.is_free
-        ),
-        default=Decimal(0),
-    )
-    limit = caller.limit_usd(now)
-    state = _loaded_state(caller, limit)
-    held = False
-    if estimate > 0:
-        state = await _hold_open(
-            rate,
-            user_id=caller.user_id,
-            request_id=request_id,
-            amount_usd=estimate,
-            limit_usd=limit,
-            model_key=attempts[usable[0]].model_key,
-            now=now,
-        )
-        held = True
-    for index in range(usable[0]):
-        attempts[index].failure = attempts[index].refusal
-    return Exchange(
-        request_id=request_id,
-        fmt=fmt,
-        caller=caller,
-        attempts=attempts,
-        current=usable[0],
-        prompt_chars=prompt_chars,
-        prompt_texts=texts,
-        started=started,
-        estimate_usd=estimate,
-        held=held,
-        budget_state=state,
-        body=body,
-        platform_request_id=platform_request_id,
-        rate=rate,
-    )
 
 
 def _provider_failure(exc: httpx.HTTPError) -> ProviderError:
