@@ -35,6 +35,8 @@ from django.utils.safestring import SafeString
 
 from budgets import alerting, services
 from budgets.models import (
+    MAX_RPM_LIMIT,
+    MAX_TPM_LIMIT,
     APIKey,
     Budget,
     BudgetAlert,
@@ -461,7 +463,60 @@ def _metadata(value: Any) -> dict[str, Any]:
     return value
 
 
+# ---------------------------------------------------------------------------------------
+# Rate limits (users and keys): the same rule as budgets.services and the API
+
+
+class RateLimitField(forms.IntegerField):
+    """A whole number from 1 to `maximum`, or empty for no limit."""
+
+    def __init__(self, *, maximum: int, **kwargs: Any) -> None:
+        message = f"Enter a whole number from 1 to {maximum:,}, or leave it empty for no limit."
+        super().__init__(
+            required=False,
+            min_value=1,
+            max_value=maximum,
+            error_messages={"invalid": message, "min_value": message, "max_value": message},
+            widget=forms.NumberInput(attrs={"min": 1, "max": maximum, "step": 1}),
+            **kwargs,
+        )
+
+
+def rpm_limit_field(help_text: str) -> RateLimitField:
+    return RateLimitField(maximum=MAX_RPM_LIMIT, label="Requests per minute", help_text=help_text)
+
+
+def tpm_limit_field(help_text: str) -> RateLimitField:
+    return RateLimitField(maximum=MAX_TPM_LIMIT, label="Tokens per minute", help_text=help_text)
+
+
+_RATE_LIMITS_DESCRIPTION = (
+    "Over a limit, requests are refused with 429 and Retry-After until the minute's window "
+    "ends. Empty = no limit. Applies from the next request, in every gateway process."
+)
+
+
+def _limits_cell(obj: GatewayUser | APIKey) -> SafeString:
+    """`60 rpm · 100,000 tpm`, or a muted dash for no limits."""
+    parts = [
+        f"{value:,} {unit}"
+        for value, unit in ((obj.rpm_limit, "rpm"), (obj.tpm_limit, "tpm"))
+        if value is not None
+    ]
+    if not parts:
+        return format_html('<span class="otari-muted">{}</span>', "—")
+    return format_html(
+        '<span title="{}">{}</span>', "Requests / tokens per minute", " · ".join(parts)
+    )
+
+
 class UserForm(forms.ModelForm):
+    rpm_limit = rpm_limit_field("All of this user's requests, whatever the key.")
+    tpm_limit = tpm_limit_field(
+        "Prompt and completion tokens of all of this user's requests (estimated when a "
+        "request starts, corrected when it ends)."
+    )
+
     class Meta:
         model = GatewayUser
         fields = [
@@ -473,6 +528,8 @@ class UserForm(forms.ModelForm):
             "topup_expires_at",
             "allowed_models",
             "metadata",
+            "rpm_limit",
+            "tpm_limit",
         ]
         labels = {
             "user_id": "User id",
@@ -567,6 +624,7 @@ class GatewayUserAdmin(ServiceAdmin):
         "remaining",
         "usage",
         "next_reset",
+        "limits",
         "state",
     ]
     list_display_links = ["user_id"]
@@ -603,6 +661,13 @@ class GatewayUserAdmin(ServiceAdmin):
             return [
                 (None, {"fields": ["user_id", "alias", "budget", "blocked"]}),
                 ("Temporary top-up", {"fields": ["topup_usd", "topup_expires_at"]}),
+                (
+                    "Rate limits",
+                    {
+                        "fields": [("rpm_limit", "tpm_limit")],
+                        "description": _RATE_LIMITS_DESCRIPTION,
+                    },
+                ),
                 ("Access", {"fields": ["allowed_models", "metadata"]}),
             ]
         return [
@@ -628,6 +693,14 @@ class GatewayUserAdmin(ServiceAdmin):
                     "fields": ["topup_state", "topup_usd", "topup_expires_at"],
                     "description": "Raises this user's limit until the expiry; replaces "
                     "any previous top-up.",
+                },
+            ),
+            (
+                "Rate limits",
+                {
+                    "fields": [("rpm_limit", "tpm_limit")],
+                    "description": _RATE_LIMITS_DESCRIPTION
+                    + " Each key may have limits of its own as well.",
                 },
             ),
             ("API keys", {"fields": ["api_keys_table"]}),
@@ -700,6 +773,10 @@ class GatewayUserAdmin(ServiceAdmin):
         if obj.next_budget_reset_at is None:
             return "never" if obj.budget_id else "—"
         return as_utc(obj.next_budget_reset_at, zone=False)
+
+    @admin.display(description="Rate limits")
+    def limits(self, obj: GatewayUser) -> SafeString:
+        return _limits_cell(obj)
 
     @admin.display(description="State", ordering="blocked")
     def state(self, obj: GatewayUser) -> SafeString:
@@ -775,7 +852,15 @@ class GatewayUserAdmin(ServiceAdmin):
         if change:
             changes = {
                 name: data[name]
-                for name in ("alias", "blocked", "allowed_models", "metadata", "budget")
+                for name in (
+                    "alias",
+                    "blocked",
+                    "allowed_models",
+                    "metadata",
+                    "budget",
+                    "rpm_limit",
+                    "tpm_limit",
+                )
                 if name in form.changed_data
             }
             if changes:
@@ -788,6 +873,8 @@ class GatewayUserAdmin(ServiceAdmin):
                 blocked=data["blocked"],
                 allowed_models=data["allowed_models"],
                 metadata=data["metadata"],
+                rpm_limit=data["rpm_limit"],
+                tpm_limit=data["tpm_limit"],
             )
         if {"topup_usd", "topup_expires_at"} & set(form.changed_data):
             services.user_topup_set(
@@ -856,6 +943,9 @@ class GatewayUserAdmin(ServiceAdmin):
 
 
 class _KeyFormBase(forms.ModelForm):
+    rpm_limit = rpm_limit_field("Requests with this key, on top of its user's limit.")
+    tpm_limit = tpm_limit_field("Tokens of requests with this key, on top of its user's limit.")
+
     def clean_allowed_models(self) -> list[str] | None:
         return _model_list(self.cleaned_data.get("allowed_models"))
 
@@ -889,6 +979,8 @@ class KeyAddForm(_KeyFormBase):
             "allowed_models",
             "exclude_from_budget",
             "metadata",
+            "rpm_limit",
+            "tpm_limit",
         ]
         help_texts = _KEY_HELP
 
@@ -903,6 +995,8 @@ class KeyChangeForm(_KeyFormBase):
             "allowed_models",
             "exclude_from_budget",
             "metadata",
+            "rpm_limit",
+            "tpm_limit",
         ]
         help_texts = _KEY_HELP
 
@@ -940,6 +1034,7 @@ class APIKeyAdmin(ServiceAdmin):
         "last_used",
         "created_at",
         "budget_mode",
+        "limits",
     ]
     list_filter = ["is_active", KeyExpiryFilter, "exclude_from_budget"]
     list_select_related = ["user"]
@@ -967,12 +1062,22 @@ class APIKeyAdmin(ServiceAdmin):
                     },
                 ),
                 ("Access", {"fields": ["allowed_models", "exclude_from_budget", "metadata"]}),
+                self._rate_limits_fieldset,
             ]
         return [
             (None, {"fields": ["key", "owner", "key_name", "is_active", "expires_at"]}),
             ("Access", {"fields": ["allowed_models", "exclude_from_budget", "metadata"]}),
+            self._rate_limits_fieldset,
             ("Record", {"fields": ["created_at", "updated_at", "last_used_at"]}),
         ]
+
+    _rate_limits_fieldset = (
+        "Rate limits",
+        {
+            "fields": [("rpm_limit", "tpm_limit")],
+            "description": _RATE_LIMITS_DESCRIPTION + " The user's own limits apply as well.",
+        },
+    )
 
     def get_readonly_fields(self, request: HttpRequest, obj: APIKey | None = None) -> list:
         if obj is None:
@@ -1013,6 +1118,10 @@ class APIKeyAdmin(ServiceAdmin):
             )
         return "charged"
 
+    @admin.display(description="Rate limits")
+    def limits(self, obj: APIKey) -> SafeString:
+        return _limits_cell(obj)
+
     def save_model(self, request: HttpRequest, obj: APIKey, form: forms.Form, change: bool) -> None:
         data = form.cleaned_data
         if change:
@@ -1027,6 +1136,8 @@ class APIKeyAdmin(ServiceAdmin):
             allowed_models=data["allowed_models"],
             exclude_from_budget=data["exclude_from_budget"],
             metadata=data["metadata"],
+            rpm_limit=data["rpm_limit"],
+            tpm_limit=data["tpm_limit"],
         )
         # Handed to response_add through the request object only: it dies with this
         # request, and nothing persists it.

@@ -290,7 +290,8 @@ class UserListApi(ManagementMixin, APIView):
         operation_id="users_create",
         tags=["users"],
         request=CreateUser,
-        description="A budget given here starts the user's first window now.",
+        description="A budget given here starts the user's first window now. "
+        "`rpm_limit` / `tpm_limit` (null = unlimited) apply to all the user's requests.",
         responses={200: UserResponse, **error_responses(404, 409, 422)},
     )
     def post(self, request: Request) -> Response:
@@ -310,6 +311,8 @@ class UserListApi(ManagementMixin, APIView):
             blocked=bool(data.get("blocked")),
             allowed_models=data.get("allowed_models"),
             metadata=data.get("metadata") or {},
+            rpm_limit=data.get("rpm_limit"),
+            tpm_limit=data.get("tpm_limit"),
         )
         return Response(UserResponse(_user_or_404(user_id)).data)
 
@@ -329,7 +332,8 @@ class UserDetailApi(ManagementMixin, APIView):
         request=UpdateUser,
         description="Only the fields sent change. Moving the user to a different budget "
         "(or off one) starts a fresh window: spend 0 from now, the old spend kept in a "
-        "reset log.",
+        "reset log. A rate limit set to null is removed; a change applies from the next "
+        "request, in every process.",
         responses={200: UserResponse, **error_responses(404, 422)},
     )
     def patch(self, request: Request, user_id: str) -> Response:
@@ -340,8 +344,9 @@ class UserDetailApi(ManagementMixin, APIView):
             for name in ("alias", "blocked", "metadata")
             if data.get(name) is not None
         }
-        if "allowed_models" in data:
-            changes["allowed_models"] = data["allowed_models"]
+        for name in ("allowed_models", "rpm_limit", "tpm_limit"):
+            if name in data:
+                changes[name] = data[name]
         if "budget_id" in data:
             changes["budget"] = _referenced_budget(data["budget_id"])
         try:
@@ -436,7 +441,8 @@ class KeyListApi(ManagementMixin, APIView):
         tags=["keys"],
         request=CreateKey,
         description="Returns the secret (`key`) this once. Without user_id, the key gets "
-        "a user of its own, `apikey-<hex>`, aliased after the key's name.",
+        "a user of its own, `apikey-<hex>`, aliased after the key's name. The key's "
+        "`rpm_limit` / `tpm_limit` apply on top of its user's.",
         responses={200: CreateKeyResponse, **error_responses(404, 422)},
     )
     def post(self, request: Request) -> Response:
@@ -451,6 +457,8 @@ class KeyListApi(ManagementMixin, APIView):
             "allowed_models": data.get("allowed_models"),
             "exclude_from_budget": bool(data.get("exclude_from_budget")),
             "metadata": data.get("metadata") or {},
+            "rpm_limit": data.get("rpm_limit"),
+            "tpm_limit": data.get("tpm_limit"),
         }
         if data.get("user_id") is None:
             key, secret = services.api_key_create_with_user(**settings)
@@ -483,7 +491,8 @@ class KeyDetailApi(ManagementMixin, APIView):
         operation_id="keys_update",
         tags=["keys"],
         request=UpdateKey,
-        description="Only the fields sent change; the secret never does (see rotate).",
+        description="Only the fields sent change; the secret never does (see rotate). "
+        "A rate limit set to null is removed.",
         responses={200: KeyInfo, **error_responses(404, 422)},
     )
     def patch(self, request: Request, key_id: str) -> Response:
@@ -494,7 +503,7 @@ class KeyDetailApi(ManagementMixin, APIView):
             for name in ("key_name", "is_active", "exclude_from_budget", "metadata")
             if data.get(name) is not None
         }
-        for name in ("expires_at", "allowed_models"):
+        for name in ("expires_at", "allowed_models", "rpm_limit", "tpm_limit"):
             if name in data:
                 changes[name] = data[name]
         try:

@@ -55,3 +55,9 @@ class InvalidAlertSettings(GatewayError):
     status = 422
     code = "invalid_alert_settings"
     message = "Invalid budget alert settings"
+
+
+class InvalidRateLimit(GatewayError):
+    status = 422
+    code = "invalid_rate_limit"
+    message = "Invalid rate limit"

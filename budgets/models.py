@@ -28,6 +28,13 @@ def default_alert_thresholds() -> list[int]:
     return list(DEFAULT_ALERT_THRESHOLDS_PCT)
 
 
+# Rate limits (rpm_limit, tpm_limit on users and keys) are null (unlimited) or a whole
+# number from 1 to these. Far above any real capacity, so a value past them is a typo;
+# and they keep every count the limiter keeps exact in Redis's Lua (doubles: 2**53).
+MAX_RPM_LIMIT = 1_000_000_000
+MAX_TPM_LIMIT = 1_000_000_000_000
+
+
 class ResetAlignment(models.TextChoices):
     CALENDAR_DAY = "calendar_day", "Calendar day (UTC)"
     CALENDAR_WEEK = "calendar_week", "Calendar week (UTC, from Monday)"
@@ -106,7 +113,8 @@ class GatewayUser(models.Model):
     topup_usd = MoneyField()
     topup_expires_at = models.DateTimeField(null=True, blank=True)
     # Rate limits (llm_proxy/ratelimit.py), per window of OTARI_RATELIMIT_WINDOW_SECONDS
-    # (a minute): null = unlimited, 0 = nothing allowed. A key's own limits apply on top.
+    # (a minute): null = unlimited, else 1..MAX_RPM_LIMIT / MAX_TPM_LIMIT (checked by
+    # budgets.services; to stop a user, block them). A key's own limits apply on top.
     rpm_limit = models.PositiveIntegerField(null=True, blank=True)
     tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
 

@@ -16,7 +16,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from budgets import alerting
-from budgets.models import BudgetAlert, ResetAlignment
+from budgets.models import MAX_RPM_LIMIT, MAX_TPM_LIMIT, BudgetAlert, ResetAlignment
 from otari.rest import (
     DEFAULT_WORKSPACE_ID,
     ChoiceField,
@@ -247,18 +247,57 @@ class BudgetAlertResponse(serializers.Serializer):
 
 
 # ---------------------------------------------------------------------------------------
+# Rate limits (users and keys)
+
+
+def _rate_limit_field(maximum: int, help_text: str) -> StrictIntegerField:
+    """A rate limit: a JSON integer 1..maximum, or null for none (budgets.services applies
+    the same rule). The errors name the range, never the value sent."""
+    message = f"Must be an integer from 1 to {maximum}, or null for no limit."
+    return StrictIntegerField(
+        min_value=1,
+        max_value=maximum,
+        allow_null=True,
+        required=False,
+        help_text=help_text,
+        error_messages={
+            "invalid": message,
+            "min_value": message,
+            "max_value": message,
+            "max_string_length": message,
+        },
+    )
+
+
+def rpm_limit_field() -> StrictIntegerField:
+    return _rate_limit_field(
+        MAX_RPM_LIMIT, "Requests per minute; null = unlimited. Over it: 429 with Retry-After."
+    )
+
+
+def tpm_limit_field() -> StrictIntegerField:
+    return _rate_limit_field(
+        MAX_TPM_LIMIT,
+        "Tokens (prompt + completion) per minute; null = unlimited. Over it: 429.",
+    )
+
+
+# ---------------------------------------------------------------------------------------
 # Users
 
 
 class UpdateUser(serializers.Serializer):
     """PATCH: only what is sent changes. `budget_id: null` takes the user off their
-    budget; a different budget starts a fresh window (§3.6)."""
+    budget; a different budget starts a fresh window (§3.6); a null rate limit removes
+    it."""
 
     alias = StrictCharField(max_length=255, allow_blank=True, allow_null=True, required=False)
     budget_id = StrictCharField(max_length=64, allow_null=True, required=False)
     blocked = StrictBooleanField(allow_null=True, required=False)
     allowed_models = allowed_models_field(required=False)
     metadata = JSONObjectField(allow_null=True, required=False)
+    rpm_limit = rpm_limit_field()
+    tpm_limit = tpm_limit_field()
 
 
 class CreateUser(UpdateUser):
@@ -293,6 +332,12 @@ class UserResponse(serializers.Serializer):
     current_tokens = serializers.IntegerField(help_text="Their tokens.")
     reserved_requests = serializers.IntegerField(help_text="Requests in flight (open holds).")
     reserved_tokens = ZeroField(help_text="Tokens are not reserved: always 0.")
+    rpm_limit = serializers.IntegerField(
+        allow_null=True, help_text="Requests per minute, all the user's requests; null = none."
+    )
+    tpm_limit = serializers.IntegerField(
+        allow_null=True, help_text="Tokens per minute, all the user's requests; null = none."
+    )
     created_at = DateTimeField()
     updated_at = DateTimeField()
 
@@ -302,7 +347,8 @@ class UserResponse(serializers.Serializer):
 
 
 class UpdateKey(serializers.Serializer):
-    """PATCH: only what is sent changes; null clears `expires_at` and `allowed_models`."""
+    """PATCH: only what is sent changes; null clears `expires_at`, `allowed_models` and
+    the rate limits. The key's limits apply on top of its user's."""
 
     key_name = StrictCharField(max_length=200, allow_blank=True, allow_null=True, required=False)
     is_active = StrictBooleanField(allow_null=True, required=False)
@@ -310,6 +356,8 @@ class UpdateKey(serializers.Serializer):
     allowed_models = allowed_models_field(required=False)
     exclude_from_budget = StrictBooleanField(allow_null=True, required=False)
     metadata = JSONObjectField(allow_null=True, required=False)
+    rpm_limit = rpm_limit_field()
+    tpm_limit = tpm_limit_field()
     capture_agent_telemetry = StrictBooleanField(
         allow_null=True, required=False, help_text="Not supported: null or false."
     )
@@ -344,6 +392,12 @@ class KeyInfo(serializers.Serializer):
     allowed_models = serializers.ListField(child=serializers.CharField(), allow_null=True)
     exclude_from_budget = serializers.BooleanField()
     metadata = serializers.DictField()
+    rpm_limit = serializers.IntegerField(
+        allow_null=True, help_text="Requests per minute with this key; null = none."
+    )
+    tpm_limit = serializers.IntegerField(
+        allow_null=True, help_text="Tokens per minute with this key; null = none."
+    )
     capture_agent_telemetry = NullBooleanField()
     reject_user_mismatch = NullBooleanField()
     workspace_id = WorkspaceField()

@@ -54,8 +54,16 @@ from django.utils import timezone
 from psycopg.types.json import Jsonb
 
 from budgets import alerting, periods
-from budgets.exceptions import BudgetExceeded, InvalidAlertSettings, UnknownUser, UserBlocked
+from budgets.exceptions import (
+    BudgetExceeded,
+    InvalidAlertSettings,
+    InvalidRateLimit,
+    UnknownUser,
+    UserBlocked,
+)
 from budgets.models import (
+    MAX_RPM_LIMIT,
+    MAX_TPM_LIMIT,
     APIKey,
     Budget,
     BudgetAlert,
@@ -772,6 +780,22 @@ def _alert_settings_clean(
     return cleaned
 
 
+def _rate_limits_check(*, rpm_limit: Any = UNSET, tpm_limit: Any = UNSET) -> None:
+    """Rate limits are null (unlimited) or whole numbers from 1 to their maximum: 0 would
+    refuse every request (blocking a user says that), and a value past the column's range
+    would be a database error. InvalidRateLimit (422) names the rule, not the value."""
+    for name, value, maximum in (
+        ("rpm_limit", rpm_limit, MAX_RPM_LIMIT),
+        ("tpm_limit", tpm_limit, MAX_TPM_LIMIT),
+    ):
+        if value is UNSET or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+            raise InvalidRateLimit(
+                f"{name}: Must be a whole number from 1 to {maximum}, or null for no limit."
+            )
+
+
 def budget_create(
     *,
     name: str = "",
@@ -879,6 +903,7 @@ def user_create(
     now: datetime | None = None,
 ) -> GatewayUser:
     """Create a user; a budget given here starts its first window now."""
+    _rate_limits_check(rpm_limit=rpm_limit, tpm_limit=tpm_limit)
     now = now or timezone.now()
     with transaction.atomic(durable=True):
         user = GatewayUser.objects.create(
@@ -920,6 +945,7 @@ def user_update(
 ) -> GatewayUser:
     """Change a user. Moving them to a different budget starts a fresh window (§3.6);
     their spend and reserved are otherwise never edited here."""
+    _rate_limits_check(rpm_limit=rpm_limit, tpm_limit=tpm_limit)
     now = now or timezone.now()
     with transaction.atomic(durable=True):
         try:
@@ -1019,6 +1045,7 @@ def api_key_create(
     tpm_limit: int | None = None,
 ) -> tuple[APIKey, str]:
     """Create a key for `user`. Returns the key and its secret, which is not kept."""
+    _rate_limits_check(rpm_limit=rpm_limit, tpm_limit=tpm_limit)
     secret = _new_api_key_secret()
     key = APIKey.objects.create(
         user=user,
@@ -1043,10 +1070,13 @@ def api_key_create_with_user(
     allowed_models: list[str] | None = None,
     exclude_from_budget: bool = False,
     metadata: dict[str, Any] | None = None,
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
 ) -> tuple[APIKey, str]:
     """Create a key together with a user of its own (`apikey-<hex>`, aliased after the
     key's name), for a key created without a user: every key bills exactly one user.
-    Both rows or neither."""
+    Both rows or neither. The rate limits are the key's (its user has none)."""
+    _rate_limits_check(rpm_limit=rpm_limit, tpm_limit=tpm_limit)
     with transaction.atomic(durable=True):
         user = GatewayUser.objects.create(
             user_id=f"apikey-{uuid.uuid4().hex}", alias=key_name, metadata={}
@@ -1058,6 +1088,8 @@ def api_key_create_with_user(
             allowed_models=allowed_models,
             exclude_from_budget=exclude_from_budget,
             metadata=metadata,
+            rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit,
         )
 
 
@@ -1074,6 +1106,7 @@ def api_key_update(
     tpm_limit: int | None = UNSET,
 ) -> APIKey:
     """Change a key's settings (never its secret: see api_key_rotate)."""
+    _rate_limits_check(rpm_limit=rpm_limit, tpm_limit=tpm_limit)
     changes = {
         name: value
         for name, value in (
