@@ -263,31 +263,17 @@ def user_period_reset(*, user_id: str, now: datetime | None = None) -> BudgetRes
         existing = BudgetResetLog.objects.filter(user=user, reset_at=now).first()
         if existing is not None:
             return existing
-        budget = user.budget
-        if budget is not None and budget.has_period:
-            start, next_reset = periods.fresh_window(
-                now, duration_sec=budget.budget_duration_sec, alignment=budget.reset_alignment
-            )
-        else:
-            start, next_reset = now, None
-        log = BudgetResetLog.objects.create(
-            user=user,
-            budget=budget,
-            previous_spend_usd=user.spend_usd,
-            reset_at=start,
-            next_reset_at=next_reset,
-        )
-        GatewayUser.objects.filter(pk=user.pk).update(
-            spend_usd=ZERO, budget_started_at=start, next_budget_reset_at=next_reset, updated_at=now
-        )
-        return log
+        return _start_fresh_window(user, user.budget, now, always_log=True)
 
 
-def _start_fresh_window(user: GatewayUser, budget: Budget | None, now: datetime) -> None:
-    """A new or re-assigned budget starts a fresh window: spend 0 from now.
+def _start_fresh_window(
+    user: GatewayUser, budget: Budget | None, now: datetime, *, always_log: bool = False
+) -> BudgetResetLog | None:
+    """Start a fresh window on `budget` now: spend 0, the next reset per its period.
 
     Must be called while holding the user's row lock. The spend of the window that ends
-    is kept in a reset-log row, so nothing disappears from the books.
+    is kept in a reset-log row, so nothing disappears from the books (a user who never
+    had a window has nothing to keep, unless `always_log`).
     """
     if budget is None or not budget.has_period:
         start, next_reset = now, None
@@ -295,8 +281,9 @@ def _start_fresh_window(user: GatewayUser, budget: Budget | None, now: datetime)
         start, next_reset = periods.fresh_window(
             now, duration_sec=budget.budget_duration_sec, alignment=budget.reset_alignment
         )
-    if user.spend_usd or user.budget_started_at is not None:
-        BudgetResetLog.objects.create(
+    log = None
+    if always_log or user.spend_usd or user.budget_started_at is not None:
+        log = BudgetResetLog.objects.create(
             user=user,
             budget=budget,
             previous_spend_usd=user.spend_usd,
@@ -304,10 +291,15 @@ def _start_fresh_window(user: GatewayUser, budget: Budget | None, now: datetime)
             next_reset_at=next_reset,
         )
     GatewayUser.objects.filter(pk=user.pk).update(
-        budget=budget, spend_usd=ZERO, budget_started_at=start, next_budget_reset_at=next_reset
+        budget=budget,
+        spend_usd=ZERO,
+        budget_started_at=start,
+        next_budget_reset_at=next_reset,
+        updated_at=now,
     )
     user.budget, user.spend_usd = budget, ZERO
     user.budget_started_at, user.next_budget_reset_at = start, next_reset
+    return log
 
 
 # ---------------------------------------------------------------------------------------
