@@ -55,7 +55,7 @@ from llm_proxy.errors import (
 )
 from llm_proxy.formats import MESSAGES
 from llm_proxy.providers import resolve_model
-from llm_proxy.streaming import relay
+from llm_proxy.streaming import EventSplitter, relay
 from llm_proxy.translate import TranslationError, route_for
 from otari import metrics
 from otari.celery import embedded_beat_tick
@@ -927,6 +927,13 @@ async def _stream_open(
             return failure
         chunks = response.aiter_bytes()
         first_chunk = await anext(chunks)
+        first_events = EventSplitter().feed(first_chunk)
+        if first_events and route.upstream.is_stream_error(first_events[0]):
+            # A 200 whose stream opens with an error (OpenRouter and other servers report
+            # failures so): nothing was generated, so it is a failure before the commit,
+            # refunded (or, in platform mode, the next attempt's turn).
+            await response.aclose()
+            return ProviderError("LLM provider error: the stream began with an error")
     except (httpx.HTTPError, StopAsyncIteration) as exc:
         if response is not None:
             await response.aclose()

@@ -27,6 +27,8 @@ Behaviour is selected by substrings of the request's ``model`` (combine freely, 
                   without the terminating chunk
   dropafter-<n>   stream the preamble events and n content chunks, then close the TCP connection
   cutstream       200 and the stream's headers, then a TCP close before the first event
+  errorfirst      200, and the stream's first event is an error in the API's own shape
+                  (as OpenRouter and some OpenAI-compatible servers report failures)
   slow-<ms>       extra wait before the first byte (the constructor's latency_ms adds to it)
   hang            never answer; the connection is closed once the client goes away
   chunks-<n>      n content chunks (= completion tokens) instead of the default
@@ -190,6 +192,7 @@ class _Behaviour:
     midstream: bool = False
     drop_after: int | None = None
     cut_stream: bool = False
+    error_first: bool = False
     slow_s: float = 0.0
     hang: bool = False
     chunks: int | None = None
@@ -211,6 +214,7 @@ class _Behaviour:
             midstream="fail-midstream" in model,
             drop_after=number("dropafter"),
             cut_stream="cutstream" in model,
+            error_first="errorfirst" in model,
             slow_s=(number("slow") or 0) / 1000,
             hang="hang" in model,
             chunks=number("chunks"),
@@ -1165,6 +1169,8 @@ class FakeProvider:
         if not isinstance(built, _Stream):
             return _Reply(body=built, cut_body=drop)
         events = built.events()
+        if b.error_first:
+            events = [_stream_error_event(api)]
         reply = _Reply(
             events=events, event_delay=self.chunk_delay_s if b.delay_s is None else b.delay_s
         )
@@ -1175,6 +1181,27 @@ class FakeProvider:
         elif b.drop_after is not None:
             reply.abort_after = len(built.preamble) + min(b.drop_after, len(built.content))
         return reply
+
+
+def _stream_error_event(api: str) -> str:
+    """A failure reported inside a 200 stream, as each API's servers send it."""
+    message = "fake upstream: the model is overloaded"
+    if api == "messages":
+        return _sse(
+            {"type": "error", "error": {"type": "overloaded_error", "message": message}}, "error"
+        )
+    if api == "responses":
+        return _sse(
+            {
+                "type": "error",
+                "sequence_number": 0,
+                "code": "server_error",
+                "message": message,
+                "param": None,
+            },
+            "error",
+        )
+    return _sse({"error": {"message": message, "type": "server_error", "code": None}})
 
 
 def _presented_key(headers: dict[str, str]) -> str | None:

@@ -10,7 +10,7 @@ from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
     from llm_proxy.errors import ErrorStyle
-    from llm_proxy.streaming import StreamCodec
+    from llm_proxy.streaming import SSEEvent, StreamCodec
     from usage.pricing import TokenUsage
 
 
@@ -90,3 +90,8 @@ class ApiFormat:
 
     def stream_codec(self) -> StreamCodec:
         raise NotImplementedError
+
+    def is_stream_error(self, event: SSEEvent) -> bool:
+        """Whether an upstream event of this API reports a failure (some servers answer
+        200 and put their error in the stream)."""
+        return False

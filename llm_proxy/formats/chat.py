@@ -145,6 +145,9 @@ class ChatFormat(ApiFormat):
     def stream_codec(self) -> ChatStreamCodec:
         return ChatStreamCodec()
 
+    def is_stream_error(self, event: SSEEvent) -> bool:
+        return bool(_ERROR.match(event.data))
+
 
 class ChatStreamCodec:
     """Chat chunks pass through unchanged; `data: [DONE]` is held back for settlement."""

@@ -48,6 +48,14 @@ MESSAGE_STOP = format_event({"type": "message_stop"}, "message_stop")
 _TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
 
 
+def _event_name(event: SSEEvent) -> str | None:
+    """An event's type: its `event:` field, or the `type` in its data."""
+    if event.name is not None:
+        return event.name
+    match = _TYPE.search(event.data)
+    return match.group(1).decode() if match else None
+
+
 def usage_from_messages(usage: Any) -> TokenUsage | None:
     """Anthropic reports cache reads and writes beside (not inside) input_tokens."""
     if not isinstance(usage, dict):
@@ -280,6 +288,9 @@ class MessagesFormat(ApiFormat):
     def stream_codec(self) -> MessagesStreamCodec:
         return MessagesStreamCodec()
 
+    def is_stream_error(self, event: SSEEvent) -> bool:
+        return _event_name(event) in ("error",)
+
 
 class MessagesStreamCodec:
     """Messages events pass through unchanged; `message_stop` is held back for settlement.
@@ -304,10 +315,7 @@ class MessagesStreamCodec:
         return not self.failed and (self.finished or self._stopped)
 
     def transform(self, event: SSEEvent) -> bytes:
-        name = event.name
-        if name is None:
-            match = _TYPE.search(event.data)
-            name = match.group(1).decode() if match else None
+        name = _event_name(event)
         if name == "content_block_delta":
             self._deltas.append(event.data)
         elif name == "message_start":

@@ -23,6 +23,16 @@ _DELTA_EVENTS = frozenset(
     }
 )
 _TYPE = re.compile(rb'"type"\s*:\s*"([a-z_.]+)"')
+
+
+def _event_name(event: SSEEvent) -> str | None:
+    """An event's type: its `event:` field, or the `type` in its data."""
+    if event.name is not None:
+        return event.name
+    match = _TYPE.search(event.data)
+    return match.group(1).decode() if match else None
+
+
 _SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 
@@ -202,6 +212,9 @@ class ResponsesFormat(ApiFormat):
     def stream_codec(self) -> ResponsesStreamCodec:
         return ResponsesStreamCodec()
 
+    def is_stream_error(self, event: SSEEvent) -> bool:
+        return _event_name(event) in ("error", "response.failed")
+
 
 class ResponsesStreamCodec:
     """Responses events pass through unchanged; the terminal `response.completed` (or
@@ -226,10 +239,7 @@ class ResponsesStreamCodec:
         return self.finished and not self.failed
 
     def transform(self, event: SSEEvent) -> bytes:
-        name = event.name
-        if name is None:
-            match = _TYPE.search(event.data)
-            name = match.group(1).decode() if match else None
+        name = _event_name(event)
         self._last = event.data
         if name in _DELTA_EVENTS:
             self._deltas.append(event.data)

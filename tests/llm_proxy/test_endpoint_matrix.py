@@ -239,3 +239,28 @@ def test_client_giving_up_while_the_stream_opens_leaves_no_hold(gateway, carol, 
     assert Hold.objects.get().status == Hold.Status.REFUNDED
     user.refresh_from_db()
     assert (user.spend_usd, user.reserved_usd) == (0, 0)
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize("api", APIS)
+def test_a_stream_that_opens_with_an_error_is_refunded(gateway, carol, api, kind):
+    """Some servers answer 200 and report their failure as the stream's first event:
+    nothing was generated, so it is a failure before the commit (an HTTP error in the
+    client's API shape, a full refund), not a broken stream."""
+    user, secret = carol
+    instance = INSTANCES[kind]["ok"]
+    set_price(f"{instance}:m-errorfirst")
+    with gateway.client(secret) as client:
+        response = client.post(
+            PATHS[api], json=body_for(api, f"{instance}:m-errorfirst", stream=True)
+        )
+
+    assert response.status_code == 502
+    assert not response.headers["content-type"].startswith("text/event-stream")
+    assert error_shape_ok(api, response.json())
+    row = UsageLog.objects.get()
+    assert (row.status, row.status_code, row.cost_usd) == ("error", 502, None)
+    assert Hold.objects.get().status == Hold.Status.REFUNDED
+    user.refresh_from_db()
+    assert (user.spend_usd, user.reserved_usd) == (0, 0)
+    assert_books_balance(user)
