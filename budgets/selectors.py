@@ -339,21 +339,18 @@ class BookDrift:
         return self.reserved_ok and self.spend_ok
 
 
-def _open_holds_sum() -> Subquery:
-    return Subquery(
-        Hold.objects.filter(user=OuterRef("pk"), status=Hold.Status.OPEN)
-        .order_by()
-        .values("user")
-        .annotate(total=Sum("amount_usd"))
-        .values("total"),
-        output_field=_MONEY,
+def _open_holds_of_outer_user() -> QuerySet:
+    """The open holds of the user of the outer query, grouped by user (for subqueries)."""
+    return (
+        Hold.objects.filter(user=OuterRef("pk"), status=Hold.Status.OPEN).order_by().values("user")
     )
 
 
-def _window_usage_sum() -> Subquery:
-    # Rows stamped at or after the window start; a user who never had a window (no
-    # budget ever) has every counted row in it.
-    return Subquery(
+def _window_usage_of_outer_user() -> QuerySet:
+    """The usage rows that count in the current window of the outer query's user (§3.5
+    invariant 2): counted rows stamped at or after the window start; a user who never had
+    a window (no budget ever) has every counted row in it. Grouped by user."""
+    return (
         UsageLog.objects.filter(
             user=OuterRef("pk"),
             counts_toward_budget=True,
@@ -361,8 +358,19 @@ def _window_usage_sum() -> Subquery:
         )
         .order_by()
         .values("user")
-        .annotate(total=Sum("cost_usd"))
-        .values("total"),
+    )
+
+
+def _open_holds_sum() -> Subquery:
+    return Subquery(
+        _open_holds_of_outer_user().annotate(total=Sum("amount_usd")).values("total"),
+        output_field=_MONEY,
+    )
+
+
+def _window_usage_sum() -> Subquery:
+    return Subquery(
+        _window_usage_of_outer_user().annotate(total=Sum("cost_usd")).values("total"),
         output_field=_MONEY,
     )
 
@@ -454,18 +462,8 @@ def _users_with_counters() -> QuerySet[GatewayUser]:
     window (counted usage since `budget_started_at`, all of it when there is no window)
     and requests in flight (open holds). Tokens are never reserved here, so
     `reserved_tokens` is always 0."""
-    window = (
-        UsageLog.objects.filter(
-            user=OuterRef("pk"),
-            counts_toward_budget=True,
-            timestamp__gte=Coalesce(OuterRef("budget_started_at"), Value(_EPOCH)),
-        )
-        .order_by()
-        .values("user")
-    )
-    open_holds = (
-        Hold.objects.filter(user=OuterRef("pk"), status=Hold.Status.OPEN).order_by().values("user")
-    )
+    window = _window_usage_of_outer_user()
+    open_holds = _open_holds_of_outer_user()
     return GatewayUser.objects.filter(deleted_at__isnull=True).annotate(
         current_requests=Coalesce(Subquery(window.annotate(n=Count("*")).values("n")), Value(0)),
         current_tokens=Coalesce(
