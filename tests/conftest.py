@@ -17,10 +17,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+import time_machine
 import uvicorn
 from django.conf import settings
 from django.db import connections
@@ -44,6 +46,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "postgres" in item.keywords:
             item.add_marker(skip)
+
+
+# --- the calendar guard ------------------------------------------------------------------
+# A test whose outcome depends on the date must pass on every day of the year. Tests marked
+# `calendar` (periods, alerts, the dashboard, the browser) run once at each of these
+# instants, with the clock ticking from there, so one that only passes on some days fails
+# in CI on any day. A test that moves the clock itself still does: the innermost travel wins.
+CALENDAR_INSTANTS = {
+    "month-start": datetime(2027, 3, 1, 0, 0, 0, tzinfo=UTC),
+    "leap-february-end": datetime(2028, 2, 29, 23, 59, 59, tzinfo=UTC),
+    "monday-midnight": datetime(2027, 1, 4, 0, 0, 0, tzinfo=UTC),
+    "mid-month": datetime(2027, 6, 15, 12, 30, 0, tzinfo=UTC),
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("calendar") is None:
+        return
+    # First in the list, so the clock is set before any other fixture writes a row.
+    metafunc.fixturenames.insert(0, "calendar_clock")
+    metafunc.parametrize("calendar_clock", list(CALENDAR_INSTANTS), indirect=True)
+
+
+@pytest.fixture
+def calendar_clock(request: pytest.FixtureRequest) -> Iterator[datetime]:
+    instant = CALENDAR_INSTANTS[request.param]
+    with time_machine.travel(instant, tick=True):
+        yield instant
 
 
 def is_postgres() -> bool:

@@ -65,8 +65,10 @@ def seed_demo_history(*, now: datetime, days: int = 30, seed: int = 7) -> Demo:
         "Product": services.budget_create(
             name="Product", max_budget_usd=Decimal("1"), budget_duration_sec=7 * 86400
         ),
+        # Rolling and longer than the history, so that where `now` falls in a month does
+        # not change who is over budget.
         "Interns": services.budget_create(
-            name="Interns", max_budget_usd=Decimal("2"), reset_alignment="calendar_month"
+            name="Interns", max_budget_usd=Decimal("0.50"), budget_duration_sec=45 * 86400
         ),
         "Automation": services.budget_create(name="Automation", max_budget_usd=None),
     }
@@ -113,7 +115,8 @@ def seed_demo_history(*, now: datetime, days: int = 30, seed: int = 7) -> Demo:
             fail=rng.random() < 0.03,
         )
     ttl = timedelta(seconds=settings.OTARI_HOLD_TTL_SECONDS)
-    for user_id, opened_at in (("ana", now - timedelta(seconds=20)), ("chen", now - 2 * ttl)):
+    # On the uncapped user, so that they open whatever the others have left.
+    for user_id, opened_at in (("ci-bot", now - timedelta(seconds=20)), ("ci-bot", now - 2 * ttl)):
         services.hold_open(
             user_id=user_id,
             request_id=uuid.uuid4(),

@@ -39,7 +39,7 @@ CHROMIUM_ARGS = [
 ]
 ADMIN_PASSWORD = "browser-test-pass-1"
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.calendar]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,12 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def console(browser, gateway, django_user_model):
+def console(browser, gateway, django_user_model, settings):
     """A logged-in console page on the gateway's server."""
+    # The server's clock may be frozen years away from the browser's: cookies without an
+    # expiry date are the only ones both agree are live.
+    settings.SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+    settings.CSRF_COOKIE_AGE = None
     django_user_model.objects.create_superuser("ops", "ops@example.com", ADMIN_PASSWORD)
     context = browser.new_context(viewport={"width": 1600, "height": 1000}, accept_downloads=True)
     page = context.new_page()

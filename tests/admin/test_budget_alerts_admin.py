@@ -20,6 +20,8 @@ from tests.admin.conftest import admin_url, charge
 from tests.budgets.webhook import WebhookReceiver
 from tests.factories import make_budget, make_key, make_user, priced
 
+pytestmark = pytest.mark.calendar
+
 SECRET = "T0K3N-zqxv-not-for-logs"
 
 

@@ -15,7 +15,7 @@ from otari.charts import nice_ceiling
 from tests.admin.conftest import charge, fail, open_hold
 from tests.factories import make_budget, make_user
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.calendar]
 NOW = datetime(2025, 4, 15, 15, 0, tzinfo=UTC)
 
 

@@ -19,6 +19,8 @@ from tests.budgets.ledger import charge
 from tests.budgets.webhook import WebhookReceiver
 from tests.factories import make_budget, make_key, make_user, priced
 
+pytestmark = pytest.mark.calendar
+
 PROMPT = "Say hello to the test suite"  # 27 characters: 7 prompt tokens
 
 

@@ -18,7 +18,7 @@ PROMPT = "Say hello to the test suite"  # 7 prompt tokens; with max_tokens=20, 2
 COST = Decimal("0.000027")  # at $1 per million tokens both ways; the estimate is the same
 T0 = datetime(2025, 1, 20, 10, 0, tzinfo=UTC)
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.calendar]
 
 
 def ask(gateway, secret: str, model: str, **body):

@@ -14,7 +14,7 @@ from budgets.models import BudgetResetLog, GatewayUser, Hold
 from tests.admin.conftest import charge, open_hold
 from tests.factories import make_budget, make_user
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.calendar]
 START = datetime(2025, 1, 20, 8, 0, tzinfo=UTC)
 LATER = datetime(2025, 1, 23, 17, 45, tzinfo=UTC)
 

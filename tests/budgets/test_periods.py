@@ -25,6 +25,8 @@ from tests.budgets.ledger import assert_books_balance, charge, open_hold
 from tests.conftest import REPO, database_url
 from tests.factories import make_budget, make_user
 
+pytestmark = pytest.mark.calendar
+
 # A Wednesday, the last day of January of a leap year, mid-afternoon.
 T0 = datetime(2024, 1, 31, 15, 30, 7, tzinfo=UTC)
 ODD_DURATION = timedelta(days=3, hours=1, seconds=1)
