@@ -125,6 +125,8 @@ class UsageRecord:
     cost_usd: Decimal | None = None
     counts_toward_budget: bool = True
     error_message: str = ""
+    upstream_status_code: int | None = None
+    upstream_error: str = ""
     latency_ms: int | None = None
     # Platform mode: one report per resolved attempt, written with the usage row (§7).
     reports: tuple[AttemptReport, ...] = ()
@@ -156,6 +158,8 @@ class UsageRecord:
             "status": self.status,
             "status_code": self.status_code,
             "error_message": self.error_message,
+            "upstream_status_code": self.upstream_status_code,
+            "upstream_error": self.upstream_error,
             "latency_ms": self.latency_ms,
             "counts_toward_budget": self.counts_toward_budget,
             "touch_before": now - _KEY_TOUCH_INTERVAL,
@@ -444,6 +448,8 @@ def _usage_row_create(record: UsageRecord, timestamp: datetime) -> None:
                 status=record.status,
                 status_code=record.status_code,
                 error_message=record.error_message,
+                upstream_status_code=record.upstream_status_code,
+                upstream_error=record.upstream_error,
                 latency_ms=record.latency_ms,
                 counts_toward_budget=record.counts_toward_budget,
             )
@@ -530,12 +536,14 @@ touched AS (
 _USAGE_COLUMNS = """
     (id, user_id, api_key_id, timestamp, endpoint, provider, model, prompt_tokens,
      completion_tokens, total_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
-     status, status_code, error_message, latency_ms, counts_toward_budget)"""
+     status, status_code, error_message, upstream_status_code, upstream_error, latency_ms,
+     counts_toward_budget)"""
 _USAGE_VALUES = """
     %(request_id)s, %(user_id)s, %(api_key_id)s, {timestamp}, %(endpoint)s, %(provider)s,
     %(model)s, %(prompt_tokens)s, %(completion_tokens)s, %(total_tokens)s,
     %(cache_read_tokens)s, %(cache_write_tokens)s, %(cost_usd)s, %(status)s,
-    %(status_code)s, %(error_message)s, %(latency_ms)s, %(counts_toward_budget)s"""
+    %(status_code)s, %(error_message)s, %(upstream_status_code)s, %(upstream_error)s,
+    %(latency_ms)s, %(counts_toward_budget)s"""
 
 # Platform mode (§7): the request's attempt reports, inserted by the statement that writes
 # its usage row, so both commit together. `{condition}` ties them to that row's insert.

@@ -21,11 +21,22 @@ ErrorStyle = Literal["openai", "anthropic"]
 
 
 class ProviderError(GatewayError):
-    """The upstream failed before the response was committed to the client."""
+    """The upstream failed before the response was committed to the client.
+
+    `upstream_status` and `upstream_detail` say what the provider itself answered (its
+    HTTP status and its redacted, bounded message). They are for the operator: recorded
+    on the usage row and in the log, never sent to the client.
+    """
 
     status = 502
     code = "provider_error"
     message = "LLM provider error"
+    upstream_status: int | None = None
+    upstream_detail: str = ""
+
+    def upstream(self, status: int | None, detail: str) -> ProviderError:
+        self.upstream_status, self.upstream_detail = status, detail
+        return self
 
 
 class ProviderTimeout(ProviderError):
@@ -117,18 +128,25 @@ def provider_error_for_status(
     secrets: list[str],
     echoes: list[str],
 ) -> ProviderError:
-    """Map an upstream error status to what the caller sees (CONTRACT §2)."""
+    """Map an upstream error status to what the caller sees (CONTRACT §2), keeping the
+    provider's own status and redacted message for the operator."""
+    said = provider_error_message(body)
+    message = redact(said, secrets=secrets, echoes=echoes)
+    # For the operator, also what a body that is not an API error says (a proxy's HTML
+    # page, plain text): its start, redacted like the rest.
+    raw = said or body[:_MAX_MESSAGE_CHARS].decode("utf-8", "replace")
+    detail = redact(raw, secrets=secrets, echoes=echoes) if raw.strip() else ""
     if status in (400, 422):
-        message = redact(provider_error_message(body), secrets=secrets, echoes=echoes)
-        return ProviderRejectedRequest(message)
-    if status == 404:
-        message = redact(provider_error_message(body), secrets=secrets, echoes=echoes)
-        return ProviderNotFound(message or "The provider does not know this model")
-    if status == 429:
-        return ProviderRateLimited(headers={"Retry-After": retry_after} if retry_after else {})
-    if status in (401, 403):
-        return ProviderCredentialsRejected()
-    return ProviderError()
+        error: ProviderError = ProviderRejectedRequest(message)
+    elif status == 404:
+        error = ProviderNotFound(message or "The provider does not know this model")
+    elif status == 429:
+        error = ProviderRateLimited(headers={"Retry-After": retry_after} if retry_after else {})
+    elif status in (401, 403):
+        error = ProviderCredentialsRejected()
+    else:
+        error = ProviderError()
+    return error.upstream(status, detail)
 
 
 # --- Rendering -----------------------------------------------------------------------------

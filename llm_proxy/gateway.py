@@ -52,6 +52,8 @@ from llm_proxy.errors import (
     ProviderUnreachable,
     error_response,
     provider_error_for_status,
+    provider_error_message,
+    redact,
 )
 from llm_proxy.formats import MESSAGES
 from llm_proxy.providers import resolve_model
@@ -238,6 +240,7 @@ class Exchange:
         cost: Decimal | None = None,
         error_message: str = "",
         error_class: str = "",
+        upstream: ProviderError | None = None,
     ) -> services.UsageRecord:
         return services.UsageRecord(
             request_id=self.request_id,
@@ -252,6 +255,8 @@ class Exchange:
             cost_usd=cost,
             counts_toward_budget=self.counts_toward_budget,
             error_message=error_message,
+            upstream_status_code=upstream.upstream_status if upstream else None,
+            upstream_error=upstream.upstream_detail if upstream else "",
             latency_ms=self.latency_ms(),
             reports=self._reports(status=status, usage=usage, error_class=error_class),
         )
@@ -339,6 +344,7 @@ class Exchange:
             error_class=(
                 "client_disconnected" if status == UsageLog.Status.CLIENT_DISCONNECTED else exc.code
             ),
+            upstream=exc if isinstance(exc, ProviderError) else None,
         )
 
         async def close() -> None:
@@ -805,12 +811,17 @@ async def _admit_platform(
         raise
 
 
-def _provider_failure(exc: httpx.HTTPError) -> ProviderError:
+def _provider_failure(exc: httpx.HTTPError, exchange: Exchange) -> ProviderError:
     if isinstance(exc, httpx.TimeoutException):
-        return ProviderTimeout()
-    if isinstance(exc, httpx.ConnectError):
-        return ProviderUnreachable()
-    return ProviderError()
+        failure: ProviderError = ProviderTimeout()
+    elif isinstance(exc, httpx.ConnectError):
+        failure = ProviderUnreachable()
+    else:
+        failure = ProviderError()
+    # No status: what went wrong on the wire, for the operator (httpx names the error;
+    # its text can carry the URL, which redaction removes).
+    detail = redact(f"{type(exc).__name__}: {exc}", secrets=exchange.provider.secrets())
+    return failure.upstream(None, detail)
 
 
 async def _provider_status_error(exchange: Exchange, response: httpx.Response) -> ProviderError:
@@ -829,6 +840,16 @@ async def _fail(exchange: Exchange, failure: GatewayError) -> HttpResponse | Non
     another attempt to try (platform mode); otherwise closes the request with a refund
     and returns the last failure's error response."""
     metrics.provider_error_observed(provider=exchange.attempt.provider_name, failure=failure)
+    if isinstance(failure, ProviderError):
+        # The cause, which the client is not shown: the provider's status and words.
+        logger.warning(
+            "request %s: provider %s failed: %s (upstream status %s: %s)",
+            exchange.request_id,
+            exchange.attempt.provider_name,
+            failure.code,
+            failure.upstream_status if failure.upstream_status is not None else "none",
+            failure.upstream_detail or "no message",
+        )
     if exchange.next_attempt(failure):
         logger.info(
             "request %s: attempt failed (%s), trying the next one",
@@ -860,7 +881,7 @@ async def _answer(exchange: Exchange, body: dict[str, Any]) -> _Answer | Gateway
     try:
         response = await client.send(request)
     except httpx.HTTPError as exc:
-        return _provider_failure(exc)
+        return _provider_failure(exc, exchange)
     metrics.provider_call_ended()
     if response.status_code >= 400:
         return await _provider_status_error(exchange, response)
@@ -933,12 +954,18 @@ async def _stream_open(
             # failures so): nothing was generated, so it is a failure before the commit,
             # refunded (or, in platform mode, the next attempt's turn).
             await response.aclose()
-            return ProviderError("LLM provider error: the stream began with an error")
+            failure = ProviderError("LLM provider error: the stream began with an error")
+            said = redact(
+                provider_error_message(first_events[0].data)
+                or first_events[0].data.decode("utf-8", "replace"),
+                secrets=exchange.provider.secrets(),
+            )
+            return failure.upstream(response.status_code, said)
     except (httpx.HTTPError, StopAsyncIteration) as exc:
         if response is not None:
             await response.aclose()
         return (
-            _provider_failure(exc)
+            _provider_failure(exc, exchange)
             if isinstance(exc, httpx.HTTPError)
             else ProviderError("LLM provider error: the stream ended before any data")
         )

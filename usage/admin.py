@@ -298,7 +298,17 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
     show_facets = ShowFacets.NEVER
     fieldsets = [
         (None, {"fields": ["id", "timestamp", "owner", "key", "endpoint", "model_name"]}),
-        ("Outcome", {"fields": ["outcome", "error_message", "latency"]}),
+        (
+            "Outcome",
+            {
+                "fields": [
+                    "outcome",
+                    "error_message",
+                    ("upstream_status_code", "upstream_error"),
+                    "latency",
+                ]
+            },
+        ),
         (
             "Tokens and cost",
             {
@@ -331,6 +341,8 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
         ("latency_ms", "latency_ms"),
         ("counts_toward_budget", "counts_toward_budget"),
         ("error_message", "error_message"),
+        ("upstream_status_code", "upstream_status_code"),
+        ("upstream_error", "upstream_error"),
     )
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):

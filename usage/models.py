@@ -91,6 +91,10 @@ class UsageLog(models.Model):
     status = models.CharField(max_length=20, choices=Status.choices)
     status_code = models.IntegerField(null=True)
     error_message = models.TextField(blank=True, default="")
+    # What the provider itself answered when it failed: its HTTP status and its redacted,
+    # bounded message. For operators only; the client sees `error_message`.
+    upstream_status_code = models.IntegerField(null=True, blank=True)
+    upstream_error = models.TextField(blank=True, default="")
     latency_ms = models.IntegerField(null=True)
     counts_toward_budget = models.BooleanField(default=True)
 

@@ -111,6 +111,8 @@ def fail(
     status_code: int = 502,
     message: str = "LLM provider error",
     model: str = "gpt-4o-mini",
+    upstream_status_code: int | None = None,
+    upstream_error: str = "",
 ) -> UsageLog:
     """A refused or failed request: a usage row with no cost."""
     request_id = uuid.uuid4()
@@ -125,6 +127,8 @@ def fail(
             status="error",
             status_code=status_code,
             error_message=message,
+            upstream_status_code=upstream_status_code,
+            upstream_error=upstream_error,
             latency_ms=40,
         ),
         now=at or timezone.now(),

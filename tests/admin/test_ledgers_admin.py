@@ -90,6 +90,13 @@ def test_usage_row_page_shows_its_money_formatted(admin_client, history):
     assert "success · 200" in html
 
 
+def test_a_failed_request_page_shows_what_the_provider_answered(admin_client, history):
+    row = fail(history["user"], upstream_status_code=503, upstream_error="overloaded, retry")
+    html = admin_client.get(admin_url(row, "change")).content.decode()
+    assert "503" in html
+    assert "overloaded, retry" in html
+
+
 @pytest.mark.parametrize(
     ("params", "expected"),
     [

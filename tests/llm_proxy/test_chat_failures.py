@@ -249,3 +249,53 @@ def test_sequential_failures_leave_no_hold_behind(gateway, bob):
     assert UsageLog.objects.filter(status="error").count() == 20
     set_price()
     assert gateway.chat(secret, model="openai:gpt-4o-mini").status_code == 200
+
+
+# --- the provider's own words, for the operator -------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "non-stream"])
+@pytest.mark.parametrize(
+    ("selector", "upstream_status", "upstream_error"),
+    [
+        ("openai:gpt-4o-mini-fail-500", 500, "fake upstream: injected 500 Internal Server Error"),
+        ("openai:gpt-4o-mini-fail-503", 503, "fake upstream: injected 503 Service Unavailable"),
+        ("openai:gpt-4o-mini-fail-401", 401, "fake upstream: injected 401 Unauthorized"),
+        ("dead:gpt-4o-mini", None, "ConnectError: All connection attempts failed"),
+    ],
+)
+def test_the_upstream_cause_is_recorded_and_logged_but_not_sent(
+    gateway, bob, caplog, selector, upstream_status, upstream_error, streaming
+):
+    _, secret = bob
+    set_price(selector)
+    caplog.set_level(logging.INFO)
+    response = gateway.chat(secret, model=selector, stream=streaming)
+
+    assert response.status_code == 502
+    assert upstream_error not in response.text
+    row = the_row()
+    assert (row.upstream_status_code, row.upstream_error) == (upstream_status, upstream_error)
+    assert row.error_message == response.json()["error"]["message"]
+    logged = [r.getMessage() for r in caplog.records if str(row.id) in r.getMessage()]
+    assert any(upstream_error in line for line in logged), logged
+
+
+def test_the_recorded_upstream_message_is_redacted(gateway, bob):
+    _, secret = bob
+    gateway.chat(secret, model=priced("gpt-4o-mini-fail-400"))
+    row = the_row()
+    assert row.upstream_status_code == 400
+    assert row.upstream_error.startswith("fake upstream: invalid request (provider key")
+    assert SECRET_IN_ERRORS not in row.upstream_error
+    assert URL_IN_ERRORS not in row.upstream_error
+
+
+def test_a_stream_that_opens_with_an_error_records_what_it_said(gateway, bob):
+    _, secret = bob
+    response = gateway.chat(secret, model=priced("gpt-4o-mini-errorfirst"), stream=True)
+    assert response.status_code == 502
+    row = the_row()
+    assert row.upstream_status_code == 200
+    assert row.upstream_error
+    assert row.upstream_error not in response.text
