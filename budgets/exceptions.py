@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
 from otari.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
+
+if TYPE_CHECKING:
+    from budgets.services import BudgetState
 
 
 class UnknownUser(NotFound):
@@ -21,8 +27,23 @@ class ModelNotAllowed(PermissionDenied):
 
 
 class BudgetExceeded(PermissionDenied):
+    """A hold that does not fit. `state` is the user's money when it was refused and
+    `needed_usd` the hold asked for, so that the refusal can explain itself."""
+
     code = "budget_exceeded"
     message = "Budget exceeded"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        state: BudgetState | None = None,
+        needed_usd: Decimal | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.state = state
+        self.needed_usd = needed_usd
 
 
 class PricingMissing(GatewayError):

@@ -336,7 +336,7 @@ def hold_open(
         limit = _limit_usd(user, now)
         committed = user.spend_usd + user.reserved_usd
         if limit is not None and (committed >= limit or committed + amount_usd > limit):
-            raise BudgetExceeded
+            raise BudgetExceeded(state=_state(user, now), needed_usd=amount_usd)
         GatewayUser.objects.filter(pk=user.pk).update(reserved_usd=F("reserved_usd") + amount_usd)
         Hold.objects.create(
             request_id=request_id,

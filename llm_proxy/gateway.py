@@ -37,7 +37,7 @@ from django.utils import timezone
 from budgets import alerting, services
 from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
 from budgets.selectors import Caller, rates_current
-from llm_proxy import platform, ratelimit, upstream
+from llm_proxy import budget, platform, ratelimit, upstream
 from llm_proxy.auth import (
     authenticate,
     authenticate_listing,
@@ -65,7 +65,7 @@ from otari.exceptions import BadRequest, GatewayError, PayloadTooLarge, Permissi
 from otari.logging import bind_request, log_payload
 from otari.logging import current as current_request
 from usage.models import UsageLog, UsageReport
-from usage.pricing import TokenUsage, cost_usd, estimate_usd, prompt_tokens_from_chars
+from usage.pricing import TokenUsage, cost_usd, prompt_tokens_from_chars
 from usage.reporting import AttemptReport
 from usage.selectors import prices_current
 
@@ -120,6 +120,14 @@ class Attempt:
     # Why it failed, once tried.
     failure: GatewayError | None = None
 
+    def retarget(self, body: dict[str, Any]) -> None:
+        """Send `body` instead of the one the target was built from (a request whose
+        output maximum admission changed)."""
+        if self.target is not None:
+            route = self.target.route
+            upstream_body = route.upstream_body(body, self.model, stream=body.get("stream") is True)
+            self.target = Target(route=route, body=upstream_body, headers=self.target.headers)
+
 
 @dataclass(eq=False)
 class Exchange:
@@ -144,6 +152,9 @@ class Exchange:
     rate: RateAdmission | None = None
     # The cost charged at settlement (None until then, or when the model has no price).
     charged_usd: Decimal | None = None
+    # The output maximum the gateway set because the default did not fit the budget
+    # (llm_proxy.budget); sent back as X-Otari-Max-Tokens.
+    fitted_max_tokens: int | None = None
     _closing: asyncio.Future | None = field(default=None, repr=False)
 
     @property
@@ -496,16 +507,6 @@ async def _alerts_check(user_id: str, now) -> None:
         logger.exception("budget alert check for user %s failed", user_id)
 
 
-def _budget_headers(state: BudgetState | None) -> dict[str, str]:
-    if state is None or state.limit_usd is None:
-        return {}
-    # Exact, without the column's trailing zeros ("9.999973", not "9.9999730000").
-    headers = {"X-Otari-Budget-Remaining-Usd": f"{state.remaining_usd.normalize():f}"}
-    if state.next_reset_at is not None:
-        headers["X-Otari-Budget-Reset-At"] = state.next_reset_at.isoformat()
-    return headers
-
-
 async def _admit(
     request: HttpRequest, fmt: ApiFormat, request_id: uuid.UUID, started: float
 ) -> tuple[Exchange, dict[str, Any]]:
@@ -568,7 +569,8 @@ async def _admit(
                 None if model_allowed(caller.allowed_models, model_key) else ModelNotAllowed()
             ),
         )
-        return await _admit_known(caller, fmt, body, [attempt], request_id, started, now), body
+        exchange = await _admit_known(caller, fmt, body, [attempt], request_id, started, now)
+        return exchange, exchange.body
     except GatewayError as exc:
         # A refusal of a known user leaves a usage row (CONTRACT §3.4, §5).
         record = services.UsageRecord(
@@ -588,19 +590,6 @@ async def _admit(
         metrics.request_closed(record)
         exc.headers.setdefault("X-Otari-Request-Id", str(request_id))
         raise
-
-
-def _loaded_state(caller: Caller, limit: Decimal | None) -> BudgetState | None:
-    """The caller's budget as loaded: what requests that take no hold still show
-    (CONTRACT §2)."""
-    if limit is None:
-        return None
-    return services.BudgetState(
-        spend_usd=caller.spend_usd,
-        reserved_usd=caller.reserved_usd,
-        limit_usd=limit,
-        next_reset_at=caller.next_budget_reset_at,
-    )
 
 
 async def _admit_known(
@@ -630,39 +619,43 @@ async def _admit_known(
         assert refusal is not None  # noqa: S101
         raise refusal
     limit = caller.limit_usd(now)
+    state = budget.loaded_state(caller, limit, now)
     priced = [rates for index in usable if (rates := attempts[index].rates) is not None]
-    if not priced and platform_request_id is None and settings.OTARI_REQUIRE_PRICING:
-        if limit is not None and caller.spend_usd + caller.reserved_usd >= limit:
-            raise BudgetExceeded
-        raise PricingMissing
     texts = fmt.prompt_texts(body)
     prompt_chars = fmt.prompt_chars(body, texts)
-    max_output = fmt.output_token_budget(body)
-    # Rate limits (429) before the budget: no hold is taken for a request refused here.
-    rate = await ratelimit.rate_admit(
-        caller=caller, tokens=prompt_tokens_from_chars(prompt_chars) + max_output
-    )
-    estimate = max(
-        (
-            estimate_usd(prompt_chars=prompt_chars, max_output_tokens=max_output, rates=rates)
-            for rates in priced
-        ),
-        default=Decimal(0),
-    )
-    state = _loaded_state(caller, limit)
-    held = False
+    ask = budget.Ask(fmt, prompt_chars, fmt.output_token_budget(body), priced)
+    if not priced and platform_request_id is None and settings.OTARI_REQUIRE_PRICING:
+        if state is not None and state.remaining_usd <= 0:
+            raise budget.explain(BudgetExceeded(state=state), ask)
+        raise PricingMissing
     # Free models and keys excluded from budget take no hold and are never refused for
     # money (CONTRACT §1, §3.3).
-    if any(not rates.is_free for rates in priced) and not caller.exclude_from_budget:
-        state = await _hold_open(
-            rate,
-            user_id=caller.user_id,
-            request_id=request_id,
-            amount_usd=estimate,
-            limit_usd=limit,
-            model_key=attempts[usable[0]].model_key,
-            now=now,
-        )
+    takes_hold = any(not rates.is_free for rates in priced) and not caller.exclude_from_budget
+    fitted = budget.fit_max_output(ask, body, state) if takes_hold else None
+    if fitted is not None:
+        body = {**body, fmt.max_output_fields[0]: fitted}
+        ask = budget.Ask(fmt, prompt_chars, fitted, priced)
+        for attempt in attempts:
+            attempt.retarget(body)
+    # Rate limits (429) before the budget: no hold is taken for a request refused here.
+    rate = await ratelimit.rate_admit(
+        caller=caller, tokens=prompt_tokens_from_chars(prompt_chars) + ask.max_output_tokens
+    )
+    estimate = ask.estimate_usd()
+    held = False
+    if takes_hold:
+        try:
+            state = await _hold_open(
+                rate,
+                user_id=caller.user_id,
+                request_id=request_id,
+                amount_usd=estimate,
+                limit_usd=limit,
+                model_key=attempts[usable[0]].model_key,
+                now=now,
+            )
+        except BudgetExceeded as exc:
+            raise budget.explain(exc, ask) from None
         held = True
     for index in range(usable[0]):
         attempts[index].failure = attempts[index].refusal
@@ -681,6 +674,7 @@ async def _admit_known(
         body=body,
         platform_request_id=platform_request_id,
         rate=rate,
+        fitted_max_tokens=fitted,
     )
 
 
@@ -789,7 +783,7 @@ async def _admit_platform(
         exchange = await _admit_known(
             caller, fmt, body, attempts, request_id, started, now, resolution.request_id
         )
-        return exchange, body
+        return exchange, exchange.body
     except GatewayError as exc:
         first = next((a for a in attempts if a.refusal is None), attempts[-1])
         record = services.UsageRecord(
@@ -923,7 +917,7 @@ async def _complete(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
     result["X-Otari-Request-Id"] = str(exchange.request_id)
     if exchange.charged_usd is not None:
         result["X-Otari-Cost-Usd"] = str(exchange.charged_usd)
-    for name, value in _budget_headers(exchange.budget_state).items():
+    for name, value in _response_headers(exchange).items():
         result[name] = value
     return result
 
@@ -1004,9 +998,17 @@ async def _stream(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
     result["Cache-Control"] = "no-cache"
     result["X-Accel-Buffering"] = "no"
     result["X-Otari-Request-Id"] = str(exchange.request_id)
-    for name, value in _budget_headers(exchange.budget_state).items():
+    for name, value in _response_headers(exchange).items():
         result[name] = value
     return result
+
+
+def _response_headers(exchange: Exchange) -> dict[str, str]:
+    """The budget headers of an admitted request, and the output maximum admission set."""
+    headers = budget.budget_headers(exchange.budget_state)
+    if exchange.fitted_max_tokens is not None:
+        headers["X-Otari-Max-Tokens"] = str(exchange.fitted_max_tokens)
+    return headers
 
 
 def _track(coro: Awaitable[Any]) -> asyncio.Task:

@@ -162,6 +162,11 @@ OTARI_REQUIRE_PRICING = env.bool("OTARI_REQUIRE_PRICING", default=True)
 # /v1/messages) is refused (403, CONTRACT §1); false ignores the name instead.
 OTARI_REJECT_USER_MISMATCH = env.bool("OTARI_REJECT_USER_MISMATCH", default=True)
 OTARI_DEFAULT_MAX_OUTPUT_TOKENS = env.int("OTARI_DEFAULT_MAX_OUTPUT_TOKENS", default=1024)
+# A request that sets no maximum output and whose default does not fit the budget that is
+# left is sent with the largest maximum that does (X-Otari-Max-Tokens), unless fewer than
+# OTARI_FIT_MIN_OUTPUT_TOKENS fit; false refuses it instead (docs/ARCHITECTURE.md).
+OTARI_FIT_MAX_TOKENS = env.bool("OTARI_FIT_MAX_TOKENS", default=True)
+OTARI_FIT_MIN_OUTPUT_TOKENS = env.int("OTARI_FIT_MIN_OUTPUT_TOKENS", default=16)
 # What a stream that never reported usage costs: its estimate, nothing, or an error row
 # charged at the estimate (CONTRACT §3.4).
 OTARI_STREAM_MISSING_USAGE = env.str("OTARI_STREAM_MISSING_USAGE", default="estimate")

@@ -89,3 +89,24 @@ def estimate_usd(*, prompt_chars: int, max_output_tokens: int, rates: Rates) -> 
         ),
         rates,
     )
+
+
+def output_tokens_within(amount_usd: Decimal, *, prompt_chars: int, rates: Rates) -> int | None:
+    """The most output tokens whose estimate (with this prompt) is at most `amount_usd`:
+    the inverse of `estimate_usd`. None when output is free (no amount limits it); 0 when
+    the prompt alone costs more."""
+    if not rates.output_per_mtok:
+        return None
+    with localcontext(_EXACT):
+        prompt = prompt_tokens_from_chars(prompt_chars) * rates.input_per_mtok / _PER_MILLION
+        # The estimate is rounded half-up once: it stays within the amount while the exact
+        # total is below the amount plus half a micro-dollar.
+        room = (amount_usd + MICRO_USD / 2 - prompt) * _PER_MILLION / rates.output_per_mtok
+        tokens = max(0, math.ceil(room) - 1)
+    while (
+        tokens
+        and estimate_usd(prompt_chars=prompt_chars, max_output_tokens=tokens, rates=rates)
+        > amount_usd
+    ):
+        tokens -= 1
+    return tokens

@@ -45,8 +45,10 @@ def test_over_budget_is_refused_without_calling_the_provider(gateway, priced_mod
     assert_untouched(user, spend=Decimal("1"))
 
 
-def test_a_request_whose_estimate_does_not_fit_is_refused(gateway, priced_model):
-    # The estimate of the default request: ceil(27/4) x 0.15 + 1024 x 0.60 per million.
+def test_a_request_whose_estimate_does_not_fit_is_refused(gateway, priced_model, settings):
+    # Without fitting (on by default: tests/llm_proxy/test_budget_fit.py), the estimate of
+    # the default request, ceil(27/4) x 0.15 + 1024 x 0.60 per million, does not fit.
+    settings.OTARI_FIT_MAX_TOKENS = False
     user = make_user(budget=make_budget(max_budget_usd=Decimal("0.000600")))
     _, secret = make_key(user)
     refused(gateway.chat(secret, model=MODEL), 403, "budget_exceeded")

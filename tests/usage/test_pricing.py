@@ -5,8 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from usage.pricing import Rates, TokenUsage, cost_usd, estimate_usd
+from usage.pricing import Rates, TokenUsage, cost_usd, estimate_usd, output_tokens_within
 
 RATES = Rates(input_per_mtok=Decimal("0.15"), output_per_mtok=Decimal("0.60"))
 
@@ -62,3 +64,30 @@ def test_estimate_is_prompt_chars_over_four_plus_max_output():
     # ceil(27 / 4) = 7 input tokens, 1024 output tokens.
     assert estimate_usd(prompt_chars=27, max_output_tokens=1024, rates=RATES) == Decimal("0.000615")
     assert estimate_usd(prompt_chars=0, max_output_tokens=0, rates=RATES) == Decimal(0)
+
+
+_RATES = st.decimals(min_value=0, max_value=100, places=4, allow_nan=False)
+
+
+@given(
+    amount=st.decimals(min_value=0, max_value=50, places=6, allow_nan=False),
+    prompt_chars=st.integers(min_value=0, max_value=400_000),
+    input_rate=_RATES,
+    output_rate=_RATES.filter(bool),
+)
+def test_output_tokens_within_is_the_largest_maximum_the_amount_pays_for(
+    amount, prompt_chars, input_rate, output_rate
+):
+    rates = Rates(input_per_mtok=input_rate, output_per_mtok=output_rate)
+    tokens = output_tokens_within(amount, prompt_chars=prompt_chars, rates=rates)
+
+    def estimate(n: int) -> Decimal:
+        return estimate_usd(prompt_chars=prompt_chars, max_output_tokens=n, rates=rates)
+
+    assert estimate(tokens + 1) > amount
+    assert tokens == 0 or estimate(tokens) <= amount
+
+
+def test_free_output_is_not_limited_by_money():
+    rates = Rates(input_per_mtok=Decimal("1"), output_per_mtok=Decimal("0"))
+    assert output_tokens_within(Decimal("0.001"), prompt_chars=10, rates=rates) is None
