@@ -578,7 +578,7 @@ class UsageLevelFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
         return [
             ("near", "80% or more"),
-            ("over", "At or over the limit"),
+            ("over", "At or over the limit, or refused for budget"),
             ("uncapped", "No limit"),
         ]
 
@@ -588,7 +588,10 @@ class UsageLevelFilter(admin.SimpleListFilter):
                 cap_usd__isnull=False, committed_usd__gte=F("cap_usd") * Decimal("0.8")
             )
         if self.value() == "over":
-            return queryset.filter(cap_usd__isnull=False, committed_usd__gte=F("cap_usd"))
+            return queryset.filter(
+                Q(committed_usd__gte=F("cap_usd")) | Q(budget_refused_at__isnull=False),
+                cap_usd__isnull=False,
+            )
         if self.value() == "uncapped":
             return queryset.filter(cap_usd__isnull=True)
         return queryset
@@ -639,6 +642,7 @@ class GatewayUserAdmin(ServiceAdmin):
         "limit",
         "remaining",
         "usage",
+        "budget_refusal",
         "lifetime_spend",
         "topup_state",
         "budget_started_at",
@@ -677,6 +681,7 @@ class GatewayUserAdmin(ServiceAdmin):
                 {
                     "fields": [
                         "usage",
+                        "budget_refusal",
                         ("spend", "reserved"),
                         ("limit", "remaining"),
                         "period",
@@ -766,7 +771,28 @@ class GatewayUserAdmin(ServiceAdmin):
 
     @admin.display(description="Usage", ordering="used_ratio")
     def usage(self, obj: GatewayUser) -> SafeString:
-        return usage_bar(spend=obj.spend_usd, reserved=obj.reserved_usd, limit=obj.cap_usd)
+        return usage_bar(
+            spend=obj.spend_usd,
+            reserved=obj.reserved_usd,
+            limit=obj.cap_usd,
+            refused_at=obj.budget_refused_at,
+        )
+
+    @admin.display(description="Refused for budget")
+    def budget_refusal(self, obj: GatewayUser) -> SafeString | str:
+        if obj.budget_refused_at is None:
+            return "not in this period"
+        from usage.models import UsageLog
+
+        refusals = _admin_url(
+            UsageLog, "changelist", query={"user": obj.user_id, "status__exact": "error"}
+        )
+        return format_html(
+            '<span class="otari-usage__refused">last at {}</span>: requests do not fit what '
+            'is left. <a href="{}">See the failed requests</a>',
+            as_utc(obj.budget_refused_at),
+            refusals,
+        )
 
     @admin.display(description="Next reset (UTC)", ordering="next_budget_reset_at")
     def next_reset(self, obj: GatewayUser) -> str:

@@ -31,11 +31,19 @@ def threshold_usd(limit_usd: Decimal, threshold_pct: int) -> Decimal:
 
 
 def thresholds_reached(
-    thresholds_pct: Iterable[int], *, spend_usd: Decimal, limit_usd: Decimal | None
+    thresholds_pct: Iterable[int],
+    *,
+    spend_usd: Decimal,
+    limit_usd: Decimal | None,
+    refused: bool = False,
 ) -> list[int]:
-    """The thresholds at or below the current spend (none without a positive limit)."""
+    """The thresholds at or below the current spend (none without a positive limit). A
+    user refused for budget in the window has reached 100% of it, whatever the spend:
+    the refused request would have taken it there."""
     if limit_usd is None or limit_usd <= 0:
         return []
+    if refused:
+        spend_usd = max(spend_usd, limit_usd)
     return sorted(t for t in thresholds_pct if spend_usd >= threshold_usd(limit_usd, t))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -15,6 +15,7 @@ from django.db.models import (
     Case,
     Count,
     DecimalField,
+    Exists,
     ExpressionWrapper,
     F,
     Min,
@@ -31,7 +32,7 @@ from django.db.models.functions import Coalesce
 from budgets.models import APIKey, Budget, BudgetAlert, BudgetResetLog, GatewayUser, Hold
 from otari import pgpool
 from otari.fields import MoneyField
-from usage.models import ModelPricing, UsageLog
+from usage.models import BUDGET_EXCEEDED, ModelPricing, UsageLog
 from usage.pricing import Rates
 
 
@@ -472,6 +473,7 @@ def _users_with_counters() -> QuerySet[GatewayUser]:
         reserved_requests=Coalesce(
             Subquery(open_holds.annotate(n=Count("*")).values("n")), Value(0)
         ),
+        budget_refused_at=_last_refusal_in_window(),
     )
 
 
@@ -508,6 +510,36 @@ def api_key_get(*, key_id: uuid.UUID) -> APIKey | None:
 # The console's reads: users measured against their limits
 
 
+def _refusals_in_window_of_outer_user() -> QuerySet:
+    """The outer query's user's refusals for budget since its current window began (its
+    creation, when it never had a window)."""
+    return UsageLog.objects.filter(
+        user=OuterRef("pk"),
+        error_code=BUDGET_EXCEEDED,
+        timestamp__gte=Coalesce(OuterRef("budget_started_at"), OuterRef("created_at")),
+    )
+
+
+def _last_refusal_in_window() -> Subquery:
+    """When the outer query's user was last refused for budget in its current window:
+    such a user is out of budget for the requests it makes, whatever share of the limit
+    it has spent."""
+    return Subquery(
+        _refusals_in_window_of_outer_user().order_by("-timestamp").values("timestamp")[:1]
+    )
+
+
+def refused_in_window() -> Exists:
+    """A condition on users: refused for budget in their current window."""
+    return Exists(_refusals_in_window_of_outer_user())
+
+
+def budget_refused_since(*, user_id: str, since: datetime) -> bool:
+    return UsageLog.objects.filter(
+        user_id=user_id, error_code=BUDGET_EXCEEDED, timestamp__gte=since
+    ).exists()
+
+
 def user_money_annotate(queryset: QuerySet[GatewayUser], *, now: datetime) -> QuerySet:
     """Annotate each user with `cap_usd` (the budget's max plus a live top-up; null when
     uncapped), `committed_usd` (spend + reserved) and `used_ratio` (committed / cap, 1
@@ -527,6 +559,7 @@ def user_money_annotate(queryset: QuerySet[GatewayUser], *, now: datetime) -> Qu
         committed_usd=ExpressionWrapper(
             F("spend_usd") + F("reserved_usd"), output_field=MoneyField()
         ),
+        budget_refused_at=_last_refusal_in_window(),
     ).annotate(
         used_ratio=Case(
             When(cap_usd__isnull=True, then=Value(None)),
@@ -541,13 +574,32 @@ def user_money_annotate(queryset: QuerySet[GatewayUser], *, now: datetime) -> Qu
 def users_near_budget(
     *, now: datetime, threshold: Decimal = Decimal("0.8")
 ) -> QuerySet[GatewayUser]:
-    """Live users at or above `threshold` of their cap (spend + reserved), fullest first."""
+    """Live users at or above `threshold` of their cap (spend + reserved), or refused for
+    budget in their current window; refused first, then fullest first."""
     return (
         user_money_annotate(
             GatewayUser.objects.filter(deleted_at__isnull=True).select_related("budget"), now=now
         )
-        .filter(cap_usd__isnull=False, committed_usd__gte=F("cap_usd") * threshold)
-        .order_by("-used_ratio", "user_id")
+        .filter(
+            Q(committed_usd__gte=F("cap_usd") * threshold) | Q(budget_refused_at__isnull=False),
+            cap_usd__isnull=False,
+        )
+        .order_by(F("budget_refused_at").desc(nulls_last=True), "-used_ratio", "user_id")
+    )
+
+
+def users_refused_for_budget(*, now: datetime, hours: int = 24) -> QuerySet[GatewayUser]:
+    """Live users refused for budget in the last `hours`, most recently refused first."""
+    refusals = UsageLog.objects.filter(
+        user=OuterRef("pk"),
+        error_code=BUDGET_EXCEEDED,
+        timestamp__gte=now - timedelta(hours=hours),
+    )
+    return (
+        GatewayUser.objects.filter(deleted_at__isnull=True)
+        .annotate(last_refused_at=Subquery(refusals.order_by("-timestamp").values("timestamp")[:1]))
+        .filter(last_refused_at__isnull=False)
+        .order_by("-last_refused_at", "user_id")
     )
 
 

@@ -332,6 +332,11 @@ class UserResponse(serializers.Serializer):
     current_tokens = serializers.IntegerField(help_text="Their tokens.")
     reserved_requests = serializers.IntegerField(help_text="Requests in flight (open holds).")
     reserved_tokens = ZeroField(help_text="Tokens are not reserved: always 0.")
+    budget_refused_at = DateTimeField(
+        allow_null=True,
+        help_text="The last refusal for budget in this period (null: none); the user is out "
+        "of budget for the requests it makes, whatever share of the limit is spent.",
+    )
     rpm_limit = serializers.IntegerField(
         allow_null=True, help_text="Requests per minute, all the user's requests; null = none."
     )

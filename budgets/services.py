@@ -53,7 +53,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
-from budgets import alerting, periods
+from budgets import alerting, periods, selectors
 from budgets.exceptions import (
     BudgetExceeded,
     InvalidAlertSettings,
@@ -125,6 +125,7 @@ class UsageRecord:
     cost_usd: Decimal | None = None
     counts_toward_budget: bool = True
     error_message: str = ""
+    error_code: str = ""
     upstream_status_code: int | None = None
     upstream_error: str = ""
     latency_ms: int | None = None
@@ -158,6 +159,7 @@ class UsageRecord:
             "status": self.status,
             "status_code": self.status_code,
             "error_message": self.error_message,
+            "error_code": self.error_code,
             "upstream_status_code": self.upstream_status_code,
             "upstream_error": self.upstream_error,
             "latency_ms": self.latency_ms,
@@ -448,6 +450,7 @@ def _usage_row_create(record: UsageRecord, timestamp: datetime) -> None:
                 status=record.status,
                 status_code=record.status_code,
                 error_message=record.error_message,
+                error_code=record.error_code,
                 upstream_status_code=record.upstream_status_code,
                 upstream_error=record.upstream_error,
                 latency_ms=record.latency_ms,
@@ -536,13 +539,14 @@ touched AS (
 _USAGE_COLUMNS = """
     (id, user_id, api_key_id, timestamp, endpoint, provider, model, prompt_tokens,
      completion_tokens, total_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
-     status, status_code, error_message, upstream_status_code, upstream_error, latency_ms,
-     counts_toward_budget)"""
+     status, status_code, error_message, error_code, upstream_status_code, upstream_error,
+     latency_ms, counts_toward_budget)"""
 _USAGE_VALUES = """
     %(request_id)s, %(user_id)s, %(api_key_id)s, {timestamp}, %(endpoint)s, %(provider)s,
     %(model)s, %(prompt_tokens)s, %(completion_tokens)s, %(total_tokens)s,
     %(cache_read_tokens)s, %(cache_write_tokens)s, %(cost_usd)s, %(status)s,
-    %(status_code)s, %(error_message)s, %(upstream_status_code)s, %(upstream_error)s,
+    %(status_code)s, %(error_message)s, %(error_code)s, %(upstream_status_code)s,
+    %(upstream_error)s,
     %(latency_ms)s, %(counts_toward_budget)s"""
 
 # Platform mode (§7): the request's attempt reports, inserted by the statement that writes
@@ -1424,12 +1428,15 @@ def budget_alerts_check(*, user_id: str, now: datetime | None = None) -> list[Bu
             return created
         budget = user.budget
         limit = _limit_usd(user, now)
+        period_start = user.budget_started_at or user.created_at
         reached = alerting.thresholds_reached(
-            budget.alert_thresholds_pct, spend_usd=user.spend_usd, limit_usd=limit
+            budget.alert_thresholds_pct,
+            spend_usd=user.spend_usd,
+            limit_usd=limit,
+            refused=selectors.budget_refused_since(user_id=user.pk, since=period_start),
         )
         if not reached:
             return created
-        period_start = user.budget_started_at or user.created_at
         known = set(
             BudgetAlert.objects.filter(
                 user=user, budget=budget, period_started_at=period_start
@@ -1487,7 +1494,9 @@ def budget_alerts_sweep(*, now: datetime | None = None) -> AlertSweep:
         # budget's own max cannot have reached any threshold.
         floor = alerting.threshold_usd(budget.max_budget_usd, min(budget.alert_thresholds_pct))
         candidates = GatewayUser.objects.filter(
-            budget=budget, deleted_at__isnull=True, spend_usd__gte=floor, spend_usd__gt=0
+            Q(spend_usd__gte=floor, spend_usd__gt=0) | Q(selectors.refused_in_window()),
+            budget=budget,
+            deleted_at__isnull=True,
         ).values_list("pk", flat=True)
         for uid in candidates:
             created.extend(budget_alerts_check(user_id=uid, now=now))

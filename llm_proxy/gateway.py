@@ -266,6 +266,9 @@ class Exchange:
             cost_usd=cost,
             counts_toward_budget=self.counts_toward_budget,
             error_message=error_message,
+            # A success that went as it should has no error code; one charged its
+            # estimate for lack of usage keeps "usage_missing".
+            error_code=error_class if status != UsageLog.Status.SUCCESS or error_message else "",
             upstream_status_code=upstream.upstream_status if upstream else None,
             upstream_error=upstream.upstream_detail if upstream else "",
             latency_ms=self.latency_ms(),
@@ -499,6 +502,25 @@ def _parse_body(request: HttpRequest) -> dict[str, Any]:
     return body
 
 
+# (user, window end) whose refusal for budget this process has handed to the alert check.
+_refusals_alerted: set[tuple[str, object]] = set()
+
+
+def _refused_for_budget(caller: Caller) -> None:
+    """A refusal for budget counts as reaching 100% of it for alerting. The alert itself
+    is raised at most once per user and window (the database decides); this only keeps a
+    flood of refusals from running a check each."""
+    if not caller.alert_thresholds_pct:
+        return
+    window = (caller.user_id, caller.next_budget_reset_at)
+    if window in _refusals_alerted:
+        return
+    if len(_refusals_alerted) > 10_000:
+        _refusals_alerted.clear()
+    _refusals_alerted.add(window)
+    _track(_alerts_check(caller.user_id, timezone.now()))
+
+
 async def _alerts_check(user_id: str, now) -> None:
     try:
         await sync_to_async(services.budget_alerts_check)(user_id=user_id, now=now)
@@ -584,10 +606,13 @@ async def _admit(
             status_code=exc.status,
             counts_toward_budget=not caller.exclude_from_budget,
             error_message=exc.message,
+            error_code=exc.code,
             latency_ms=int((time.perf_counter() - started) * 1000),
         )
         await services.usage_record_async(record=record, now=timezone.now())
         metrics.request_closed(record)
+        if isinstance(exc, BudgetExceeded):
+            _refused_for_budget(caller)
         exc.headers.setdefault("X-Otari-Request-Id", str(request_id))
         raise
 
@@ -796,11 +821,14 @@ async def _admit_platform(
             status=UsageLog.Status.ERROR,
             status_code=exc.status,
             error_message=exc.message,
+            error_code=exc.code,
             latency_ms=int((time.perf_counter() - started) * 1000),
             reports=_refusal_reports(attempts, exc, resolution.request_id),
         )
         await services.usage_record_async(record=record, now=timezone.now())
         metrics.request_closed(record)
+        if isinstance(exc, BudgetExceeded):
+            _refused_for_budget(caller)
         exc.headers.setdefault("X-Otari-Request-Id", str(request_id))
         raise
 

@@ -15,7 +15,12 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
 from budgets.models import GatewayUser
-from budgets.selectors import OpenHolds, holds_open_summary, users_near_budget
+from budgets.selectors import (
+    OpenHolds,
+    holds_open_summary,
+    users_near_budget,
+    users_refused_for_budget,
+)
 from otari.admin_tools import format_usd_brief
 from otari.charts import BarChart, ShareRow, daily_spend_chart, share_rows
 from usage.models import UsageLog
@@ -40,6 +45,8 @@ class Dashboard:
     top_users: list[ShareRow] | None = None
     top_models: list[ShareRow] | None = None
     near_budget: list[GatewayUser] | None = None
+    # Refused for budget in the last 24 hours, most recent first (at most NEAR_BUDGET_SHOWN).
+    refused_budget: list[GatewayUser] | None = None
     holds: OpenHolds | None = None
     recent_errors: list[UsageLog] | None = None
 
@@ -76,6 +83,7 @@ def dashboard_build(request: HttpRequest) -> Dashboard | None:
             fields["top_users"] = share_rows(spend_top_users(now=now, days=DASHBOARD_DAYS))
     if sees_users:
         fields["near_budget"] = list(users_near_budget(now=now)[:NEAR_BUDGET_SHOWN])
+        fields["refused_budget"] = list(users_refused_for_budget(now=now)[:NEAR_BUDGET_SHOWN])
     if sees_holds:
         fields["holds"] = holds_open_summary(now=now)
     return Dashboard(**fields)

@@ -87,16 +87,24 @@ def _percent(part: Decimal, whole: Decimal) -> Decimal:
     return min(Decimal(100), part * 100 / whole)
 
 
-def usage_bar(*, spend: Decimal, reserved: Decimal, limit: Decimal | None) -> SafeString:
+def usage_bar(
+    *,
+    spend: Decimal,
+    reserved: Decimal,
+    limit: Decimal | None,
+    refused_at: datetime | None = None,
+) -> SafeString:
     """A bar of spend (solid) and reserved (hatched) against the limit, with the
-    percentage and a tooltip giving the exact amounts."""
+    percentage and a tooltip giving the exact amounts. A user refused for budget in this
+    window (`refused_at`) is shown as over it, whatever share it has spent: the requests
+    it makes do not fit."""
     if limit is None:
         return format_html(
             '<span class="otari-muted" title="Spend {}; no limit">uncapped</span>',
             format_usd(spend),
         )
     committed = spend + reserved
-    level = usage_level(committed, limit)
+    level = "over" if refused_at is not None else usage_level(committed, limit)
     spend_pct = _percent(spend, limit)
     reserved_pct = min(Decimal(100) - spend_pct, _percent(reserved, limit))
     shown = Decimal(100) if limit <= 0 else committed * 100 / limit
@@ -105,14 +113,20 @@ def usage_bar(*, spend: Decimal, reserved: Decimal, limit: Decimal | None) -> Sa
         '<span class="otari-bar" role="img" aria-label="{pct}% of the limit used">'
         '<span class="otari-bar__spend" style="width:{spend_w}%"></span>'
         '<span class="otari-bar__reserved" style="width:{reserved_w}%"></span>'
-        '</span><span class="otari-usage__pct">{pct}%</span></span>',
+        '</span><span class="otari-usage__pct">{pct}%</span>{refused}</span>',
         level=level,
         title=(
             f"Spend {format_usd(spend)} + reserved {format_usd(reserved)} of {format_usd(limit)}"
+            + (f"; refused for budget at {as_utc(refused_at)}" if refused_at else "")
         ),
         spend_w=f"{spend_pct:.1f}",
         reserved_w=f"{reserved_pct:.1f}",
         pct=f"{shown:.0f}",
+        refused=(
+            format_html('<span class="otari-usage__refused">refused</span>')
+            if refused_at is not None
+            else ""
+        ),
     )
 
 

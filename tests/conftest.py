@@ -53,27 +53,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # `calendar` (periods, alerts, the dashboard, the browser) run once at each of these
 # instants, with the clock ticking from there, so one that only passes on some days fails
 # in CI on any day. A test that moves the clock itself still does: the innermost travel wins.
+# In the past: a subprocess a test starts (a command given `--now`) keeps the real clock.
 CALENDAR_INSTANTS = {
-    "month-start": datetime(2027, 3, 1, 0, 0, 0, tzinfo=UTC),
-    "leap-february-end": datetime(2028, 2, 29, 23, 59, 59, tzinfo=UTC),
-    "monday-midnight": datetime(2027, 1, 4, 0, 0, 0, tzinfo=UTC),
-    "mid-month": datetime(2027, 6, 15, 12, 30, 0, tzinfo=UTC),
+    "month-start": datetime(2025, 3, 1, 0, 0, 0, tzinfo=UTC),
+    "leap-february-end": datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC),
+    "monday-midnight": datetime(2025, 1, 6, 0, 0, 0, tzinfo=UTC),
+    "mid-month": datetime(2025, 6, 15, 12, 30, 0, tzinfo=UTC),
 }
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if metafunc.definition.get_closest_marker("calendar") is None:
+    if metafunc.definition.get_closest_marker("calendar") is not None:
+        metafunc.parametrize("calendar_clock", list(CALENDAR_INSTANTS), indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def calendar_clock(request: pytest.FixtureRequest) -> Iterator[datetime | None]:
+    """The instant a `calendar` test runs at (None for the others). Autouse, so that
+    the clock is set before any fixture of the test writes a row."""
+    name = getattr(request, "param", None)
+    if name is None:
+        yield None
         return
-    # First in the list, so the clock is set before any other fixture writes a row.
-    metafunc.fixturenames.insert(0, "calendar_clock")
-    metafunc.parametrize("calendar_clock", list(CALENDAR_INSTANTS), indirect=True)
-
-
-@pytest.fixture
-def calendar_clock(request: pytest.FixtureRequest) -> Iterator[datetime]:
-    instant = CALENDAR_INSTANTS[request.param]
-    with time_machine.travel(instant, tick=True):
-        yield instant
+    with time_machine.travel(CALENDAR_INSTANTS[name], tick=True):
+        yield CALENDAR_INSTANTS[name]
 
 
 def is_postgres() -> bool:

@@ -7,6 +7,7 @@ import uuid
 from django.db import models
 from django.db.models import Q
 
+from budgets.exceptions import BudgetExceeded
 from budgets.models import APIKey, GatewayUser
 from otari.fields import MoneyField
 
@@ -63,6 +64,10 @@ class ModelPricing(models.Model):
         return not self.input_price_per_mtok_usd and not self.output_price_per_mtok_usd
 
 
+# The error code of a refusal for budget.
+BUDGET_EXCEEDED = BudgetExceeded.code
+
+
 class UsageLog(models.Model):
     """One row per request that reached a known user, success or not."""
 
@@ -91,6 +96,9 @@ class UsageLog(models.Model):
     status = models.CharField(max_length=20, choices=Status.choices)
     status_code = models.IntegerField(null=True)
     error_message = models.TextField(blank=True, default="")
+    # The machine code of what went wrong ("budget_exceeded", "provider_error", ...), as
+    # in the error body the client got; empty on success.
+    error_code = models.CharField(max_length=64, blank=True, default="")
     # What the provider itself answered when it failed: its HTTP status and its redacted,
     # bounded message. For operators only; the client sees `error_message`.
     upstream_status_code = models.IntegerField(null=True, blank=True)
@@ -120,6 +128,13 @@ class UsageLog(models.Model):
                 fields=["-timestamp"],
                 condition=Q(status="error"),
                 name="usage_error_time_idx",
+            ),
+            # Who was refused for budget in their current window (the console, the API,
+            # alerts): refusals are few, so the index is small.
+            models.Index(
+                fields=["user", "-timestamp"],
+                condition=Q(error_code=BUDGET_EXCEEDED),
+                name="usage_budget_refusal_idx",
             ),
         ]
 

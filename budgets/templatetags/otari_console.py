@@ -44,7 +44,10 @@ def utc(moment: datetime | None) -> str:
 def usage_bar(user: Any) -> SafeString:
     """The usage bar of a user annotated by budgets.selectors.user_money_annotate."""
     return admin_tools.usage_bar(
-        spend=user.spend_usd, reserved=user.reserved_usd, limit=user.cap_usd
+        spend=user.spend_usd,
+        reserved=user.reserved_usd,
+        limit=user.cap_usd,
+        refused_at=user.budget_refused_at,
     )
 
 

@@ -71,6 +71,9 @@ def seed_demo_history(*, now: datetime, days: int = 30, seed: int = 7) -> Demo:
             name="Interns", max_budget_usd=Decimal("0.50"), budget_duration_sec=45 * 86400
         ),
         "Automation": services.budget_create(name="Automation", max_budget_usd=None),
+        "Contractors": services.budget_create(
+            name="Contractors", max_budget_usd=Decimal("1"), budget_duration_sec=45 * 86400
+        ),
     }
     users = {}
     keys = {}
@@ -113,6 +116,22 @@ def seed_demo_history(*, now: datetime, days: int = 30, seed: int = 7) -> Demo:
             rates=rates[(provider, model)],
             at=at,
             fail=rng.random() < 0.03,
+        )
+    # Gus works steadily towards his limit without reaching it: 85% on any day.
+    users["gus"] = services.user_create(
+        user_id="gus", alias="Gus Moreau", budget=budgets["Contractors"], now=start
+    )
+    gus_key, _ = services.api_key_create(user=users["gus"], key_name="laptop")
+    for day in range(17):
+        served += _one_request(
+            user_id="gus",
+            key_id=gus_key.id,
+            provider="openai",
+            model="gpt-4o",
+            usage=TokenUsage(input_tokens=20_000, output_tokens=0),
+            rates=rates[("openai", "gpt-4o")],
+            at=now - timedelta(days=17 - day, hours=3),
+            fail=False,
         )
     ttl = timedelta(seconds=settings.OTARI_HOLD_TTL_SECONDS)
     # On the uncapped user, so that they open whatever the others have left.
@@ -167,6 +186,7 @@ def _one_request(
                 status="error",
                 status_code=403,
                 error_message="Budget exceeded",
+                error_code="budget_exceeded",
                 latency_ms=3,
             ),
             now=at,

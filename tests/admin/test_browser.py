@@ -21,6 +21,7 @@ import pytest
 from django.utils import timezone
 
 from budgets.models import APIKey, BudgetResetLog, GatewayUser
+from budgets.selectors import user_money_annotate, users_refused_for_budget
 from budgets.services import secret_hash
 from otari.admin_tools import format_usd, format_usd_brief
 from tests.admin.conftest import CHROMIUM
@@ -190,16 +191,33 @@ def test_console_pages_with_a_month_of_history(console, gateway):
     demo = seed_demo_history(now=timezone.now())
     assert demo.requests > 300
 
+    now = timezone.now()
+    refused_today = list(users_refused_for_budget(now=now))
+    refused_in_window = user_money_annotate(GatewayUser.objects.all(), now=now).filter(
+        budget_refused_at__isnull=False
+    )
+    assert "eli" in {u.pk for u in refused_in_window}
+
     page.goto(base + "/admin/")
     assert page.locator(".otari-chart__bar").count() == 30
     assert page.locator(".otari-hbars tr").count() >= 8
     assert "Eli Novak" in page.inner_text(".otari-dashboard")  # over budget
+    count = page.inner_text("#otari-refused-budget .otari-card__value")
+    assert count == str(len(refused_today))
+    names = page.inner_text("#otari-refused-budget .otari-card__note")
+    assert names == ", ".join(str(user) for user in refused_today[:3])
     shot(page, "10-dashboard-month")
 
     page.goto(base + "/admin/budgets/gatewayuser/")
-    assert page.locator(".otari-usage--over").count() == 1
-    assert page.locator(".otari-usage--near").count() >= 1
+    eli = page.locator("#result_list tbody tr", has_text="Eli Novak")
+    assert eli.locator(".otari-usage--over").count() == 1
+    assert page.locator(".otari-usage__refused").count() == refused_in_window.count()
+    gus = page.locator("#result_list tbody tr", has_text="Gus Moreau")
+    assert gus.locator(".otari-usage--near").count() == 1
     shot(page, "11-users")
+
+    page.goto(base + "/admin/budgets/gatewayuser/eli/change/")
+    assert "requests do not fit what is left" in page.inner_text("#content-main")
 
     page.goto(base + "/admin/budgets/gatewayuser/ana/change/")
     assert "Monthly, on the 1st (UTC)" in page.inner_text("#content-main")

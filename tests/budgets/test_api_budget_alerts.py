@@ -6,6 +6,7 @@ echoing the value, and the list shows what a real crossing raised and how it was
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -152,7 +153,12 @@ def test_null_thresholds_are_refused(admin):
 
 
 @pytest.mark.postgres
-def test_alerts_raised_by_real_requests_are_listed_with_their_delivery(admin, gateway, receiver):
+def test_alerts_raised_by_real_requests_are_listed_with_their_delivery(
+    admin, gateway, receiver, time_machine
+):
+    # A calendar month that does not end during the test (found at 23:59:59 on the last
+    # day of a month by the calendar guard, tests/conftest.py).
+    time_machine.move_to(datetime(2025, 1, 15, 12, tzinfo=UTC), tick=True)
     # $1 per million tokens both ways: each request costs 27 tokens = $0.000027. With a
     # limit of $0.0001, 25% is crossed by the 1st request and 50% by the 2nd.
     model = priced("gpt-4o-mini", "1", "1")

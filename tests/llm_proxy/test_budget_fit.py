@@ -82,7 +82,8 @@ def test_a_request_that_fits_with_the_default_is_sent_unchanged(gateway, tight):
     assert response.status_code == 200
     assert "X-Otari-Max-Tokens" not in response.headers
     sent = gateway.fake.last_request.body
-    assert "max_completion_tokens" not in sent and "max_tokens" not in sent
+    assert "max_completion_tokens" not in sent
+    assert "max_tokens" not in sent
 
 
 def test_a_maximum_the_client_set_is_kept_and_refused_with_the_fix(gateway, tight):
@@ -106,7 +107,7 @@ def test_a_maximum_the_client_set_is_kept_and_refused_with_the_fix(gateway, tigh
 
 
 def test_the_anthropic_api_gets_the_explanation_in_its_own_shape(gateway, tight):
-    user, secret = tight
+    _user, secret = tight
     with gateway.client(secret) as client:
         response = client.post(
             "/v1/messages",
@@ -128,8 +129,9 @@ def test_below_the_floor_the_request_is_refused_not_shrunk(gateway, tight, setti
     GatewayUser.objects.filter(pk=user.pk).update(spend_usd=Decimal("0.001") - left)
     response = gateway.chat(secret, model=MODEL)
     assert response.status_code == 403
-    assert f"Set max_completion_tokens or max_tokens to {_fits(str(left))} or less" in (
-        response.json()["error"]["message"]
+    assert (
+        f"Set max_completion_tokens or max_tokens to {_fits(str(left))} or less"
+        in (response.json()["error"]["message"])
     )
     assert gateway.fake.hits == 0
     # A lower floor lets it through, shrunk.
