@@ -27,6 +27,7 @@ import uvicorn
 from django.conf import settings
 from django.db import connections
 
+from tests.budgets.webhook import WebhookReceiver
 from tests.fake_provider import FakeProvider
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,6 +220,13 @@ class Gateway:
 def gateway(asgi_server: AsgiServer, fake_provider: FakeProvider, transactional_db) -> Gateway:
     fake_provider.reset()
     return Gateway(url=asgi_server.url, fake=fake_provider)
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    """A webhook endpoint on loopback that records what it is sent (budget alerts)."""
+    with WebhookReceiver() as r:
+        yield r
 
 
 MASTER_KEY = "otari-mk-test-master-key"

@@ -17,7 +17,6 @@ from django.test.utils import CaptureQueriesContext
 from budgets import services
 from budgets.models import Budget, BudgetAlert, GatewayUser
 from tests.admin.conftest import admin_url, charge
-from tests.budgets.webhook import WebhookReceiver
 from tests.factories import make_budget, make_key, make_user, priced
 
 pytestmark = pytest.mark.calendar
@@ -172,12 +171,6 @@ def test_invalid_alert_settings_are_refused_with_the_rule(admin_client, field, v
 
 
 # --- the alert list -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def receiver():
-    with WebhookReceiver() as r:
-        yield r
 
 
 @pytest.fixture

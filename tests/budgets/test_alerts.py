@@ -16,18 +16,11 @@ from budgets import alerting, services
 from budgets.exceptions import InvalidAlertSettings
 from budgets.models import BudgetAlert
 from tests.budgets.ledger import charge
-from tests.budgets.webhook import WebhookReceiver
 from tests.factories import make_budget, make_key, make_user, priced
 
 pytestmark = pytest.mark.calendar
 
 PROMPT = "Say hello to the test suite"  # 27 characters: 7 prompt tokens
-
-
-@pytest.fixture
-def receiver():
-    with WebhookReceiver() as r:
-        yield r
 
 
 def wait_until(condition, timeout_s: float = 15) -> None:

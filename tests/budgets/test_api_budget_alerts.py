@@ -12,19 +12,12 @@ from decimal import Decimal
 import pytest
 
 from budgets.models import Budget, BudgetAlert, GatewayUser
-from tests.budgets.webhook import WebhookReceiver
 from tests.factories import make_budget, make_key, make_user, priced
 
 pytestmark = pytest.mark.calendar
 
 # A token in a webhook URL is a secret: it must never come back in an error.
 SECRET = "T0K3N-zqxv-not-for-logs"
-
-
-@pytest.fixture
-def receiver():
-    with WebhookReceiver() as r:
-        yield r
 
 
 def wait_until(condition, timeout_s: float = 15) -> None:

@@ -15,18 +15,11 @@ from budgets import services
 from budgets.models import BudgetAlert
 from tests.admin.conftest import admin_url
 from tests.budgets.ledger import charge
-from tests.budgets.webhook import WebhookReceiver
 from tests.factories import make_budget, make_key, make_user, set_price
 
 pytestmark = pytest.mark.calendar
 
 MODEL = "openai:gpt-4o-mini"
-
-
-@pytest.fixture
-def receiver():
-    with WebhookReceiver() as r:
-        yield r
 
 
 @pytest.fixture
