@@ -367,6 +367,19 @@ class Exchange:
 
         await self._close_once(close, record)
 
+    def closing_summary(self) -> dict[str, str]:
+        """What a stream's closing event tells the client once the request is settled:
+        what the headers of an answer that is not streamed say (docs/ENDPOINTS.md)."""
+        summary = {"request_id": str(self.request_id)}
+        if self.charged_usd is not None:
+            summary["cost_usd"] = str(self.charged_usd)
+        state = self.budget_state
+        if state is not None and state.limit_usd is not None:
+            summary["budget_remaining_usd"] = budget.money(state.remaining_usd)
+            if state.next_reset_at is not None:
+                summary["budget_reset_at"] = state.next_reset_at.isoformat()
+        return summary
+
     # --- the endings of a committed stream -------------------------------------------------
 
     def _delivered_usage(self, codec: StreamCodec) -> TokenUsage:

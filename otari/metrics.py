@@ -305,10 +305,15 @@ class ObservabilityMiddleware:
 def _ensure_request_id_header(message: dict, request_id: str) -> None:
     """Every response carries its request id: generation responses set it themselves
     (the usage row's id); the others, and a 500 that Django made from an exception the
-    handler did not catch, get it here."""
-    headers = message.get("headers") or []
-    if not any(name.lower() == b"x-otari-request-id" for name, _ in headers):
-        message["headers"] = [*headers, (b"x-otari-request-id", request_id.encode())]
+    handler did not catch, get it here. It is sent under both names: X-Otari-Request-Id,
+    and Otari-Request-ID, the one the `otari` SDK reads."""
+    headers = list(message.get("headers") or [])
+    value = next((v for name, v in headers if name.lower() == b"x-otari-request-id"), None)
+    if value is None:
+        value = request_id.encode()
+        headers.append((b"x-otari-request-id", value))
+    headers.append((b"otari-request-id", value))
+    message["headers"] = headers
 
 
 # --- scrape-time gauges ------------------------------------------------------------------
