@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 
+import httpx
 import pytest
 
-from tests.conftest import MASTER_KEY
+from tests.conftest import MASTER_KEY, start_server_process
 from tests.factories import make_key, make_user, set_price
 from usage.models import UsageLog
 
@@ -135,3 +136,42 @@ def test_an_api_client_asking_for_json_gets_json(gateway):
     assert response.status_code == 200
     assert response.json()["docs"] == "/docs"
     assert response.json()["console"] == "/admin/"
+
+
+# --- metrics with several worker processes ----------------------------------------------------
+
+
+def _started_log(gateway_config_file, tmp_path, name: str, **env: str) -> str:
+    """The log of a gateway started with `env`, once it answers."""
+    log_path = tmp_path / f"{name}.log"
+    server = start_server_process(
+        gateway_config_file, log_path=log_path, OTARI_ENABLE_METRICS="true", **env
+    )
+    try:
+        # Each worker imports the app on its first request: reach every one of them.
+        for _ in range(8):
+            httpx.get(server.url + "/health", timeout=10)
+    finally:
+        server.kill()
+    return log_path.read_text()
+
+
+@pytest.mark.slow
+def test_metrics_without_a_multiprocess_dir_warn_with_several_workers(
+    gateway, gateway_config_file, tmp_path
+):
+    several = _started_log(gateway_config_file, tmp_path, "several", WEB_CONCURRENCY="2")
+    assert "Metrics are WRONG" in several
+    assert "PROMETHEUS_MULTIPROC_DIR" in several
+    one = _started_log(gateway_config_file, tmp_path, "one", WEB_CONCURRENCY="1")
+    assert "Metrics are WRONG" not in one
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    summed = _started_log(
+        gateway_config_file,
+        tmp_path,
+        "summed",
+        WEB_CONCURRENCY="2",
+        PROMETHEUS_MULTIPROC_DIR=str(shared),
+    )
+    assert "Metrics are WRONG" not in summed
