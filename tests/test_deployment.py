@@ -4,10 +4,15 @@ the running gateway: the allowed-hosts policy, the front page and the API docs."
 from __future__ import annotations
 
 import logging
+import time
+from io import StringIO
 
 import httpx
 import pytest
+from django.core.management import CommandError, call_command
 
+from budgets.models import MasterKey
+from budgets.services import MASTER_KEY_RECHECK_SECONDS
 from tests.conftest import MASTER_KEY, start_server_process
 from tests.factories import make_key, make_user, set_price
 from usage.models import UsageLog
@@ -175,3 +180,46 @@ def test_metrics_without_a_multiprocess_dir_warn_with_several_workers(
         PROMETHEUS_MULTIPROC_DIR=str(shared),
     )
     assert "Metrics are WRONG" not in summed
+
+
+# --- replacing a lost generated master key ----------------------------------------------------
+
+
+def _printed_key(output: str) -> str:
+    return output.strip().splitlines()[1].strip()
+
+
+def _users_status(url: str, key: str) -> int:
+    return httpx.get(url + "/v1/users", headers={"Authorization": f"Bearer {key}"}).status_code
+
+
+@pytest.mark.slow
+def test_rotate_master_key_replaces_a_generated_key_in_running_gateways(
+    gateway, gateway_config_file, settings
+):
+    settings.OTARI_MASTER_KEY = ""
+    out = StringIO()
+    call_command("bootstrap", stdout=out)
+    old = _printed_key(out.getvalue())
+    other = start_server_process(gateway_config_file, OTARI_MASTER_KEY="")
+    try:
+        assert _users_status(gateway.url, old) == _users_status(other.url, old) == 200
+        out = StringIO()
+        call_command("rotate_master_key", stdout=out)
+        new = _printed_key(out.getvalue())
+        assert new.startswith("otari-mk-")
+        assert new != old
+        assert new not in str(list(MasterKey.objects.values_list("key_hash", flat=True)))
+        # This process at once; another one once it reads the stored hash again.
+        assert (_users_status(gateway.url, old), _users_status(gateway.url, new)) == (401, 200)
+        time.sleep(MASTER_KEY_RECHECK_SECONDS + 0.2)
+        assert (_users_status(other.url, old), _users_status(other.url, new)) == (401, 200)
+    finally:
+        other.kill()
+
+
+def test_rotate_master_key_refuses_a_configured_key(gateway, settings):
+    settings.OTARI_MASTER_KEY = MASTER_KEY
+    with pytest.raises(CommandError, match="OTARI_MASTER_KEY"):
+        call_command("rotate_master_key", stdout=StringIO())
+    assert not MasterKey.objects.exists()
