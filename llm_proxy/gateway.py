@@ -373,11 +373,14 @@ class Exchange:
         summary = {"request_id": str(self.request_id)}
         if self.charged_usd is not None:
             summary["cost_usd"] = str(self.charged_usd)
-        state = self.budget_state
-        if state is not None and state.limit_usd is not None:
-            summary["budget_remaining_usd"] = budget.money(state.remaining_usd)
-            if state.next_reset_at is not None:
-                summary["budget_reset_at"] = state.next_reset_at.isoformat()
+        # The X-Otari-Budget-* headers' values, under the names of the summary.
+        headers = budget.budget_headers(self.budget_state)
+        for header, name in (
+            ("X-Otari-Budget-Remaining-Usd", "budget_remaining_usd"),
+            ("X-Otari-Budget-Reset-At", "budget_reset_at"),
+        ):
+            if header in headers:
+                summary[name] = headers[header]
         return summary
 
     # --- the endings of a committed stream -------------------------------------------------
