@@ -37,6 +37,7 @@ import logging
 import random
 import secrets
 import smtplib
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -1160,17 +1161,41 @@ def master_key_matches(secret: str) -> bool:
     return stored is not None and hmac.compare_digest(secret_hash(secret), stored)
 
 
-_master_key_hash_cache: list[str] = []
+# The stored hash is read again after this long, so that a key replaced by
+# `manage.py rotate_master_key` takes effect in every running process, with no restart.
+MASTER_KEY_RECHECK_SECONDS = 5.0
+# (hash, when it was read, time.monotonic()); the one entry of a per-process cache.
+_master_key_hash_cache: list[tuple[str | None, float]] = []
 
 
 def _stored_master_key_hash() -> str | None:
-    # The generated master key never changes while a process runs: read it once.
-    if not _master_key_hash_cache:
+    now = time.monotonic()
+    if not _master_key_hash_cache or now - _master_key_hash_cache[0][1] >= (
+        MASTER_KEY_RECHECK_SECONDS
+    ):
         stored = MasterKey.objects.values_list("key_hash", flat=True).first()
-        if stored is None:
-            return None
-        _master_key_hash_cache.append(stored)
-    return _master_key_hash_cache[0]
+        _master_key_hash_cache[:] = [(stored, now)]
+    return _master_key_hash_cache[0][0]
+
+
+def master_key_rotate() -> str:
+    """Replace the generated master key (lost, or seen by someone it should not have
+    been): the new secret is returned once, to be printed; only its hash is stored, and
+    the old key stops working (in other processes within MASTER_KEY_RECHECK_SECONDS).
+
+    A master key configured with OTARI_MASTER_KEY is the operator's to change there:
+    refused with `Conflict`.
+    """
+    if settings.OTARI_MASTER_KEY:
+        raise Conflict(
+            "The master key is set by OTARI_MASTER_KEY: change that variable and restart"
+        )
+    master = MASTER_KEY_PREFIX + secrets.token_urlsafe(32)
+    with transaction.atomic(durable=True):
+        MasterKey.objects.all().delete()
+        MasterKey.objects.create(key_hash=secret_hash(master))
+    _master_key_hash_cache.clear()
+    return master
 
 
 @dataclass(frozen=True)

@@ -173,9 +173,16 @@ _ANTHROPIC_TYPES = {
 
 
 def error_body(exc: GatewayError, style: ErrorStyle) -> dict:
+    """The API's own error shape, plus a top-level `detail` string: the `otari` SDK and
+    otari-cli read `detail` (the management API's shape) and would otherwise print the
+    `error` object as Python dict text. The OpenAI and Anthropic SDKs ignore it."""
     if style == "anthropic":
         error_type = _ANTHROPIC_TYPES.get(exc.status, "api_error")
-        return {"type": "error", "error": {"type": error_type, "message": exc.message}}
+        return {
+            "type": "error",
+            "error": {"type": error_type, "message": exc.message},
+            "detail": exc.message,
+        }
     fallback = "server_error" if exc.status >= 500 else "api_error"
     error_type = _OPENAI_TYPES.get(exc.status, fallback)
     return {
@@ -184,7 +191,8 @@ def error_body(exc: GatewayError, style: ErrorStyle) -> dict:
             "type": error_type,
             "param": exc.param,
             "code": exc.code,
-        }
+        },
+        "detail": exc.message,
     }
 
 

@@ -370,6 +370,22 @@ class Exchange:
 
         await self._close_once(close, record)
 
+    def closing_summary(self) -> dict[str, str]:
+        """What a stream's closing event tells the client once the request is settled:
+        what the headers of an answer that is not streamed say (docs/ENDPOINTS.md)."""
+        summary = {"request_id": str(self.request_id)}
+        if self.charged_usd is not None:
+            summary["cost_usd"] = str(self.charged_usd)
+        # The X-Otari-Budget-* headers' values, under the names of the summary.
+        headers = budget.budget_headers(self.budget_state)
+        for header, name in (
+            ("X-Otari-Budget-Remaining-Usd", "budget_remaining_usd"),
+            ("X-Otari-Budget-Reset-At", "budget_reset_at"),
+        ):
+            if header in headers:
+                summary[name] = headers[header]
+        return summary
+
     # --- the endings of a committed stream -------------------------------------------------
 
     def _delivered_usage(self, codec: StreamCodec) -> TokenUsage:

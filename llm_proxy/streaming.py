@@ -78,6 +78,27 @@ def format_event(data: dict | str, name: str | None = None) -> bytes:
     return f"{head}data: {payload}\n\n".encode()
 
 
+def with_summary(closing: bytes, summary: dict[str, str]) -> bytes:
+    """The closing events of a stream, the last one that reports usage (a chat usage
+    chunk, `message_delta`, `response.completed`) carrying the gateway's `summary` as an
+    extra top-level member `otari` (docs/ENDPOINTS.md). SDKs keep unknown members.
+
+    The closing events are few and sent once per stream, so re-encoding one costs
+    nothing that matters; the events before them pass through untouched.
+    """
+    events = [event.raw for event in EventSplitter().feed(closing)]
+    for index in range(len(events) - 1, -1, -1):
+        event = parse_event(events[index])
+        data = event.json()
+        if data is None:
+            continue
+        response = data.get("response")
+        if "usage" in data or (isinstance(response, dict) and "usage" in response):
+            events[index] = format_event({**data, "otari": summary}, event.name)
+            return b"".join(events)
+    return closing
+
+
 class StreamCodec(Protocol):
     """One API's stream semantics, as the relay needs them."""
 
@@ -179,7 +200,7 @@ async def relay(
             yield codec.error_event()
             return
         await exchange.settle_stream(codec)
-        yield codec.closing()
+        yield with_summary(codec.closing(), exchange.closing_summary())
     except (asyncio.CancelledError, GeneratorExit):
         # The client went away. Charge what it was sent; the upstream is closed below.
         await exchange.settle_disconnected(codec)

@@ -24,6 +24,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
 django_http = get_asgi_application()
 
 from llm_proxy import ratelimit  # noqa: E402 - needs Django set up
+from otari import metrics  # noqa: E402
+from otari.hosts import AllowedHostsMiddleware  # noqa: E402
 from otari.metrics import ObservabilityMiddleware  # noqa: E402
 
 
@@ -50,17 +52,21 @@ class GatewayASGIHandler(ASGIHandler):
 GENERATION_ROUTES = r"^(?:api/)?v1/(?:chat/completions|messages|responses|embeddings|models)"
 
 ratelimit.warn_if_per_process()
+metrics.warn_if_per_process()
 
-# Outermost: every request's log context (request id), metrics and access log line.
+# Outermost: every request's log context (request id), metrics and access log line; then
+# the allowed-hosts policy, for every route (otari/hosts.py).
 application = ObservabilityMiddleware(
-    ProtocolTypeRouter(
-        {
-            "http": URLRouter(
-                [
-                    re_path(GENERATION_ROUTES, GatewayASGIHandler()),
-                    re_path(r"", django_http),
-                ]
-            ),
-        }
+    AllowedHostsMiddleware(
+        ProtocolTypeRouter(
+            {
+                "http": URLRouter(
+                    [
+                        re_path(GENERATION_ROUTES, GatewayASGIHandler()),
+                        re_path(r"", django_http),
+                    ]
+                ),
+            }
+        )
     )
 )

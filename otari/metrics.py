@@ -21,6 +21,7 @@ import functools
 import glob
 import hmac
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -139,6 +140,33 @@ STATUS_CLIENT_CLOSED = 499
 
 def enabled() -> bool:
     return settings.OTARI_ENABLE_METRICS
+
+
+def _one_of_several_workers() -> bool:
+    """This process is one of several server workers: uvicorn starts each worker of
+    `--workers N` (N > 1, default $WEB_CONCURRENCY) as a multiprocessing child."""
+    if multiprocessing.parent_process() is not None:
+        return True
+    try:
+        return int(os.environ.get("WEB_CONCURRENCY", "1")) > 1
+    except ValueError:
+        return False
+
+
+def warn_if_per_process() -> None:
+    """At server startup: say so loudly when each scrape would see one worker of several.
+
+    A warning, not a refusal to start: uvicorn restarts a worker that dies, so a worker
+    that refused would only fill the log with restarts while serving nothing.
+    """
+    if enabled() and not MULTIPROCESS_DIR and _one_of_several_workers():
+        logger.warning(
+            "Metrics are WRONG: several worker processes serve this gateway and "
+            "PROMETHEUS_MULTIPROC_DIR is not set, so each scrape of /metrics returns the "
+            "counts of whichever single worker answers it. Set PROMETHEUS_MULTIPROC_DIR "
+            "to a directory emptied before the server starts (docs/OBSERVABILITY.md), "
+            "or run one worker."
+        )
 
 
 # `metric.labels(...)` validates and looks up its labels on every call, the larger part of
@@ -305,10 +333,15 @@ class ObservabilityMiddleware:
 def _ensure_request_id_header(message: dict, request_id: str) -> None:
     """Every response carries its request id: generation responses set it themselves
     (the usage row's id); the others, and a 500 that Django made from an exception the
-    handler did not catch, get it here."""
-    headers = message.get("headers") or []
-    if not any(name.lower() == b"x-otari-request-id" for name, _ in headers):
-        message["headers"] = [*headers, (b"x-otari-request-id", request_id.encode())]
+    handler did not catch, get it here. It is sent under both names: X-Otari-Request-Id,
+    and Otari-Request-ID, the one the `otari` SDK reads."""
+    headers = list(message.get("headers") or [])
+    value = next((v for name, v in headers if name.lower() == b"x-otari-request-id"), None)
+    if value is None:
+        value = request_id.encode()
+        headers.append((b"x-otari-request-id", value))
+    headers.append((b"otari-request-id", value))
+    message["headers"] = headers
 
 
 # --- scrape-time gauges ------------------------------------------------------------------

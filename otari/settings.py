@@ -43,7 +43,14 @@ def _secret_key() -> str:
 
 SECRET_KEY = _secret_key()
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
-ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+# The host names the gateway answers to. otari/hosts.py applies them to every request,
+# before Django, with JSON errors; health probes answer any Host, and the APIs do too with
+# OTARI_API_ANY_HOST. Django's own check is therefore off: it ran only where something
+# called get_host() (never on generation routes) and answered with an HTML 400 and a
+# logged traceback.
+OTARI_ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+OTARI_API_ANY_HOST = env.bool("OTARI_API_ANY_HOST", default=False)
+ALLOWED_HOSTS = ["*"]
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [

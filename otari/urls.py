@@ -3,9 +3,14 @@
 
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
+from drf_spectacular.views import (
+    SpectacularJSONAPIView,
+    SpectacularRedocView,
+    SpectacularSwaggerView,
+)
 
 from otari import health
+from otari.home import home
 from otari.metrics import metrics_view
 
 health_urls = [
@@ -30,6 +35,10 @@ urlpatterns = [
     *health_urls,
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="docs"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="openapi-schema")),
+    path("redoc", SpectacularRedocView.as_view(url_name="openapi-schema"), name="redoc"),
+    path("redoc/", SpectacularRedocView.as_view(url_name="openapi-schema")),
+    path("", home, name="home"),
 ]
 
 handler404 = "otari.rest.page_not_found"

@@ -223,3 +223,72 @@ def test_cli_commands(gateway, settings, clients_venv):
 
     missing = _cli(clients_venv, url, "users", "get", "ghost")
     assert missing.returncode == 3  # otari-cli's "not found" exit code
+
+
+# --- generation through the SDK and the CLI (issue 12, item 4) ------------------------------
+
+GENERATION_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    from otari import OtariClient
+
+    client = OtariClient(api_base=os.environ["GATEWAY_URL"], api_key=os.environ["API_KEY"])
+    meta = client.with_response_metadata
+    messages = [{"role": "user", "content": "Hello there"}]
+    out = {}
+    answered = meta.completion(model="openai:gpt-4o-mini", messages=messages)
+    out["request_id"] = answered.request_id
+    stream = meta.completion(model="openai:gpt-4o-mini", messages=messages, stream=True)
+    out["streamed"] = "".join(c.choices[0].delta.content or "" for c in stream)
+    out["stream_request_id"] = stream.request_id
+    try:
+        client.completion(model="openai:gpt-4o-mini", messages=messages, max_tokens=10**6)
+    except Exception as exc:
+        out["refused"] = [type(exc).__name__, str(exc)]
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture
+def gen_user():
+    from tests.factories import make_budget, make_key, make_user, set_price
+
+    set_price("openai:gpt-4o-mini")
+    user = make_user(budget=make_budget(max_budget_usd=Decimal("0.01")), user_id="gen-user")
+    return user, make_key(user)[1]
+
+
+def test_sdk_reads_request_ids_and_readable_errors(gateway, gen_user, clients_venv):
+    result = _run(
+        [str(_venv_python()), "-c", GENERATION_SCRIPT], GATEWAY_URL=gateway.url, API_KEY=gen_user[1]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    rows = list(UsageLog.objects.order_by("timestamp"))
+    assert [row.status for row in rows] == ["success", "success", "error"]
+    # The SDK reads the request id from Otari-Request-ID: the usage row's id.
+    assert out["request_id"] == str(rows[0].id)
+    assert out["stream_request_id"] == str(rows[1].id)
+    assert out["streamed"].startswith("Hello from the fake")
+    # A refusal reads as its message, not as the text of a Python dict.
+    kind, message = out["refused"]
+    assert kind == "AuthenticationError"  # how otari 0.4.1 maps every 403
+    assert message == f"[gateway] {rows[2].error_message}"  # the SDK adds the prefix
+
+
+def test_cli_prints_readable_generation_errors(gateway, gen_user, clients_venv):
+    args = [str(clients_venv / "bin" / "otari"), "--api-base", gateway.url]
+    args += ["--api-key", gen_user[1], "completion", "-m", "openai:gpt-4o-mini"]
+    answered = _run([*args, "Hello there"])
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout.startswith("Hello from the fake")
+
+    refused = _run([*args, "--max-tokens", str(10**6), "Hello there"])
+    assert refused.returncode == 2  # otari-cli's exit code for 401/403
+    row = UsageLog.objects.get(status="error")
+    assert refused.stderr.split() == ["Error:", *row.error_message.split()]
+
+    unknown = _run([*args[:-1], "nowhere:model", "Hello there"])
+    assert unknown.returncode != 0
+    assert "{" not in unknown.stderr, unknown.stderr

@@ -88,7 +88,8 @@ class ApiFormat:
     def output_chars_from_body(self, body: dict[str, Any]) -> int:
         raise NotImplementedError
 
-    def stream_codec(self) -> StreamCodec:
+    def stream_codec(self, request: dict[str, Any]) -> StreamCodec:
+        """The codec of a stream answering `request` (the client's body)."""
         raise NotImplementedError
 
     def is_stream_error(self, event: SSEEvent) -> bool:

@@ -14,6 +14,7 @@ from usage.pricing import TokenUsage
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
 _DONE = b"[DONE]"
+_DONE_EVENT = b"data: [DONE]\n\n"
 _ERROR = re.compile(rb'\s*\{\s*"error"\s*:')
 
 
@@ -30,6 +31,12 @@ def usage_from_chat(usage: Any) -> TokenUsage | None:
         output_tokens=as_int(usage.get("completion_tokens")),
         cache_read_tokens=cached,
     )
+
+
+def usage_requested(body: dict[str, Any]) -> bool:
+    """The client asked for the usage-only chunk at the end of its stream."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _message_output_chars(message: Any) -> int:
@@ -126,10 +133,12 @@ class ChatFormat(ApiFormat):
 
     def upstream_body(self, body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
         upstream = {**body, "model": model}
-        if stream and "stream_options" not in body:
-            # Without it OpenAI sends no usage in a stream, and the request could only be
-            # charged its estimate (CONTRACT §2).
-            upstream["stream_options"] = {"include_usage": True}
+        options = body.get("stream_options")
+        if stream and (options is None or isinstance(options, dict)):
+            # Always, whatever the client asked: without it OpenAI sends no usage in a
+            # stream, and the request could only be charged its estimate. The codec
+            # forwards the usage chunk only to a client that asked for it.
+            upstream["stream_options"] = {**(options or {}), "include_usage": True}
         return upstream
 
     def usage_from_body(self, body: dict[str, Any]) -> TokenUsage | None:
@@ -142,19 +151,26 @@ class ChatFormat(ApiFormat):
             if isinstance(choice, dict)
         )
 
-    def stream_codec(self) -> ChatStreamCodec:
-        return ChatStreamCodec()
+    def stream_codec(self, request: dict[str, Any]) -> ChatStreamCodec:
+        return ChatStreamCodec(include_usage=usage_requested(request))
 
     def is_stream_error(self, event: SSEEvent) -> bool:
         return bool(_ERROR.match(event.data))
 
 
 class ChatStreamCodec:
-    """Chat chunks pass through unchanged; `data: [DONE]` is held back for settlement."""
+    """Chat chunks pass through unchanged; `data: [DONE]` is held back for settlement.
+
+    The usage-only chunk (`choices: []`) is held back too, and sent before `[DONE]` only
+    to a client that asked for it (`include_usage`): OpenAI sends it to no one else, and
+    the SDKs' canonical loop (`chunk.choices[0].delta.content`) breaks on it.
+    """
 
     keepalive = b": keepalive\n\n"
 
-    def __init__(self) -> None:
+    def __init__(self, *, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self._usage_chunk = b""
         self.usage: TokenUsage | None = None
         self.finished = False
         self.failed = False
@@ -184,18 +200,21 @@ class ChatStreamCodec:
             chunk = event.json()
             if chunk is not None:
                 self.usage = usage_from_chat(chunk.get("usage")) or self.usage
+                if chunk.get("choices") == []:
+                    self._usage_chunk = event.raw
+                    return b""
         self._delivered.append(data)
         return event.raw
 
     def closing(self) -> bytes:
-        return b"data: [DONE]\n\n"
+        return (self._usage_chunk if self.include_usage else b"") + _DONE_EVENT
 
     def error_event(self) -> bytes:
         return (
             format_event(
                 {"error": {"message": "An error occurred during streaming", "type": "server_error"}}
             )
-            + self.closing()
+            + _DONE_EVENT
         )
 
     def output_chars(self) -> int:

@@ -285,7 +285,7 @@ class MessagesFormat(ApiFormat):
                 total += len(json.dumps(block.get("input") or {}))
         return total
 
-    def stream_codec(self) -> MessagesStreamCodec:
+    def stream_codec(self, request: dict[str, Any]) -> MessagesStreamCodec:
         return MessagesStreamCodec()
 
     def is_stream_error(self, event: SSEEvent) -> bool:
@@ -293,7 +293,8 @@ class MessagesFormat(ApiFormat):
 
 
 class MessagesStreamCodec:
-    """Messages events pass through unchanged; `message_stop` is held back for settlement.
+    """Messages events pass through unchanged; `message_delta` (the final usage) and
+    `message_stop` are held back for settlement, so that the delta can carry the cost.
 
     Only `message_start` and `message_delta` (one each per stream) are parsed, for usage;
     content deltas are kept as bytes and parsed only if the stream breaks and what was
@@ -308,6 +309,7 @@ class MessagesStreamCodec:
         self.failed = False
         self._stopped = False
         self._terminal = MESSAGE_STOP
+        self._final_delta = b""
         self._deltas: list[bytes] = []
 
     @property
@@ -329,6 +331,8 @@ class MessagesStreamCodec:
             delta = data.get("delta")
             if isinstance(delta, dict) and delta.get("stop_reason"):
                 self._stopped = True
+            self._final_delta += event.raw
+            return b""
         elif name == "message_stop":
             self.finished = True
             self._terminal = event.raw
@@ -344,7 +348,7 @@ class MessagesStreamCodec:
         return event.raw
 
     def closing(self) -> bytes:
-        return self._terminal
+        return self._final_delta + self._terminal
 
     def error_event(self) -> bytes:
         return ERROR_EVENT

@@ -209,7 +209,7 @@ class ResponsesFormat(ApiFormat):
                 total += len(item["arguments"])
         return total
 
-    def stream_codec(self) -> ResponsesStreamCodec:
+    def stream_codec(self, request: dict[str, Any]) -> ResponsesStreamCodec:
         return ResponsesStreamCodec()
 
     def is_stream_error(self, event: SSEEvent) -> bool:

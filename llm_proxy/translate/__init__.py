@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 
 from llm_proxy.formats import FORMATS
+from llm_proxy.formats.chat import usage_requested
 from llm_proxy.translate import chat, messages, responses
 from llm_proxy.translate.ir import API_TITLES, TranslationError
 from otari.exceptions import BadRequest
@@ -83,9 +84,7 @@ def _render(client: str, completion: Completion, request: dict[str, Any]) -> dic
 def _encoder(client: str, request: dict[str, Any]) -> StreamEncoder:
     created = _now()
     if client == "chat":
-        options = request.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return chat.ChatStreamEncoder(created=created, include_usage=include_usage)
+        return chat.ChatStreamEncoder(created=created, include_usage=usage_requested(request))
     if client == "messages":
         return messages.MessagesStreamEncoder()
     return responses.ResponsesStreamEncoder(request=request, created=created)
@@ -151,7 +150,7 @@ class Route:
 
     def stream_codec(self, request: dict[str, Any]) -> StreamCodec:
         if not self.translated:
-            return self.client.stream_codec()
+            return self.client.stream_codec(request)
         decoder = _DECODERS[self.upstream.name]()
         return TranslatingCodec(decoder, _encoder(self.client.name, request))
 

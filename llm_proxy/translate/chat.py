@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from llm_proxy.formats.chat import usage_from_chat
+from llm_proxy.formats.chat import usage_from_chat, usage_requested
 from llm_proxy.streaming import IncompleteStream, format_event
 from llm_proxy.translate.ir import (
     Completion,
@@ -185,8 +185,7 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
         user=expect(body, "user", str, "a string"),
         reasoning_effort=expect(body, "reasoning_effort", str, "a string"),
     )
-    options = body.get("stream_options")
-    conversation.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    conversation.include_usage = usage_requested(body)
     for tool in expect(body, "tools", list, "an array") or ():
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function":

@@ -42,9 +42,18 @@ def test_sdk_create_and_stream(gateway, sdk_user):
             model=MODEL, messages=[{"role": "user", "content": "Hello"}], stream=True
         )
     )
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    # Not asked for usage: no usage-only chunk, as from OpenAI itself.
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text.startswith("Hello from the fake")
-    assert chunks[-1].usage.completion_tokens == 20
+    asked = list(
+        sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Hello"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert asked[-1].usage.completion_tokens == 20
 
     with sdk.chat.completions.stream(
         model=MODEL, messages=[{"role": "user", "content": "Hello"}]
@@ -52,7 +61,7 @@ def test_sdk_create_and_stream(gateway, sdk_user):
         final = stream.get_final_completion()
     assert final.choices[0].message.content.startswith("Hello from the fake")
 
-    assert UsageLog.objects.filter(status="success").count() == 3
+    assert UsageLog.objects.filter(status="success").count() == 4
     assert_books_balance(user)
     user.refresh_from_db()
     assert user.reserved_usd == 0

@@ -286,6 +286,7 @@ def test_resolve_402_reaches_the_client_in_the_endpoints_shape_with_no_hold(
         assert response.json() == {
             "type": "error",
             "error": {"type": "billing_error", "message": "Wallet overdrawn: top up to continue"},
+            "detail": "Wallet overdrawn: top up to continue",
         }
     else:
         error = response.json()["error"]

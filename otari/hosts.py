@@ -1,0 +1,116 @@
+"""The allowed-hosts policy: one check, in front of every route (otari/asgi.py).
+
+Django checks the Host header only when something calls `request.get_host()` (its
+CommonMiddleware and CSRF do), so the generation routes, which run without middleware,
+never checked it, while the admin and `/health` answered a refused Host with Django's HTML
+400 and a logged traceback. This middleware decides for every request, before Django, from
+DJANGO_ALLOWED_HOSTS (`settings.OTARI_ALLOWED_HOSTS`; Django's own check is off, see
+otari/settings.py):
+
+- health probes (`/health`, `/health/liveness`, `/health/readiness`, also under `/v1/`
+  and `/api/v1/`) answer whatever the Host: load balancers and Kubernetes probes call them
+  by IP address;
+- the generation and management APIs (`/v1/...`, `/api/v1/...`) answer any Host when
+  OTARI_API_ANY_HOST is set (keys, not cookies, authenticate them); by default they follow
+  the list like the rest;
+- every other request needs a Host in the list, or gets a JSON 400 in the shape of the API
+  it called, and one warning line in the log (no traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Callable
+
+from django.conf import settings
+from django.http.request import split_domain_port, validate_host
+
+from llm_proxy.errors import error_body
+from otari.exceptions import BadRequest
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATHS = re.compile(r"^/(?:(?:api/)?v1/)?health(?:/liveness|/readiness)?/?$")
+_API_PATHS = re.compile(r"^/(?:api/)?v1/")
+_GENERATION_PATHS = re.compile(
+    r"^/(?:api/)?v1/(?:chat/completions|messages|responses|embeddings|models)(?:/|$)"
+)
+_ANTHROPIC_PATHS = re.compile(r"^/(?:api/)?v1/messages(?:/|$)")
+
+
+class HostNotAllowed(BadRequest):
+    code = "host_not_allowed"
+    message = "This gateway does not answer to the Host header sent (see DJANGO_ALLOWED_HOSTS)"
+
+
+def _host_of(scope: dict) -> str:
+    for name, value in scope.get("headers") or ():
+        if name == b"host":
+            return value.decode("latin-1")
+    server = scope.get("server")
+    return f"{server[0]}:{server[1]}" if server else ""
+
+
+def host_allowed(host: str) -> bool:
+    return _host_allowed(host, tuple(settings.OTARI_ALLOWED_HOSTS))
+
+
+# Parsing and matching a Host costs about 10 µs, on every request; the Hosts a gateway
+# sees are few (bounded all the same: the header is the client's text).
+@functools.lru_cache(maxsize=256)
+def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    domain, _ = split_domain_port(host)
+    return bool(domain) and validate_host(domain, allowed)
+
+
+def _refusal(path: str) -> bytes:
+    """The 400 body in the shape of the API the request called."""
+    if _GENERATION_PATHS.match(path):
+        style = "anthropic" if _ANTHROPIC_PATHS.match(path) else "openai"
+        return json.dumps(error_body(HostNotAllowed(), style)).encode()
+    return json.dumps({"detail": HostNotAllowed.message}).encode()
+
+
+class AllowedHostsMiddleware:
+    """ASGI middleware applying the policy above."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, host = scope["path"], _host_of(scope)
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        if (
+            host_allowed(host)
+            or HEALTH_PATHS.match(path)
+            or (settings.OTARI_API_ANY_HOST and _API_PATHS.match(path))
+        ):
+            await self.app(scope, receive, send)
+            return
+        # %r escapes control characters: the Host header is the client's text.
+        logger.warning(
+            "Refused a request for host %r: not in DJANGO_ALLOWED_HOSTS (%s %s)",
+            host,
+            scope["method"],
+            path,
+        )
+        body = _refusal(path)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

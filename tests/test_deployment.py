@@ -1,0 +1,225 @@
+"""Production deployment as the README describes it (issue 12, item 3), through HTTP into
+the running gateway: the allowed-hosts policy, the front page and the API docs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from io import StringIO
+
+import httpx
+import pytest
+from django.core.management import CommandError, call_command
+
+from budgets.models import MasterKey
+from budgets.services import MASTER_KEY_RECHECK_SECONDS
+from tests.conftest import MASTER_KEY, start_server_process
+from tests.factories import make_key, make_user, set_price
+from usage.models import UsageLog
+
+# A load balancer's or a Kubernetes probe's Host: the pod's address.
+POD_HOST = "10.42.0.17:8000"
+HEALTH_PATHS = [
+    "/health",
+    "/health/liveness",
+    "/health/readiness",
+    "/v1/health",
+    "/api/v1/health/readiness",
+]
+CHAT = {"model": "openai:gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
+
+
+@pytest.fixture
+def hosts_log(caplog):
+    caplog.set_level(logging.INFO)
+    return caplog
+
+
+def _refusal_lines(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.WARNING and r.name != "otari.access"]
+
+
+@pytest.mark.parametrize("path", HEALTH_PATHS)
+def test_health_answers_whatever_the_host(gateway, path, hosts_log):
+    with gateway.client() as client:
+        response = client.get(path, headers={"Host": POD_HOST})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["status"] in ("healthy", "alive", "ready")
+    assert _refusal_lines(hosts_log) == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/admin/", None),
+        ("GET", "/admin/login/", None),
+        ("GET", "/v1/users", None),
+        ("GET", "/openapi.json", None),
+        ("GET", "/", None),
+    ],
+)
+def test_a_refused_host_gets_json_and_one_log_line(gateway, hosts_log, method, path, body):
+    with gateway.client(MASTER_KEY) as client:
+        response = client.request(method, path, json=body, headers={"Host": "evil.example"})
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    assert "DJANGO_ALLOWED_HOSTS" in response.json()["detail"]
+    assert response.headers["x-otari-request-id"]
+    lines = _refusal_lines(hosts_log)
+    assert [(r.name, r.exc_info) for r in lines] == [("otari.hosts", None)]
+    assert "'evil.example'" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "api"),
+    [
+        ("/v1/chat/completions", CHAT, "openai"),
+        ("/api/v1/chat/completions", CHAT, "openai"),
+        ("/v1/messages", {**CHAT, "max_tokens": 16}, "anthropic"),
+        ("/v1/models", None, "openai"),
+    ],
+)
+def test_generation_routes_follow_the_same_policy(gateway, hosts_log, path, body, api):
+    set_price()
+    _, secret = make_key(make_user(user_id="hal"))
+    with gateway.client(secret) as client:
+        method = "POST" if body else "GET"
+        response = client.request(method, path, json=body, headers={"Host": "evil.example"})
+    assert response.status_code == 400
+    payload = response.json()
+    if api == "anthropic":
+        assert payload["type"] == "error"
+        assert payload["error"]["type"] == "invalid_request_error"
+    else:
+        assert payload["error"]["code"] == "host_not_allowed"
+    assert "DJANGO_ALLOWED_HOSTS" in payload["detail"]
+    assert gateway.fake.hits == 0
+    assert not UsageLog.objects.exists()
+    assert [r.name for r in _refusal_lines(hosts_log)] == ["otari.hosts"]
+
+
+def test_api_any_host_opens_the_apis_only(gateway, settings, hosts_log):
+    settings.OTARI_API_ANY_HOST = True
+    set_price()
+    _, secret = make_key(make_user(user_id="ida"))
+    with gateway.client(secret) as client:
+        answered = client.post("/v1/chat/completions", json=CHAT, headers={"Host": POD_HOST})
+        console = client.get("/admin/login/", headers={"Host": POD_HOST})
+    assert answered.status_code == 200
+    assert console.status_code == 400
+
+
+def test_listed_hosts_with_a_port_are_served(gateway, settings):
+    settings.OTARI_ALLOWED_HOSTS = ["gateway.internal"]
+    with gateway.client() as client:
+        listed = client.get("/admin/login/", headers={"Host": "gateway.internal:8443"})
+        local = client.get("/admin/login/", headers={"Host": "localhost:8000"})
+    assert listed.status_code == 200
+    assert local.status_code == 400
+
+
+# --- the front page and the docs ------------------------------------------------------------
+
+
+def test_a_browser_opening_the_gateway_gets_a_page_of_links(gateway):
+    with gateway.client() as client:
+        response = client.get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    for href in ('href="/admin/"', 'href="/docs"', 'href="/redoc"', 'href="/health"'):
+        assert href in response.text
+    with gateway.client() as client:
+        for link in ("/admin/", "/docs", "/docs/", "/redoc", "/redoc/", "/health"):
+            followed = client.get(link, follow_redirects=True)
+            assert followed.status_code == 200, link
+
+
+def test_an_api_client_asking_for_json_gets_json(gateway):
+    with gateway.client() as client:
+        response = client.get("/", headers={"Accept": "application/json"})
+    assert response.status_code == 200
+    assert response.json()["docs"] == "/docs"
+    assert response.json()["console"] == "/admin/"
+
+
+# --- metrics with several worker processes ----------------------------------------------------
+
+
+def _started_log(gateway_config_file, tmp_path, name: str, **env: str) -> str:
+    """The log of a gateway started with `env`, once it answers."""
+    log_path = tmp_path / f"{name}.log"
+    server = start_server_process(
+        gateway_config_file, log_path=log_path, OTARI_ENABLE_METRICS="true", **env
+    )
+    try:
+        # Each worker imports the app on its first request: reach every one of them.
+        for _ in range(8):
+            httpx.get(server.url + "/health", timeout=10)
+    finally:
+        server.kill()
+    return log_path.read_text()
+
+
+@pytest.mark.slow
+def test_metrics_without_a_multiprocess_dir_warn_with_several_workers(
+    gateway, gateway_config_file, tmp_path
+):
+    several = _started_log(gateway_config_file, tmp_path, "several", WEB_CONCURRENCY="2")
+    assert "Metrics are WRONG" in several
+    assert "PROMETHEUS_MULTIPROC_DIR" in several
+    one = _started_log(gateway_config_file, tmp_path, "one", WEB_CONCURRENCY="1")
+    assert "Metrics are WRONG" not in one
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    summed = _started_log(
+        gateway_config_file,
+        tmp_path,
+        "summed",
+        WEB_CONCURRENCY="2",
+        PROMETHEUS_MULTIPROC_DIR=str(shared),
+    )
+    assert "Metrics are WRONG" not in summed
+
+
+# --- replacing a lost generated master key ----------------------------------------------------
+
+
+def _printed_key(output: str) -> str:
+    return output.strip().splitlines()[1].strip()
+
+
+def _users_status(url: str, key: str) -> int:
+    return httpx.get(url + "/v1/users", headers={"Authorization": f"Bearer {key}"}).status_code
+
+
+@pytest.mark.slow
+def test_rotate_master_key_replaces_a_generated_key_in_running_gateways(
+    gateway, gateway_config_file, settings
+):
+    settings.OTARI_MASTER_KEY = ""
+    out = StringIO()
+    call_command("bootstrap", stdout=out)
+    old = _printed_key(out.getvalue())
+    other = start_server_process(gateway_config_file, OTARI_MASTER_KEY="")
+    try:
+        assert _users_status(gateway.url, old) == _users_status(other.url, old) == 200
+        out = StringIO()
+        call_command("rotate_master_key", stdout=out)
+        new = _printed_key(out.getvalue())
+        assert new.startswith("otari-mk-")
+        assert new != old
+        assert new not in str(list(MasterKey.objects.values_list("key_hash", flat=True)))
+        # This process at once; another one once it reads the stored hash again.
+        assert (_users_status(gateway.url, old), _users_status(gateway.url, new)) == (401, 200)
+        time.sleep(MASTER_KEY_RECHECK_SECONDS + 0.2)
+        assert (_users_status(other.url, old), _users_status(other.url, new)) == (401, 200)
+    finally:
+        other.kill()
+
+
+def test_rotate_master_key_refuses_a_configured_key(gateway, settings):
+    settings.OTARI_MASTER_KEY = MASTER_KEY
+    with pytest.raises(CommandError, match="OTARI_MASTER_KEY"):
+        call_command("rotate_master_key", stdout=StringIO())
+    assert not MasterKey.objects.exists()
