@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from django.conf import settings
+
 from otari.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
 
 
@@ -29,6 +31,21 @@ class PricingMissing(GatewayError):
     status = 402
     code = "pricing_not_found"
     message = "No price is configured for this model"
+
+    @classmethod
+    def for_model(cls, model_key: str) -> PricingMissing:
+        """The refusal that tells the operator how to price the model."""
+        catalog = (
+            "the price catalog does not know it"
+            if settings.OTARI_PRICE_CATALOG
+            else "the price catalog is off (OTARI_PRICE_CATALOG)"
+        )
+        return cls(
+            f"No price for model '{model_key}', and {catalog}. "
+            f"An operator can price it under `pricing:` in the config file (OTARI_CONFIG), "
+            f"with the management API (POST /v1/pricing, model_key '{model_key}'), or in "
+            "the console (Model prices)."
+        )
 
 
 class InvalidAPIKey(AuthenticationFailed):

@@ -37,7 +37,7 @@ from django.utils import timezone
 from budgets import alerting, services
 from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
 from budgets.selectors import Caller, rates_current
-from llm_proxy import platform, ratelimit, upstream
+from llm_proxy import platform, prices, ratelimit, upstream
 from llm_proxy.auth import (
     authenticate,
     authenticate_listing,
@@ -551,16 +551,22 @@ async def _admit(
                 "This API key belongs to a different user than the request names",
                 code="user_mismatch",
             )
+        allowed = model_allowed(caller.allowed_models, model_key)
         attempt = Attempt(
             provider=provider,
             provider_name=provider.name,
             model=model,
             model_key=model_key,
-            rates=caller.rates,
-            target=target,
-            refusal=(
-                None if model_allowed(caller.allowed_models, model_key) else ModelNotAllowed()
+            # A refused caller does not get to freeze a catalog price.
+            rates=(
+                await prices.rates_for(
+                    caller=caller, provider=provider, model=model, model_key=model_key, now=now
+                )
+                if allowed and not caller.blocked
+                else caller.rates
             ),
+            target=target,
+            refusal=None if allowed else ModelNotAllowed(),
         )
         return await _admit_known(caller, fmt, body, [attempt], request_id, started, now), body
     except GatewayError as exc:
@@ -628,7 +634,7 @@ async def _admit_known(
     if not priced and platform_request_id is None and settings.OTARI_REQUIRE_PRICING:
         if limit is not None and caller.spend_usd + caller.reserved_usd >= limit:
             raise BudgetExceeded
-        raise PricingMissing
+        raise PricingMissing.for_model(attempts[usable[0]].model_key)
     texts = fmt.prompt_texts(body)
     prompt_chars = fmt.prompt_chars(body, texts)
     max_output = fmt.output_token_budget(body)

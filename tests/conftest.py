@@ -101,7 +101,8 @@ def write_config(path: Path, fake: FakeProvider) -> Path:
 
     Both kinds have a normal instance (`openai`, `anthropic`), one with a short timeout
     (`short`, `anthropic-short`) and one on a closed port (`dead`, `anthropic-dead`);
-    `chatonly` is an openai-kind server without the Responses API (translated to chat).
+    `chatonly` is an openai-kind server without the Responses API (translated to chat);
+    `catalog` is the fake priced as OpenAI by the price catalog (usage.catalog).
     """
     path.write_text(
         f"""
@@ -119,6 +120,8 @@ providers:
                    api_base: "http://127.0.0.1:9"}}
   chatonly: {{kind: openai, api_key: sk-test-provider-key, api_base: "{fake.base_url}",
              timeout: {PROVIDER_TIMEOUT_S}, apis: [chat, embeddings]}}
+  catalog: {{kind: openai, api_key: sk-test-provider-key, api_base: "{fake.base_url}",
+            timeout: {PROVIDER_TIMEOUT_S}, catalog_provider: openai}}
 pricing:
   "openai:gpt-4o-mini": {{input_price_per_million: 0.15, output_price_per_million: 0.60}}
 """
