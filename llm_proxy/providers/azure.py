@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import httpx
 from django.core.exceptions import ImproperlyConfigured
 
 from llm_proxy.providers.base import Provider
@@ -49,6 +50,8 @@ _PATHS = {
     "responses": "/responses",
     "embeddings": "/embeddings",
 }
+# Deployment names come from what callers write: bound the parsed-URL cache.
+_MAX_CACHED_URLS = 1024
 # What operators paste as the endpoint besides the resource root.
 _ENDPOINT_SUFFIXES = ("/openai/v1", "/openai")
 
@@ -93,6 +96,7 @@ class AzureProvider(Provider):
                 f"{where}.deployments must map model names to deployment names"
             )
         self.deployments: dict[str, str] = deployments
+        self._deployment_urls: dict[tuple[str, str], httpx.URL] = {}
         if version == V1:
             self._base = f"{self.api_base}/openai/v1"
             self._query = ""
@@ -100,19 +104,26 @@ class AzureProvider(Provider):
             self._base = f"{self.api_base}/openai"
             self._query = f"?api-version={quote(version, safe='')}"
 
-    def url(self, api: str, deployment: str) -> str:
-        if self._query and api != "responses":
-            return (
-                f"{self._base}/deployments/{quote(deployment, safe='')}{_PATHS[api]}{self._query}"
-            )
-        return f"{self._base}{_PATHS[api]}{self._query}"
+    def deployment_url(self, api: str, deployment: str) -> httpx.URL:
+        """The URL of `api` on `deployment`, parsed once (see Provider.url)."""
+        key = (api, deployment)
+        url = self._deployment_urls.get(key)
+        if url is None:
+            if len(self._deployment_urls) >= _MAX_CACHED_URLS:
+                self._deployment_urls.clear()
+            if self._query and api != "responses":
+                text = f"{self._base}/deployments/{quote(deployment, safe='')}{_PATHS[api]}"
+            else:
+                text = f"{self._base}{_PATHS[api]}"
+            url = self._deployment_urls[key] = httpx.URL(text + self._query)
+        return url
 
     def headers(self, api: str) -> dict[str, str]:
         return self._auth
 
-    def target(self, api: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def target(self, api: str, body: dict[str, Any]) -> tuple[httpx.URL, dict[str, Any]]:
         model = body.get("model")
         deployment = self.deployments.get(model, model) if isinstance(model, str) else ""
         # The v1 API and the Responses API find the deployment in `model`; deployment URLs
         # ignore it.
-        return self.url(api, deployment), {**body, "model": deployment}
+        return self.deployment_url(api, deployment), {**body, "model": deployment}

@@ -47,6 +47,9 @@ class Provider:
         self.api_key = config.api_key
         self._catalog_configured = config.catalog_provider
         self._secrets = config.secret_values()
+        # Parsed upstream URLs, by API: parsing one costs more than the rest of building
+        # the request (docs/PERFORMANCE.md).
+        self._urls: dict[str, httpx.URL] = {}
         self.api_base = (config.api_base or self.default_api_base).rstrip("/")
         self.timeout = httpx.Timeout(
             config.timeout_s,
@@ -75,10 +78,16 @@ class Provider:
         """Client headers to pass on with a native (untranslated) request."""
         return {}
 
-    def target(self, api: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def url(self, api: str) -> httpx.URL:
+        url = self._urls.get(api)
+        if url is None:
+            url = self._urls[api] = httpx.URL(self.api_base + self.path(api))
+        return url
+
+    def target(self, api: str, body: dict[str, Any]) -> tuple[httpx.URL, dict[str, Any]]:
         """The URL and body of a request: the body's `model` is the caller's model name;
         a kind whose URL depends on it (azure's deployments) overrides this."""
-        return self.api_base + self.path(api), body
+        return self.url(api), body
 
     def build_request(
         self,

@@ -16,6 +16,8 @@ from django.core.exceptions import ImproperlyConfigured
 from llm_proxy.providers.base import Provider
 
 if TYPE_CHECKING:
+    import httpx
+
     from otari.config import ProviderConfig
 
 _PATHS = {
@@ -44,7 +46,7 @@ class OpenAIProvider(Provider):
         # Local servers (Ollama, llamafile) need no key; send none rather than "Bearer ".
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def target(self, api: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def target(self, api: str, body: dict[str, Any]) -> tuple[httpx.URL, dict[str, Any]]:
         if self._strip_stream_options and "stream_options" in body:
             body = {key: value for key, value in body.items() if key != "stream_options"}
-        return self.api_base + _PATHS[api], body
+        return self.url(api), body

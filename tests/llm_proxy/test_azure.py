@@ -282,7 +282,7 @@ def test_configuration_is_checked_at_start():
         _azure(api_base=endpoint, api_key="k" * 32, deployments=["gpt-4o"])
     # An endpoint pasted with its /openai suffix is the same resource.
     provider = _azure(api_base=endpoint + "/openai/v1/", azure_ad_token="entra-" + "t" * 32)
-    assert provider.url("chat", "d") == f"{endpoint}/openai/v1/chat/completions"
+    assert str(provider.deployment_url("chat", "d")) == f"{endpoint}/openai/v1/chat/completions"
     # The Entra ID token is a secret: redacted from error messages and logs.
     assert "entra-" + "t" * 32 in provider.secrets()
     assert provider.catalog_provider_id() == "azure"
