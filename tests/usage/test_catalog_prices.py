@@ -5,12 +5,15 @@ reaches a current price, and never a past usage row."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
 from django.utils import timezone
 
 from budgets.models import GatewayUser, Hold
@@ -19,6 +22,7 @@ from tests.assertions import assert_books_balance, assert_untouched
 from tests.factories import make_budget, make_key, make_user, set_price
 from usage.catalog import catalog_price, catalog_provider_for, catalog_version
 from usage.models import ModelPricing, UsageLog
+from usage.services import pricing_freeze_catalog
 
 VERSION = catalog_version()
 # `catalog` is an openai-kind instance on the fake with `catalog_provider: openai`
@@ -249,3 +253,26 @@ def test_the_catalog_matches_snapshots_and_aliases(provider, model, catalog_mode
         got.cache_read_per_mtok,
         got.cache_write_per_mtok,
     ) == tuple(None if rate is None else Decimal(rate) for rate in rates)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_processes_meeting_a_new_model_at_once_freeze_one_price():
+    """Eight first uses at the same moment (threads, each with its own connection, as
+    processes would be) leave one catalog price row, and all of them price with it."""
+    price = catalog_price("openai", "gpt-4o")
+    now = timezone.now()
+    start = threading.Barrier(8)
+
+    def first_use(_: int) -> int:
+        try:
+            start.wait()
+            return pricing_freeze_catalog(model_key="x:gpt-4o", price=price, now=now).pk
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(first_use, range(8)))
+
+    assert ids == set(ModelPricing.objects.values_list("pk", flat=True))
+    assert len(ids) == 1
