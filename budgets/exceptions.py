@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
+
 from otari.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
 
 if TYPE_CHECKING:
@@ -50,6 +52,21 @@ class PricingMissing(GatewayError):
     status = 402
     code = "pricing_not_found"
     message = "No price is configured for this model"
+
+    @classmethod
+    def for_model(cls, model_key: str) -> PricingMissing:
+        """The refusal that tells the operator how to price the model."""
+        catalog = (
+            "the price catalog does not know it"
+            if settings.OTARI_PRICE_CATALOG
+            else "the price catalog is off (OTARI_PRICE_CATALOG)"
+        )
+        return cls(
+            f"No price for model '{model_key}', and {catalog}. "
+            f"An operator can price it under `pricing:` in the config file (OTARI_CONFIG), "
+            f"with the management API (POST /v1/pricing, model_key '{model_key}'), or in "
+            "the console (Model prices)."
+        )
 
 
 class InvalidAPIKey(AuthenticationFailed):

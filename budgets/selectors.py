@@ -59,6 +59,8 @@ class Caller:
     exclude_from_budget: bool = False
     # The model's price as of now; None when it has no price row.
     rates: Rates | None = None
+    # Who set that price (ModelPricing.origin): "catalog" for a catalog default.
+    price_origin: str | None = None
     # The budget's alert thresholds (percent of the limit); empty when the budget has
     # no alert target, so that settlement does no alert arithmetic at all.
     alert_thresholds_pct: tuple[int, ...] = ()
@@ -102,7 +104,7 @@ _CALLER_COLUMNS = """
          THEN b.alert_thresholds_pct END AS alert_thresholds_pct,
     u.rpm_limit AS user_rpm_limit, u.tpm_limit AS user_tpm_limit,
     p.input_price_per_mtok_usd, p.output_price_per_mtok_usd,
-    p.cache_read_price_per_mtok_usd, p.cache_write_price_per_mtok_usd
+    p.cache_read_price_per_mtok_usd, p.cache_write_price_per_mtok_usd, p.origin AS price_origin
 """
 # The current price: the newest version that is already in effect.
 _PRICE_JOIN = """
@@ -166,6 +168,7 @@ def _caller_from_row(row: dict[str, Any]) -> Caller:
         key_allowed_models=_json_list(row.get("key_allowed_models")),
         exclude_from_budget=row.get("exclude_from_budget", False),
         rates=_rates_from_row(row),
+        price_origin=row["price_origin"],
         alert_thresholds_pct=tuple(_json_list(row.get("alert_thresholds_pct")) or ()),
         user_rpm_limit=row["user_rpm_limit"],
         user_tpm_limit=row["user_tpm_limit"],
@@ -218,6 +221,7 @@ def _caller_load_orm(
         "output_price_per_mtok_usd": price.output_price_per_mtok_usd if price else None,
         "cache_read_price_per_mtok_usd": price.cache_read_price_per_mtok_usd if price else None,
         "cache_write_price_per_mtok_usd": price.cache_write_price_per_mtok_usd if price else None,
+        "price_origin": price.origin if price else None,
     }
     if key is not None:
         row.update(
@@ -266,12 +270,7 @@ def _rates_current_orm(model_keys: list[str], now: datetime) -> dict[str, Rates]
     for model_key in set(model_keys):
         price = price_at(model_key, now)
         if price is not None:
-            rates[model_key] = Rates(
-                input_per_mtok=price.input_price_per_mtok_usd,
-                output_per_mtok=price.output_price_per_mtok_usd,
-                cache_read_per_mtok=price.cache_read_price_per_mtok_usd,
-                cache_write_per_mtok=price.cache_write_price_per_mtok_usd,
-            )
+            rates[model_key] = price.rates
     return rates
 
 

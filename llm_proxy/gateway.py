@@ -37,7 +37,7 @@ from django.utils import timezone
 from budgets import alerting, services
 from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
 from budgets.selectors import Caller, rates_current
-from llm_proxy import budget, platform, ratelimit, upstream
+from llm_proxy import budget, platform, prices, ratelimit, upstream
 from llm_proxy.auth import (
     authenticate,
     authenticate_listing,
@@ -596,16 +596,22 @@ async def _admit(
                 "This API key belongs to a different user than the request names",
                 code="user_mismatch",
             )
+        allowed = model_allowed(caller.allowed_models, model_key)
         attempt = Attempt(
             provider=provider,
             provider_name=provider.name,
             model=model,
             model_key=model_key,
-            rates=caller.rates,
-            target=target,
-            refusal=(
-                None if model_allowed(caller.allowed_models, model_key) else ModelNotAllowed()
+            # A refused caller does not get to freeze a catalog price.
+            rates=(
+                await prices.rates_for(
+                    caller=caller, provider=provider, model=model, model_key=model_key, now=now
+                )
+                if allowed and not caller.blocked
+                else caller.rates
             ),
+            target=target,
+            refusal=None if allowed else ModelNotAllowed(),
         )
         exchange = await _admit_known(caller, fmt, body, [attempt], request_id, started, now)
         return exchange, exchange.body
@@ -668,7 +674,7 @@ async def _admit_known(
     if not priced and platform_request_id is None and settings.OTARI_REQUIRE_PRICING:
         if state is not None and state.remaining_usd <= 0:
             raise budget.explain(BudgetExceeded(state=state), ask)
-        raise PricingMissing
+        raise PricingMissing.for_model(attempts[usable[0]].model_key)
     # Free models and keys excluded from budget take no hold and are never refused for
     # money (CONTRACT §1, §3.3).
     takes_hold = any(not rates.is_free for rates in priced) and not caller.exclude_from_budget

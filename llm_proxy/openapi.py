@@ -37,7 +37,8 @@ _GATEWAY_HEADERS = {
 _ERROR_TEXT = {
     "400": "Invalid request, unknown provider, or the provider refused the request",
     "401": "Missing, unknown, inactive or expired key",
-    "402": "The model has no price (OTARI_REQUIRE_PRICING)",
+    "402": "The model has no price: neither the operator's nor the catalog's "
+    "(OTARI_REQUIRE_PRICING, OTARI_PRICE_CATALOG)",
     "403": "User blocked, model not allowed, or budget exceeded (code budget_exceeded)",
     "404": "Unknown user (master key) or model",
     "429": "The provider is rate limiting (Retry-After kept)",

@@ -31,7 +31,12 @@ import yaml
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-PROVIDER_KINDS = ("openai", "anthropic")
+PROVIDER_KINDS = ("openai", "anthropic", "azure")
+# The keys every kind reads; any other key of a provider's mapping is kind-specific and
+# goes to `ProviderConfig.options`, for that kind's provider class to read and check.
+_COMMON_KEYS = frozenset({"kind", "api_key", "api_base", "timeout", "apis", "catalog_provider"})
+# Kind-specific options whose values are secrets (never logged): e.g. azure_ad_token.
+_SECRET_OPTION = re.compile(r"(?:^|_)(?:key|token|secret|password)$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -46,6 +51,18 @@ class ProviderConfig:
     # The client APIs the instance serves natively (None: all its kind speaks); the
     # others are translated (docs/TRANSLATION.md).
     apis: tuple[str, ...] | None = None
+    # Whose catalog prices apply to the instance's models (usage.catalog): None = derived
+    # from api_base and kind; "" = none.
+    catalog_provider: str | None = None
+    # The kind's own settings (e.g. azure: api_version, deployments, azure_ad_token),
+    # `${VAR}` expanded; the provider class validates them.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def secret_values(self) -> list[str]:
+        """The credentials this instance holds, for log redaction."""
+        values = [self.api_key]
+        values += [v for k, v in self.options.items() if _SECRET_OPTION.search(k)]
+        return [value for value in values if isinstance(value, str) and value]
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,10 @@ class GatewayConfig:
 def _expand(value: Any) -> Any:
     if isinstance(value, str):
         return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), value)
+    if isinstance(value, dict):
+        return {key: _expand(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand(item) for item in value]
     return value
 
 
@@ -95,6 +116,13 @@ def _parse_provider(name: str, raw: Any) -> ProviderConfig:
         not isinstance(apis, list) or not all(isinstance(api, str) for api in apis)
     ):
         raise ImproperlyConfigured(f"providers.{name}.apis must be a list of API names")
+    catalog_provider = raw.get("catalog_provider")
+    if catalog_provider is False:
+        catalog_provider = ""
+    if catalog_provider is not None and not isinstance(catalog_provider, str):
+        raise ImproperlyConfigured(
+            f"providers.{name}.catalog_provider must be a catalog provider id or false"
+        )
     return ProviderConfig(
         name=name,
         kind=kind,
@@ -102,6 +130,8 @@ def _parse_provider(name: str, raw: Any) -> ProviderConfig:
         api_base=_expand(raw.get("api_base") or ""),
         timeout_s=float(timeout),
         apis=tuple(apis) if apis is not None else None,
+        catalog_provider=catalog_provider,
+        options={str(key): _expand(value) for key, value in raw.items() if key not in _COMMON_KEYS},
     )
 
 

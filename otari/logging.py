@@ -157,7 +157,9 @@ def _configured_secrets() -> list[str]:
         )
         if key == _secrets_cache[0]:
             return _secrets_cache[1]
-        values = [provider.api_key for provider in config.providers.values()] + list(key[1:])
+        values = [
+            secret for provider in config.providers.values() for secret in provider.secret_values()
+        ] + list(key[1:])
     except Exception:  # logging must work before, and without, a valid configuration
         return []
     secrets = [value for value in values if value and len(value) >= _MIN_SECRET_CHARS]

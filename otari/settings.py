@@ -165,6 +165,9 @@ MONEY_MAX_USD = Decimal("999999999999")
 OTARI_CONFIG = env.str("OTARI_CONFIG", default="")
 OTARI_MASTER_KEY = env.str("OTARI_MASTER_KEY", default="")
 OTARI_REQUIRE_PRICING = env.bool("OTARI_REQUIRE_PRICING", default=True)
+# A model without an operator price is priced from the genai-prices catalog (usage.catalog);
+# false: only operator prices count, and an unpriced model is refused (402).
+OTARI_PRICE_CATALOG = env.bool("OTARI_PRICE_CATALOG", default=True)
 # An API key whose request names another user (`user`, or `metadata.user_id` on
 # /v1/messages) is refused (403, CONTRACT §1); false ignores the name instead.
 OTARI_REJECT_USER_MISMATCH = env.bool("OTARI_REJECT_USER_MISMATCH", default=True)

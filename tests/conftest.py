@@ -28,6 +28,7 @@ from django.conf import settings
 from django.db import connections
 
 from tests.budgets.webhook import WebhookReceiver
+from tests.fake_azure import FakeAzure
 from tests.fake_provider import FakeProvider
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,12 +101,33 @@ def fake_provider() -> Iterator[FakeProvider]:
         yield fake
 
 
-def write_config(path: Path, fake: FakeProvider) -> Path:
+@pytest.fixture(scope="session")
+def fake_azure() -> Iterator[FakeAzure]:
+    with FakeAzure(deployments={"prod-gpt4o": "gpt-4o-2024-08-06"}) as fake:
+        yield fake
+
+
+def azure_config(fake: FakeAzure) -> str:
+    """Azure instances on the fake resource: `azure` on the v1 API with an api-key,
+    `azure-dated` on deployment URLs with an Entra ID token; `gpt-4o` is served by the
+    deployment `prod-gpt4o`, any other model by the deployment of its name."""
+    return f"""
+  azure: {{kind: azure, api_base: "{fake.root_url}", api_key: {fake.api_key},
+          timeout: {PROVIDER_TIMEOUT_S}, deployments: {{gpt-4o: prod-gpt4o}}}}
+  azure-dated: {{kind: azure, api_base: "{fake.root_url}/openai", azure_ad_token: {fake.ad_token},
+                api_version: 2025-04-01-preview, timeout: {PROVIDER_TIMEOUT_S},
+                deployments: {{gpt-4o: prod-gpt4o}}}}
+  azure-badkey: {{kind: azure, api_base: "{fake.root_url}", api_key: not-the-key}}
+"""
+
+
+def write_config(path: Path, fake: FakeProvider, azure: FakeAzure | None = None) -> Path:
     """Provider instances on the fake (and on a closed port), and test prices.
 
     Both kinds have a normal instance (`openai`, `anthropic`), one with a short timeout
     (`short`, `anthropic-short`) and one on a closed port (`dead`, `anthropic-dead`);
-    `chatonly` is an openai-kind server without the Responses API (translated to chat).
+    `chatonly` is an openai-kind server without the Responses API (translated to chat);
+    `catalog` is the fake priced as OpenAI by the price catalog (usage.catalog).
     """
     path.write_text(
         f"""
@@ -123,6 +145,9 @@ providers:
                    api_base: "http://127.0.0.1:9"}}
   chatonly: {{kind: openai, api_key: sk-test-provider-key, api_base: "{fake.base_url}",
              timeout: {PROVIDER_TIMEOUT_S}, apis: [chat, embeddings]}}
+  catalog: {{kind: openai, api_key: sk-test-provider-key, api_base: "{fake.base_url}",
+            timeout: {PROVIDER_TIMEOUT_S}, catalog_provider: openai}}
+{azure_config(azure) if azure is not None else ""}
 pricing:
   "openai:gpt-4o-mini": {{input_price_per_million: 0.15, output_price_per_million: 0.60}}
 """
@@ -132,12 +157,12 @@ pricing:
 
 @pytest.fixture(scope="session")
 def gateway_config_file(
-    fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
+    fake_provider: FakeProvider, fake_azure: FakeAzure, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
     from llm_proxy.providers import providers
     from otari.config import gateway_config
 
-    path = write_config(tmp_path_factory.mktemp("config") / "otari.yaml", fake_provider)
+    path = write_config(tmp_path_factory.mktemp("config") / "otari.yaml", fake_provider, fake_azure)
     previous = settings.OTARI_CONFIG
     settings.OTARI_CONFIG = str(path)
     gateway_config.cache_clear()

@@ -145,7 +145,7 @@ class ModelPricingAdmin(ServiceAdmin):
         if obj is None:
             return [(None, {"fields": ["model_key", "effective_at"]}), ("Rates", {"fields": rates})]
         return [
-            (None, {"fields": ["model_key", "effective_at", "origin", "created_at"]}),
+            (None, {"fields": self.get_readonly_fields(request, obj)}),
             (
                 "Rates",
                 {
@@ -160,7 +160,7 @@ class ModelPricingAdmin(ServiceAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: ModelPricing | None = None) -> list:
         if obj is None:
             return []
-        return ["model_key", "effective_at", "origin", "created_at"]
+        return ["model_key", "effective_at", "origin", "catalog_version", "created_at"]
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # Versions are history: a wrong price is corrected by a newer version.
@@ -178,6 +178,8 @@ class ModelPricingAdmin(ServiceAdmin):
 
     @admin.display(description="Set by", ordering="origin")
     def source(self, obj: ModelPricing) -> str:
+        if obj.origin == ModelPricing.Origin.CATALOG:
+            return obj.source  # "catalog 0.2.3": the release it was frozen from
         return {"config": "config file", "api": "API", "admin": "console"}.get(
             obj.origin, obj.origin
         )

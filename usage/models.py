@@ -10,6 +10,7 @@ from django.db.models import Q
 from budgets.exceptions import BudgetExceeded
 from budgets.models import APIKey, GatewayUser
 from otari.fields import MoneyField
+from usage.pricing import Rates
 
 
 class ModelPricing(models.Model):
@@ -17,12 +18,16 @@ class ModelPricing(models.Model):
 
     Rows are versions: a price change adds a row, so every request is priced as of its
     own time and past costs can be explained. Null cache rates fall back to the input rate.
+    `config`, `api` and `admin` rows are the operator's; a `catalog` row is a default
+    price frozen from the genai-prices catalog the first time the model was used
+    (usage.catalog), and changes only through `manage.py prices sync`.
     """
 
     class Origin(models.TextChoices):
         CONFIG = "config"
         API = "api"
         ADMIN = "admin"
+        CATALOG = "catalog"
 
     model_key = models.CharField(max_length=255)
     effective_at = models.DateTimeField()
@@ -32,6 +37,8 @@ class ModelPricing(models.Model):
     cache_write_price_per_mtok_usd = MoneyField(null=True, blank=True)
     unit = models.CharField(max_length=16, default="tokens")
     origin = models.CharField(max_length=10, choices=Origin.choices, default=Origin.API)
+    # The catalog release a `catalog` row was taken from (e.g. "0.2.3"); blank otherwise.
+    catalog_version = models.CharField(max_length=32, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -62,6 +69,22 @@ class ModelPricing(models.Model):
     @property
     def is_free(self) -> bool:
         return not self.input_price_per_mtok_usd and not self.output_price_per_mtok_usd
+
+    @property
+    def rates(self) -> Rates:
+        return Rates(
+            input_per_mtok=self.input_price_per_mtok_usd,
+            output_per_mtok=self.output_price_per_mtok_usd,
+            cache_read_per_mtok=self.cache_read_price_per_mtok_usd,
+            cache_write_per_mtok=self.cache_write_price_per_mtok_usd,
+        )
+
+    @property
+    def source(self) -> str:
+        """Where the price came from: "catalog 0.2.3", or "operator (config|api|admin)"."""
+        if self.origin == self.Origin.CATALOG:
+            return f"catalog {self.catalog_version}".strip()
+        return f"operator ({self.origin})"
 
 
 # The error code of a refusal for budget.

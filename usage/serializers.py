@@ -99,7 +99,16 @@ class PricingResponse(serializers.Serializer):
     cache_write_1h_price_per_million = NullNumberField()
     pricing_tiers = EmptyListField()
     unit = serializers.CharField()
-    origin = serializers.CharField(help_text="Who set it: config, api or admin.")
+    origin = serializers.CharField(
+        help_text="Who set it: config, api or admin (the operator), or catalog (a default "
+        "price frozen from the genai-prices catalog on the model's first use)."
+    )
+    catalog_version = serializers.CharField(
+        help_text="The catalog release a catalog price was taken from; empty otherwise."
+    )
+    source = serializers.CharField(
+        help_text='"catalog <version>" or "operator (<origin>)".', read_only=True
+    )
     effective_at = DateTimeField()
     created_at = DateTimeField()
     updated_at = DateTimeField()

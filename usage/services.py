@@ -5,22 +5,25 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
 import httpx
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
 from budgets.selectors import price_at
 from otari.celery import enqueue, enqueue_on_commit
 from otari.config import PriceConfig, gateway_config
-from usage import reporting
+from usage import catalog, reporting
+from usage.catalog import CatalogPrice
 from usage.models import ModelPricing, UsageReport
 from usage.reporting import Verdict
+from usage.selectors import prices_current
 from usage.tasks import usage_report_push as usage_report_push_task
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,108 @@ def pricing_sync_from_config(*, now: datetime | None = None) -> list[ModelPricin
                 )
             )
     return added
+
+
+# ---------------------------------------------------------------------------------------
+# Catalog prices (usage.catalog): frozen on first use, changed only by `prices sync`.
+
+
+def _catalog_row_values(price: CatalogPrice) -> dict[str, object]:
+    return {
+        "input_price_per_mtok_usd": price.rates.input_per_mtok,
+        "output_price_per_mtok_usd": price.rates.output_per_mtok,
+        "cache_read_price_per_mtok_usd": price.rates.cache_read_per_mtok,
+        "cache_write_price_per_mtok_usd": price.rates.cache_write_per_mtok,
+        "origin": ModelPricing.Origin.CATALOG,
+        "catalog_version": price.version,
+    }
+
+
+def pricing_freeze_catalog(*, model_key: str, price: CatalogPrice, now: datetime) -> ModelPricing:
+    """Make a catalog price the model's price row, the first time the model is used.
+
+    Returns the row that prices the model now: the new one, or the one another process
+    froze (or an operator set) meanwhile, which is kept as it is. Two processes meeting a
+    new model at once queue on an advisory lock on its key, so the second finds the
+    first's row instead of adding a second version. (SQLite serialises writers anyway.)
+    """
+    with transaction.atomic(durable=True):
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"otari.price:{model_key}"]
+                )
+        existing = price_at(model_key, now) or (
+            # Frozen by a host whose clock runs ahead of ours.
+            ModelPricing.objects.filter(model_key=model_key, origin=ModelPricing.Origin.CATALOG)
+            .order_by("-effective_at")
+            .first()
+        )
+        if existing is not None:
+            return existing
+        return ModelPricing.objects.create(
+            model_key=model_key, effective_at=now, **_catalog_row_values(price)
+        )
+
+
+@dataclass(frozen=True)
+class CatalogPriceChange:
+    """A model priced from the catalog whose installed catalog price differs."""
+
+    model_key: str
+    current: ModelPricing
+    # The installed catalog's price; None when the catalog no longer prices the model
+    # (its frozen price is then kept).
+    new: CatalogPrice | None
+
+    @property
+    def changes(self) -> bool:
+        if self.new is None:
+            return False
+        rates, row = self.new.rates, self.current
+        return (
+            rates.input_per_mtok != row.input_price_per_mtok_usd
+            or rates.output_per_mtok != row.output_price_per_mtok_usd
+            or rates.cache_read_per_mtok != row.cache_read_price_per_mtok_usd
+            or rates.cache_write_per_mtok != row.cache_write_price_per_mtok_usd
+        )
+
+
+def pricing_catalog_sync(
+    *,
+    catalog_provider_of: Callable[[str], str | None],
+    apply: bool,
+    now: datetime | None = None,
+) -> list[CatalogPriceChange]:
+    """Compare every model whose current price is a catalog price with the installed
+    catalog; with `apply`, add a new catalog version (in effect from `now`) for each whose
+    rates changed. Operator prices are never touched, and past usage rows keep the cost
+    they were charged.
+
+    `catalog_provider_of(provider_name)`: the catalog provider of a configured provider
+    instance (None when it has none, or is no longer configured).
+    """
+    now = now or timezone.now()
+    found = []
+    for row in prices_current(now):
+        if row.origin != ModelPricing.Origin.CATALOG:
+            continue
+        provider_name, _, model = row.model_key.partition(":")
+        provider_id = catalog_provider_of(provider_name)
+        new = catalog.catalog_price(provider_id, model) if provider_id else None
+        change = CatalogPriceChange(model_key=row.model_key, current=row, new=new)
+        if change.changes or new is None:
+            found.append(change)
+    if apply:
+        with transaction.atomic(durable=True):
+            for change in found:
+                if change.new is not None:
+                    ModelPricing.objects.update_or_create(
+                        model_key=change.model_key,
+                        effective_at=now,
+                        defaults=_catalog_row_values(change.new),
+                    )
+    return found
 
 
 # ---------------------------------------------------------------------------------------

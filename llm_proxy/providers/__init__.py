@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 from llm_proxy.providers.anthropic import AnthropicProvider
+from llm_proxy.providers.azure import AzureProvider
 from llm_proxy.providers.base import Provider
 from llm_proxy.providers.openai import OpenAIProvider
 from otari.config import gateway_config
@@ -13,6 +14,7 @@ from otari.exceptions import BadRequest
 PROVIDER_CLASSES: dict[str, type[Provider]] = {
     OpenAIProvider.kind: OpenAIProvider,
     AnthropicProvider.kind: AnthropicProvider,
+    AzureProvider.kind: AzureProvider,
 }
 
 

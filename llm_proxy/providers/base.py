@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 from django.core.exceptions import ImproperlyConfigured
 
+from usage import catalog
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -24,6 +26,9 @@ class Provider:
     # The client APIs this kind speaks natively: "chat", "responses", "messages",
     # "embeddings". A request in another format is translated to one of these.
     native_apis: ClassVar[frozenset[str]]
+    # The price catalog's provider for every endpoint of this kind, whatever its host
+    # (usage.catalog, rule 3); None for kinds that front servers of any vendor.
+    catalog_provider: ClassVar[str | None] = None
 
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.name
@@ -40,6 +45,11 @@ class Provider:
                 )
             self.apis = frozenset(config.apis)
         self.api_key = config.api_key
+        self._catalog_configured = config.catalog_provider
+        self._secrets = config.secret_values()
+        # Parsed upstream URLs, by API: parsing one costs more than the rest of building
+        # the request (docs/PERFORMANCE.md).
+        self._urls: dict[str, httpx.URL] = {}
         self.api_base = (config.api_base or self.default_api_base).rstrip("/")
         self.timeout = httpx.Timeout(
             config.timeout_s,
@@ -49,6 +59,14 @@ class Provider:
 
     def __repr__(self) -> str:  # never the key
         return f"<{type(self).__name__} {self.name} {self.api_base}>"
+
+    def catalog_provider_id(self) -> str | None:
+        """Whose catalog prices apply to this instance's models (usage.catalog)."""
+        return catalog.catalog_provider_for(
+            configured=self._catalog_configured,
+            api_base=self.api_base,
+            kind_provider=self.catalog_provider,
+        )
 
     def path(self, api: str) -> str:
         raise NotImplementedError
@@ -60,6 +78,17 @@ class Provider:
         """Client headers to pass on with a native (untranslated) request."""
         return {}
 
+    def url(self, api: str) -> httpx.URL:
+        url = self._urls.get(api)
+        if url is None:
+            url = self._urls[api] = httpx.URL(self.api_base + self.path(api))
+        return url
+
+    def target(self, api: str, body: dict[str, Any]) -> tuple[httpx.URL, dict[str, Any]]:
+        """The URL and body of a request: the body's `model` is the caller's model name;
+        a kind whose URL depends on it (azure's deployments) overrides this."""
+        return self.url(api), body
+
     def build_request(
         self,
         client: httpx.AsyncClient,
@@ -70,14 +99,9 @@ class Provider:
         headers = self.headers(api)
         if extra_headers:
             headers = {**headers, **extra_headers}
-        return client.build_request(
-            "POST",
-            self.api_base + self.path(api),
-            json=body,
-            headers=headers,
-            timeout=self.timeout,
-        )
+        url, body = self.target(api, body)
+        return client.build_request("POST", url, json=body, headers=headers, timeout=self.timeout)
 
     def secrets(self) -> list[str]:
         """Strings that must never leave the gateway (for redaction)."""
-        return [self.api_key] if self.api_key else []
+        return self._secrets
