@@ -6,6 +6,9 @@ providers:
   local:     {kind: openai, api_base: "http://127.0.0.1:11434/v1"}
   anthropic: {kind: anthropic, api_key: "${ANTHROPIC_KEY}"}
   vllm:      {kind: openai, api_base: "http://127.0.0.1:8000/v1", apis: [chat, embeddings]}
+  bedrock:   {kind: bedrock, region: us-east-1}          # AWS credential chain
+  gemini:    {kind: gemini, api_key: "${GEMINI_API_KEY}"}
+  vertex:    {kind: vertex, project: my-project, location: us-central1}  # ADC
 pricing:
   "openai:gpt-4o-mini": {input_price_per_million: 0.15, output_price_per_million: 0.60,
                          cache_read_price_per_million: 0.075}
@@ -31,7 +34,10 @@ import yaml
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-PROVIDER_KINDS = ("openai", "anthropic")
+PROVIDER_KINDS = ("openai", "anthropic", "bedrock", "gemini", "vertex")
+# The keys every kind reads; any other key of a provider's section is an option of its
+# kind (e.g. bedrock's `region`), checked by that kind (llm_proxy/providers/).
+_COMMON_KEYS = frozenset({"kind", "api_key", "api_base", "timeout", "apis"})
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -46,6 +52,8 @@ class ProviderConfig:
     # The client APIs the instance serves natively (None: all its kind speaks); the
     # others are translated (docs/TRANSLATION.md).
     apis: tuple[str, ...] | None = None
+    # Kind-specific settings (`${VAR}` expanded), e.g. bedrock's region and profile.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,7 @@ def _parse_provider(name: str, raw: Any) -> ProviderConfig:
         api_base=_expand(raw.get("api_base") or ""),
         timeout_s=float(timeout),
         apis=tuple(apis) if apis is not None else None,
+        options={str(key): _expand(value) for key, value in raw.items() if key not in _COMMON_KEYS},
     )
 
 

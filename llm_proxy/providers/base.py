@@ -13,7 +13,7 @@ import httpx
 from django.core.exceptions import ImproperlyConfigured
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import AsyncIterator, Mapping
 
     from otari.config import ProviderConfig
 
@@ -77,6 +77,34 @@ class Provider:
             headers=headers,
             timeout=self.timeout,
         )
+
+    async def upstream_request(
+        self,
+        client: httpx.AsyncClient,
+        api: str,
+        body: dict[str, Any],
+        extra_headers: dict[str, str] | None,
+        *,
+        model: str,
+        stream: bool,
+    ) -> httpx.Request:
+        """The HTTP request of one attempt (what the gateway sends).
+
+        Async so that kinds with expiring credentials (bedrock, vertex) can refresh them
+        off the event loop first; kinds whose URL names the model or the stream mode
+        (bedrock, gemini, vertex) take `model` and `stream` from here, as their bodies
+        carry neither. Raises ProviderError when no request can be made (no credentials).
+        """
+        return self.build_request(client, api, body, extra_headers)
+
+    def stream_chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        """The streamed answer as server-sent events (a kind with another framing,
+        such as Bedrock's binary event stream, re-frames it here)."""
+        return response.aiter_bytes()
+
+    def retry_after(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        """The Retry-After to pass on with a 429 (seconds, or an HTTP date)."""
+        return headers.get("retry-after")
 
     def secrets(self) -> list[str]:
         """Strings that must never leave the gateway (for redaction)."""
