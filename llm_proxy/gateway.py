@@ -51,7 +51,6 @@ from llm_proxy.errors import (
     ProviderTimeout,
     ProviderUnreachable,
     error_response,
-    provider_error_for_status,
 )
 from llm_proxy.formats import MESSAGES
 from llm_proxy.providers import resolve_model
@@ -815,12 +814,8 @@ def _provider_failure(exc: httpx.HTTPError) -> ProviderError:
 
 async def _provider_status_error(exchange: Exchange, response: httpx.Response) -> ProviderError:
     content = await response.aread()
-    return provider_error_for_status(
-        response.status_code,
-        content,
-        retry_after=exchange.provider.retry_after(response.headers, content),
-        secrets=exchange.provider.secrets(),
-        echoes=exchange.prompt_texts,
+    return exchange.provider.upstream_error(
+        response.status_code, response.headers, content, echoes=exchange.prompt_texts
     )
 
 

@@ -39,12 +39,15 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 WORDS = ("Hello", " from", " the", " cloud")
 TEXT = "".join(WORDS)
@@ -406,8 +409,12 @@ _VERTEX = re.compile(
 class FakeCloud:
     """The fake, served by uvicorn in a thread on 127.0.0.1 (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.requests: list[Recorded] = []
+        self.record = True
+        # A pause between body chunks, so that streams arrive in pieces as they do from
+        # a real service (the benchmark turns it off: only the gateway's CPU counts).
+        self.chunk_pause_s = 0.005
         self.tokens_issued: list[str] = []
         self.token_lifetime_s = 3600
         self.public_key_pem: bytes | None = None  # the service account's, for the JWT
@@ -415,7 +422,7 @@ class FakeCloud:
         self.vertex_location = "us-test1"
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock.bind(("127.0.0.1", port))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         self._server = uvicorn.Server(
             uvicorn.Config(
@@ -438,6 +445,34 @@ class FakeCloud:
     def __exit__(self, *exc: object) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+    def write_service_account(self, path: Path) -> Path:
+        """A service-account key file with a fresh RSA key, its token URI on this fake
+        (whose token endpoint then accepts assertions signed with that key)."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.public_key_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        account = {
+            "type": "service_account",
+            "project_id": self.vertex_project,
+            "private_key_id": "test-key-1",
+            "private_key": pem,
+            "client_email": "gateway@test-project.iam.gserviceaccount.com",
+            "client_id": "1234567890",
+            "token_uri": f"{self.url}/token",
+        }
+        path.write_text(json.dumps(account))
+        return path
+
+    def _record(self, request: Recorded) -> None:
+        if self.record:
+            self.requests.append(request)
 
     def reset(self) -> None:
         self.requests.clear()
@@ -467,7 +502,8 @@ class FakeCloud:
         )
         for chunk in reply.chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await asyncio.sleep(0.005)
+            if self.chunk_pause_s:
+                await asyncio.sleep(self.chunk_pause_s)
         if reply.drop:
             raise _Dropped
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -483,7 +519,7 @@ class FakeCloud:
         except ValueError:
             return _json(400, {"message": "not JSON"})
         if match := _BEDROCK.match(path):
-            self.requests.append(Recorded("bedrock", raw_path, headers, body))
+            self._record(Recorded("bedrock", raw_path, headers, body))
             url = f"http://{headers['host']}{raw_path}" + (f"?{query}" if query else "")
             failure = _sigv4_failure(scope["method"], url, headers, content)
             if failure is not None:
@@ -495,12 +531,28 @@ class FakeCloud:
             model = urllib.parse.unquote(match.group(1))
             return _bedrock(model, match.group(2) == "converse-stream", Behaviour.from_model(model))
         if match := _GEMINI.match(path):
-            self.requests.append(Recorded("gemini", raw_path + "?" + query, headers, body))
+            self._record(Recorded("gemini", raw_path + "?" + query, headers, body))
             if headers.get("x-goog-api-key") != GEMINI_API_KEY:
-                return _google_error(400)
+                return _json(
+                    400,
+                    {
+                        "error": {
+                            "code": 400,
+                            "message": "API key not valid. Please pass a valid API key.",
+                            "status": "INVALID_ARGUMENT",
+                            "details": [
+                                {
+                                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                    "reason": "API_KEY_INVALID",
+                                    "domain": "googleapis.com",
+                                }
+                            ],
+                        }
+                    },
+                )
             return self._google(match.group(1), match.group(2), query)
         if match := _VERTEX.match(path):
-            self.requests.append(Recorded("vertex", raw_path + "?" + query, headers, body))
+            self._record(Recorded("vertex", raw_path + "?" + query, headers, body))
             token = headers.get("authorization", "").removeprefix("Bearer ")
             if token not in self.tokens_issued:
                 return _google_error(401)
@@ -520,7 +572,7 @@ class FakeCloud:
         from google.auth import jwt
 
         form = urllib.parse.parse_qs(content.decode())
-        self.requests.append(Recorded("token", "/token", {}, {k: v[0] for k, v in form.items()}))
+        self._record(Recorded("token", "/token", {}, {k: v[0] for k, v in form.items()}))
         if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"]:
             return _json(400, {"error": "unsupported_grant_type"})
         try:
@@ -540,3 +592,29 @@ class FakeCloud:
             200,
             {"access_token": token, "expires_in": self.token_lifetime_s, "token_type": "Bearer"},
         )
+
+
+def main() -> None:
+    """Serve the fake in the foreground (for scripts/bench.sh): the gateway then needs
+    AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY set to the test pair, and its vertex
+    instance the service-account file written to --service-account."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=9200)
+    parser.add_argument("--service-account", type=Path, required=True)
+    args = parser.parse_args()
+    fake = FakeCloud(port=args.port)
+    fake.record = False  # a benchmark's millions of requests are not kept
+    fake.chunk_pause_s = 0
+    fake.write_service_account(args.service_account)
+    with fake:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

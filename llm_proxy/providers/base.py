@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 from django.core.exceptions import ImproperlyConfigured
 
+from llm_proxy.errors import ProviderError, provider_error_for_status
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
 
@@ -24,8 +26,16 @@ class Provider:
     # The client APIs this kind speaks natively: "chat", "responses", "messages",
     # "embeddings". A request in another format is translated to one of these.
     native_apis: ClassVar[frozenset[str]]
+    # The kind-specific keys its configuration section may have (e.g. bedrock's region);
+    # None: the kind has none and, as before they existed, ignores unknown keys.
+    options: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, config: ProviderConfig) -> None:
+        if self.options is not None and set(config.options) - self.options:
+            raise ImproperlyConfigured(
+                f"providers.{config.name}: unknown option(s) for the {self.kind} kind: "
+                + ", ".join(sorted(set(config.options) - self.options))
+            )
         self.name = config.name
         # The APIs this instance serves natively: the kind's, or the subset the
         # configuration names (`apis:`), e.g. an OpenAI-compatible server without the
@@ -105,6 +115,19 @@ class Provider:
     def retry_after(self, headers: Mapping[str, str], body: bytes) -> str | None:
         """The Retry-After to pass on with a 429 (seconds, or an HTTP date)."""
         return headers.get("retry-after")
+
+    def upstream_error(
+        self, status: int, headers: Mapping[str, str], body: bytes, *, echoes: list[str]
+    ) -> ProviderError:
+        """What the caller sees for an upstream error status (`echoes`: the request's
+        texts, never shown back)."""
+        return provider_error_for_status(
+            status,
+            body,
+            retry_after=self.retry_after(headers, body),
+            secrets=self.secrets(),
+            echoes=echoes,
+        )
 
     def secrets(self) -> list[str]:
         """Strings that must never leave the gateway (for redaction)."""

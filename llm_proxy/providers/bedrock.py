@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
     from otari.config import ProviderConfig
 
-_OPTIONS = frozenset({"region", "profile"})
 # Temporary credentials are replaced this long before they expire (botocore's own
 # advisory refresh starts 15 minutes ahead; its mandatory one 10 minutes ahead).
 _REFRESH_AHEAD_S = 15 * 60
@@ -66,15 +65,10 @@ class BedrockProvider(Provider):
     kind = "bedrock"
     default_api_base = ""  # per region, see __init__
     native_apis = frozenset({API})
+    options = frozenset({"region", "profile"})
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
-        unknown = set(config.options) - _OPTIONS
-        if unknown:
-            raise ImproperlyConfigured(
-                f"providers.{config.name}: unknown option(s) for the bedrock kind: "
-                + ", ".join(sorted(unknown))
-            )
         profile = config.options.get("profile") or None
         self._session = botocore.session.Session(profile=profile)
         self.region = (

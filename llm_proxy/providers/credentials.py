@@ -66,17 +66,20 @@ class Refresher(Generic[T]):
             if life is None or life > self._ahead:
                 return value
             if life > _MIN_LIFE:
-                self._refresh()
+                self._start()
                 return value
-        return await self._refresh()
+        # Shielded: a request cancelled while waiting must not cancel the refresh the
+        # others are waiting for.
+        return await asyncio.shield(self._start())
 
-    def _refresh(self) -> asyncio.Future[T]:
+    def _start(self) -> asyncio.Future[T]:
+        """The refresh under way, or a new one: one at a time, however many ask."""
         pending = self._pending
         if pending is None or pending.done() or pending.get_loop() is not _running_loop():
             pending = self._pending = asyncio.ensure_future(self._reload())
-        # Shielded: a request cancelled while waiting must not cancel the refresh the
-        # others are waiting for.
-        return asyncio.shield(pending)
+            # A background refresh nobody awaits: its failure is logged in _reload.
+            pending.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return pending
 
     async def _reload(self) -> T:
         self.loads += 1

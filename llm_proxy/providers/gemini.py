@@ -20,8 +20,7 @@ import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from django.core.exceptions import ImproperlyConfigured
-
+from llm_proxy.errors import ProviderCredentialsRejected
 from llm_proxy.providers.base import Provider
 from llm_proxy.translate.gemini import API
 
@@ -30,7 +29,8 @@ if TYPE_CHECKING:
 
     import httpx
 
-    from otari.config import ProviderConfig
+    from llm_proxy.errors import ProviderError
+
 
 _DURATION = re.compile(r"^(\d+)(?:\.\d+)?s$")
 
@@ -39,16 +39,7 @@ class GoogleProvider(Provider):
     """What the gemini and vertex kinds share: the generateContent wire format."""
 
     native_apis = frozenset({API})
-    options: frozenset[str] = frozenset()
-
-    def __init__(self, config: ProviderConfig) -> None:
-        super().__init__(config)
-        unknown = set(config.options) - self.options
-        if unknown:
-            raise ImproperlyConfigured(
-                f"providers.{config.name}: unknown option(s) for the {self.kind} kind: "
-                + ", ".join(sorted(unknown))
-            )
+    options = frozenset()
 
     def model_url(self, model: str, *, stream: bool) -> str:
         raise NotImplementedError
@@ -101,6 +92,8 @@ class GoogleProvider(Provider):
 
 
 class GeminiProvider(GoogleProvider):
+    """See the module docstring."""
+
     kind = "gemini"
     default_api_base = "https://generativelanguage.googleapis.com/v1beta"
 
@@ -109,3 +102,12 @@ class GeminiProvider(GoogleProvider):
 
     async def auth_headers(self) -> dict[str, str]:
         return {"x-goog-api-key": self.api_key} if self.api_key else {}
+
+    def upstream_error(
+        self, status: int, headers: Mapping[str, str], body: bytes, *, echoes: list[str]
+    ) -> ProviderError:
+        # AI Studio answers a bad or revoked key with 400 INVALID_ARGUMENT: the gateway's
+        # credentials, not the caller's request, are wrong.
+        if status == 400 and b"API_KEY_INVALID" in body:
+            return ProviderCredentialsRejected()
+        return super().upstream_error(status, headers, body, echoes=echoes)

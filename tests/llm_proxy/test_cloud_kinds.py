@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+import time_machine
 from django.conf import settings
 
 from budgets.models import Hold
@@ -44,6 +45,20 @@ from usage.pricing import Rates, TokenUsage, cost_usd, prompt_tokens_from_chars
 pytestmark = pytest.mark.postgres
 
 KINDS = ("bedrock", "gemini", "vertex")
+# An AWS credential_process: the test key pair with a session token numbered by how many
+# times it ran, expiring after the lifetime (seconds) written in its directory.
+CREDENTIAL_PROCESS = f"""
+import json, sys, datetime, pathlib
+directory = pathlib.Path(sys.argv[1])
+runs = directory / "runs"
+count = len(runs.read_text()) + 1 if runs.exists() else 1
+runs.write_text("x" * count)
+lifetime = int((directory / "lifetime").read_text())
+expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=lifetime)
+print(json.dumps({{"Version": 1, "AccessKeyId": "{AWS_ACCESS_KEY}",
+                  "SecretAccessKey": "{AWS_SECRET_KEY}", "SessionToken": f"session-{{count}}",
+                  "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}}))
+"""
 RATES = Rates(
     input_per_mtok=Decimal("3"),
     output_per_mtok=Decimal("15"),
@@ -55,34 +70,6 @@ MODELS = {
     "gemini": "gemini-2.5-flash",
     "vertex": "gemini-2.5-pro",
 }
-
-
-def _service_account(cloud: FakeCloud, directory: Path) -> Path:
-    """A service-account key file with a fresh RSA key, its token URI on the fake."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cloud.public_key_pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    path = directory / "service-account.json"
-    path.write_text(
-        json.dumps(
-            {
-                "type": "service_account",
-                "project_id": cloud.vertex_project,
-                "private_key_id": "test-key-1",
-                "private_key": pem,
-                "client_email": "gateway@test-project.iam.gserviceaccount.com",
-                "client_id": "1234567890",
-                "token_uri": f"{cloud.url}/token",
-            }
-        )
-    )
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +84,7 @@ def cloud(gateway_config_file: Path, tmp_path_factory: pytest.TempPathFactory):
         "AWS_ACCESS_KEY_ID": AWS_ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": AWS_SECRET_KEY,
         # Nothing from the machine's own AWS setup or instance metadata.
-        "AWS_CONFIG_FILE": str(directory / "no-aws-config"),
+        "AWS_CONFIG_FILE": str(directory / "aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(directory / "aws-credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
     }
@@ -106,7 +93,14 @@ def cloud(gateway_config_file: Path, tmp_path_factory: pytest.TempPathFactory):
     for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
         os.environ.pop(name, None)
     with FakeCloud() as fake:
-        account = _service_account(fake, directory)
+        account = fake.write_service_account(directory / "service-account.json")
+        # A profile whose credentials come from a process, with an expiry: botocore's
+        # refreshable credentials, as a role session gives them.
+        process = directory / "credential_process.py"
+        process.write_text(CREDENTIAL_PROCESS)
+        (directory / "aws-config").write_text(
+            f"[profile temp]\ncredential_process = {sys.executable} {process} {directory}\n"
+        )
         (directory / "aws-credentials").write_text(
             "[wrong]\naws_access_key_id = AKIDWRONGPROFILEKEY1\n"
             "aws_secret_access_key = wrong-profile-secret\n"
@@ -117,10 +111,13 @@ def cloud(gateway_config_file: Path, tmp_path_factory: pytest.TempPathFactory):
                 "providers:\n",
                 f"""providers:
   bedrock: {{kind: bedrock, region: {AWS_REGION}, api_base: "{fake.url}", timeout: 10}}
+  bedrock-temp: {{kind: bedrock, region: {AWS_REGION}, profile: temp,
+                 api_base: "{fake.url}", timeout: 10}}
   bedrock-wrongkey: {{kind: bedrock, region: {AWS_REGION}, profile: wrong,
                      api_base: "{fake.url}", timeout: 10}}
   gemini: {{kind: gemini, api_key: {GEMINI_API_KEY}, api_base: "{fake.url}/v1beta",
            timeout: 10}}
+  gemini-wrongkey: {{kind: gemini, api_key: not-the-key, api_base: "{fake.url}/v1beta"}}
   vertex: {{kind: vertex, location: {fake.vertex_location}, api_base: "{fake.url}/v1",
            credentials_file: "{account}", timeout: 10}}
 """,
@@ -489,5 +486,80 @@ def test_what_the_provider_cannot_express_is_refused_before_any_hold(gateway, da
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "untranslatable_request"
+    user.refresh_from_db()
+    assert (user.spend_usd, user.reserved_usd) == (0, 0)
+
+
+def test_bedrock_role_credentials_are_refreshed_ahead_of_expiry(gateway, dana, cloud):
+    """Temporary AWS credentials (here from a credential_process, as from a role) are
+    loaded once, then renewed in the background within 15 minutes of their expiry while
+    requests go on with the current ones."""
+    _, secret = dana
+    directory = Path(os.environ["AWS_CONFIG_FILE"]).parent
+    runs = directory / "runs"
+    runs.unlink(missing_ok=True)
+    (directory / "lifetime").write_text("3600")
+    selector = _price("bedrock-temp", "m")
+
+    for _ in range(3):
+        assert gateway.chat(secret, model=selector).status_code == 200
+    # One process run for three requests, each signed with its session token.
+    assert len(runs.read_text()) == 1
+    tokens = {r.headers.get("x-amz-security-token") for r in cloud.of_kind("bedrock")}
+    assert tokens == {"session-1"}
+
+    # 48 minutes on, 12 minutes before expiry (the whole process: the fake checks the
+    # signature's date against the same clock).
+    with time_machine.travel(datetime.now(UTC) + timedelta(minutes=48), tick=True):
+        assert gateway.chat(secret, model=selector).status_code == 200
+        assert cloud.of_kind("bedrock")[-1].headers["x-amz-security-token"] == "session-1"
+        assert _wait_for(lambda: len(runs.read_text()) == 2)
+        assert gateway.chat(secret, model=selector).status_code == 200
+        assert cloud.of_kind("bedrock")[-1].headers["x-amz-security-token"] == "session-2"
+    assert len(runs.read_text()) == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "complaint"),
+    [
+        ("bedrock", {"region": "us-east-1", "regoin": "x"}, "unknown option"),
+        ("vertex", {"project": "p", "credentials": "x"}, "unknown option"),
+        ("gemini", {"location": "x"}, "unknown option"),
+    ],
+)
+def test_a_kind_refuses_options_it_does_not_know(kind, options, complaint):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from llm_proxy.providers import PROVIDER_CLASSES
+    from otari.config import ProviderConfig
+
+    with pytest.raises(ImproperlyConfigured, match=complaint):
+        PROVIDER_CLASSES[kind](ProviderConfig(name="x", kind=kind, options=options))
+
+
+def test_bedrock_needs_a_region(monkeypatch, tmp_path):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from llm_proxy.providers.bedrock import BedrockProvider
+    from otari.config import ProviderConfig
+
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(ImproperlyConfigured, match="needs a region"):
+        BedrockProvider(ProviderConfig(name="b", kind="bedrock"))
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    provider = BedrockProvider(ProviderConfig(name="b", kind="bedrock"))
+    assert provider.api_base == "https://bedrock-runtime.eu-west-3.amazonaws.com"
+
+
+def test_a_gemini_key_the_service_rejects_is_a_provider_auth_error(gateway, dana):
+    """AI Studio says 400 for a bad key; the caller's request is not what is wrong."""
+    user, secret = dana
+    response = gateway.chat(secret, model=_price("gemini-wrongkey", "gemini-2.5-flash"))
+
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "provider_auth_error"
+    assert "not-the-key" not in response.text
     user.refresh_from_db()
     assert (user.spend_usd, user.reserved_usd) == (0, 0)
