@@ -20,6 +20,8 @@ Behaviour is selected by substrings of the model name, as in tests/fake_provider
                   a Google error object)
   cached-<n>      n cache-read prompt tokens;  cachewrite-<n>: n cache writes (Bedrock)
   tools           one call of `get_weather` with {"city": "Paris"}
+  slow            a stream with 0.3 s between chunks (`aborted_by_client` counts the
+                  streams the gateway closed before their end)
 
 Usage is fixed: INPUT_TOKENS uncached prompt tokens, OUTPUT_TOKENS output tokens (Gemini:
 CANDIDATE_TOKENS + THOUGHT_TOKENS, with a thought part the gateway must not show).
@@ -110,6 +112,7 @@ class Behaviour:
     cached: int = 0
     cachewrite: int = 0
     tools: bool = False
+    slow: bool = False
 
     @classmethod
     def from_model(cls, model: str) -> Behaviour:
@@ -124,6 +127,7 @@ class Behaviour:
             cached=number("cached"),
             cachewrite=number("cachewrite"),
             tools="tools" in model,
+            slow="slow" in model,
         )
 
 
@@ -142,6 +146,8 @@ class Reply:
     chunks: list[bytes] = field(default_factory=list)
     # Close the connection after the chunks, without ending the body.
     drop: bool = False
+    # Seconds between chunks (None: the fake's default).
+    pause_s: float | None = None
 
 
 def _json(status: int, body: Any, **headers: str) -> Reply:
@@ -191,7 +197,9 @@ def _sigv4_failure(method: str, url: str, headers: dict[str, str], content: byte
     return None if expected == signature else "signature mismatch"
 
 
-def _bedrock(model: str, stream: bool, behaviour: Behaviour) -> Reply:
+def _bedrock(
+    model: str, stream: bool, behaviour: Behaviour, words: tuple[str, ...] = WORDS
+) -> Reply:
     if behaviour.fail:
         status = behaviour.fail
         error = {429: "ThrottlingException", 400: "ValidationException"}.get(
@@ -224,7 +232,7 @@ def _bedrock(model: str, stream: bool, behaviour: Behaviour) -> Reply:
                 }
             )
         else:
-            content.append({"text": TEXT})
+            content.append({"text": "".join(words)})
         return _json(
             200,
             {
@@ -257,7 +265,7 @@ def _bedrock(model: str, stream: bool, behaviour: Behaviour) -> Reply:
                 )
             )
     else:
-        for word in WORDS:
+        for word in words:
             frames.append(
                 bedrock_event(
                     "contentBlockDelta", {"delta": {"text": word}, "contentBlockIndex": 0}
@@ -273,6 +281,10 @@ def _bedrock(model: str, stream: bool, behaviour: Behaviour) -> Reply:
     # Split frames across chunk boundaries, as TCP may: the parser must reassemble them.
     data = b"".join(frames)
     cuts = [0, 7, len(data) // 2, len(data) // 2 + 3, len(data)]
+    if behaviour.slow:
+        return Reply(
+            200, {"content-type": "application/vnd.amazon.eventstream"}, frames, pause_s=0.3
+        )
     return Reply(
         200,
         {"content-type": "application/vnd.amazon.eventstream"},
@@ -305,7 +317,9 @@ def _google_error(status: int) -> Reply:
     return _json(status, {"error": error})
 
 
-def _gemini(model: str, stream: bool, behaviour: Behaviour) -> Reply:
+def _gemini(
+    model: str, stream: bool, behaviour: Behaviour, words: tuple[str, ...] = WORDS
+) -> Reply:
     if behaviour.fail:
         return _google_error(behaviour.fail)
     usage = {
@@ -324,7 +338,7 @@ def _gemini(model: str, stream: bool, behaviour: Behaviour) -> Reply:
             {"functionCall": {"name": "get_weather", "args": TOOL_ARGUMENTS}},
         ]
     else:
-        parts = [thought, {"text": TEXT}]
+        parts = [thought, {"text": "".join(words)}]
     if not stream:
         return _json(
             200,
@@ -363,7 +377,7 @@ def _gemini(model: str, stream: bool, behaviour: Behaviour) -> Reply:
         )
     ]
     pieces: list[dict[str, Any]] = (
-        [parts[1]] if behaviour.tools else [{"text": word} for word in WORDS]
+        [parts[1]] if behaviour.tools else [{"text": word} for word in words]
     )
     for piece in pieces:
         chunks.append(
@@ -392,7 +406,7 @@ def _gemini(model: str, stream: bool, behaviour: Behaviour) -> Reply:
             }
         )
     )
-    return Reply(200, sse, chunks)
+    return Reply(200, sse, chunks, pause_s=0.3 if behaviour.slow else None)
 
 
 # --- the server ---------------------------------------------------------------------------
@@ -415,6 +429,8 @@ class FakeCloud:
         # A pause between body chunks, so that streams arrive in pieces as they do from
         # a real service (the benchmark turns it off: only the gateway's CPU counts).
         self.chunk_pause_s = 0.005
+        self.words = WORDS  # the answer's text deltas
+        self.aborted_by_client = 0  # streams the client closed before their end
         self.tokens_issued: list[str] = []
         self.token_lifetime_s = 3600
         self.public_key_pem: bytes | None = None  # the service account's, for the JWT
@@ -476,6 +492,7 @@ class FakeCloud:
 
     def reset(self) -> None:
         self.requests.clear()
+        self.aborted_by_client = 0
 
     def of_kind(self, kind: str) -> list[Recorded]:
         return [r for r in self.requests if r.kind == kind]
@@ -500,10 +517,17 @@ class FakeCloud:
                 "headers": [(k.encode(), v.encode()) for k, v in reply.headers.items()],
             }
         )
+        pause = reply.pause_s if reply.pause_s is not None else self.chunk_pause_s
         for chunk in reply.chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if self.chunk_pause_s:
-                await asyncio.sleep(self.chunk_pause_s)
+            if pause:
+                try:
+                    message = await asyncio.wait_for(receive(), pause)
+                except TimeoutError:
+                    continue
+                if message["type"] == "http.disconnect":
+                    self.aborted_by_client += 1  # the gateway closed the stream
+                    return
         if reply.drop:
             raise _Dropped
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -529,7 +553,8 @@ class FakeCloud:
                     **{"x-amzn-errortype": "InvalidSignatureException"},
                 )
             model = urllib.parse.unquote(match.group(1))
-            return _bedrock(model, match.group(2) == "converse-stream", Behaviour.from_model(model))
+            stream = match.group(2) == "converse-stream"
+            return _bedrock(model, stream, Behaviour.from_model(model), self.words)
         if match := _GEMINI.match(path):
             self._record(Recorded("gemini", raw_path + "?" + query, headers, body))
             if headers.get("x-goog-api-key") != GEMINI_API_KEY:
@@ -565,7 +590,7 @@ class FakeCloud:
         stream = method == "streamGenerateContent"
         if stream and query != "alt=sse":
             return _google_error(400)
-        return _gemini(model, stream, Behaviour.from_model(model))
+        return _gemini(model, stream, Behaviour.from_model(model), self.words)
 
     def _token(self, content: bytes) -> Reply:
         """Google's OAuth token endpoint for a service account's JWT assertion."""
@@ -603,10 +628,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=9200)
     parser.add_argument("--service-account", type=Path, required=True)
+    parser.add_argument("--chunks", type=int, default=20, help="text deltas per answer")
     args = parser.parse_args()
     fake = FakeCloud(port=args.port)
     fake.record = False  # a benchmark's millions of requests are not kept
     fake.chunk_pause_s = 0
+    # As many deltas as the bench's fake upstream sends, so streams compare.
+    fake.words = tuple(WORDS[i % len(WORDS)] for i in range(args.chunks))
     fake.write_service_account(args.service_account)
     with fake:
         try:

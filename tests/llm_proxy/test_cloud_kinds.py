@@ -5,7 +5,8 @@ OAuth token from a fake token endpoint.
 
 Every kind x client API x stream mode is answered, translated, and charged to the
 micro-dollar from the provider's usage (cache tokens included); a stream that breaks
-is charged what was delivered, and a 429 keeps its Retry-After.
+or a client that leaves is charged what was delivered, a failure before the commit
+point is refunded, and a 429 keeps its Retry-After.
 """
 
 from __future__ import annotations
@@ -563,3 +564,29 @@ def test_a_gemini_key_the_service_rejects_is_a_provider_auth_error(gateway, dana
     assert "not-the-key" not in response.text
     user.refresh_from_db()
     assert (user.spend_usd, user.reserved_usd) == (0, 0)
+
+
+@pytest.mark.parametrize("api", ["chat", "messages"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_client_that_leaves_mid_stream_is_charged_what_it_was_sent(
+    gateway, dana, cloud, kind, api
+):
+    user, secret = dana
+    body = body_for(api, _price(kind, MODELS[kind] + "-slow"), stream=True)
+
+    with gateway.client(secret) as client, client.stream("POST", PATHS[api], json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if "Hello" in line:  # the first word arrived: hang up
+                break
+
+    assert _wait_for(lambda: UsageLog.objects.exists(), timeout=10)
+    row = UsageLog.objects.get()
+    assert (row.status, row.status_code) == ("client_disconnected", 499)
+    assert 1 <= row.completion_tokens <= 3
+    charged = TokenUsage(input_tokens=row.prompt_tokens, output_tokens=row.completion_tokens)
+    assert row.cost_usd == cost_usd(charged, RATES)
+    # The upstream stream was closed, not left running.
+    assert _wait_for(lambda: cloud.aborted_by_client == 1)
+    assert not Hold.objects.filter(status=Hold.Status.OPEN).exists()
+    assert_books_balance(user)
