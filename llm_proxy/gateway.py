@@ -51,7 +51,6 @@ from llm_proxy.errors import (
     ProviderTimeout,
     ProviderUnreachable,
     error_response,
-    provider_error_for_status,
     provider_error_message,
     redact,
 )
@@ -870,12 +869,8 @@ def _provider_failure(exc: httpx.HTTPError, exchange: Exchange) -> ProviderError
 
 async def _provider_status_error(exchange: Exchange, response: httpx.Response) -> ProviderError:
     content = await response.aread()
-    return provider_error_for_status(
-        response.status_code,
-        content,
-        retry_after=response.headers.get("retry-after"),
-        secrets=exchange.provider.secrets(),
-        echoes=exchange.prompt_texts,
+    return exchange.provider.upstream_error(
+        response.status_code, response.headers, content, echoes=exchange.prompt_texts
     )
 
 
@@ -913,15 +908,37 @@ class _Answer:
     output_chars: int
 
 
+async def _upstream_request(
+    exchange: Exchange, client: httpx.AsyncClient, *, stream: bool
+) -> httpx.Request | ProviderError:
+    """The current attempt's HTTP request, or why none could be made (no credentials).
+
+    Counted as a started provider call either way: a failure to build the request ends
+    like any other provider failure.
+    """
+    target = exchange.target
+    metrics.provider_call_started()
+    try:
+        return await exchange.provider.upstream_request(
+            client,
+            target.route.upstream.name,
+            target.body,
+            target.headers,
+            model=exchange.model,
+            stream=stream,
+        )
+    except ProviderError as exc:
+        return exc
+
+
 async def _answer(exchange: Exchange, body: dict[str, Any]) -> _Answer | GatewayError:
     """Send the current attempt and read its whole answer, in the client's API; or
     the failure, before anything was charged or sent."""
-    target, route = exchange.target, exchange.target.route
+    route = exchange.target.route
     client = upstream.client()
-    request = exchange.provider.build_request(
-        client, route.upstream.name, target.body, target.headers
-    )
-    metrics.provider_call_started()
+    request = await _upstream_request(exchange, client, stream=False)
+    if isinstance(request, ProviderError):
+        return request
     try:
         response = await client.send(request)
     except httpx.HTTPError as exc:
@@ -938,7 +955,7 @@ async def _answer(exchange: Exchange, body: dict[str, Any]) -> _Answer | Gateway
     content = response.content
     if route.translated:
         try:
-            content = json.dumps(route.response_body(body, parsed)).encode()
+            content = json.dumps(route.response_body(body, parsed, exchange.model)).encode()
         except TranslationError as exc:
             # Nothing reached the client: like any provider fault before the answer,
             # a full refund (the usage row says what could not be translated).
@@ -977,20 +994,19 @@ async def _stream_open(
 ) -> tuple[httpx.Response, AsyncIterator[bytes], bytes] | GatewayError:
     """Open the current attempt's upstream stream and read its first bytes: the commit
     point. Returns the failure when anything goes wrong until then."""
-    target, route = exchange.target, exchange.target.route
+    route = exchange.target.route
     client = upstream.client()
-    request = exchange.provider.build_request(
-        client, route.upstream.name, target.body, target.headers
-    )
+    request = await _upstream_request(exchange, client, stream=True)
+    if isinstance(request, ProviderError):
+        return request
     response: httpx.Response | None = None
-    metrics.provider_call_started()
     try:
         response = await client.send(request, stream=True)
         if response.status_code >= 400:
             failure = await _provider_status_error(exchange, response)
             await response.aclose()
             return failure
-        chunks = response.aiter_bytes()
+        chunks = exchange.provider.stream_chunks(response)
         first_chunk = await anext(chunks)
         first_events = EventSplitter().feed(first_chunk)
         if first_events and route.upstream.is_stream_error(first_events[0]):
@@ -1040,7 +1056,7 @@ async def _stream(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
             upstream=response,
             chunks=chunks,
             first_chunk=first_chunk,
-            codec=exchange.target.route.stream_codec(body),
+            codec=exchange.target.route.stream_codec(body, exchange.model),
             keepalive_s=settings.OTARI_STREAM_KEEPALIVE_SECONDS,
         ),
         content_type="text/event-stream",

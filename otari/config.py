@@ -6,6 +6,9 @@ providers:
   local:     {kind: openai, api_base: "http://127.0.0.1:11434/v1"}
   anthropic: {kind: anthropic, api_key: "${ANTHROPIC_KEY}"}
   vllm:      {kind: openai, api_base: "http://127.0.0.1:8000/v1", apis: [chat, embeddings]}
+  bedrock:   {kind: bedrock, region: us-east-1}          # AWS credential chain
+  gemini:    {kind: gemini, api_key: "${GEMINI_API_KEY}"}
+  vertex:    {kind: vertex, project: my-project, location: us-central1}  # ADC
 pricing:
   "openai:gpt-4o-mini": {input_price_per_million: 0.15, output_price_per_million: 0.60,
                          cache_read_price_per_million: 0.075}
@@ -31,7 +34,7 @@ import yaml
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-PROVIDER_KINDS = ("openai", "anthropic", "azure")
+PROVIDER_KINDS = ("openai", "anthropic", "azure", "bedrock", "gemini", "vertex")
 # The keys every kind reads; any other key of a provider's mapping is kind-specific and
 # goes to `ProviderConfig.options`, for that kind's provider class to read and check.
 _COMMON_KEYS = frozenset({"kind", "api_key", "api_base", "timeout", "apis", "catalog_provider"})

@@ -33,6 +33,33 @@ providers:
 pricing:
   "openai:gpt-4o-mini": {input_price_per_million: 0.15, output_price_per_million: 0.60}
 YAML
+# BENCH_CLOUD=1: also the bedrock, gemini and vertex kinds, on tests/fake_cloud.py (SigV4
+# verified, event-stream frames, OAuth), each a target of its own in the same run, so
+# their CPU per request compares with the openai kind's (docs/PERFORMANCE.md).
+PORT_CLOUD="${BENCH_PORT_CLOUD:-9200}"
+if [ -n "${BENCH_CLOUD:-}" ]; then
+  CLOUD="http://127.0.0.1:$PORT_CLOUD"
+  export AWS_ACCESS_KEY_ID=AKIDFAKETESTKEY00001
+  export AWS_SECRET_ACCESS_KEY=fake-test-secret-key-for-sigv4-verification
+  export AWS_EC2_METADATA_DISABLED=true
+  python3 - "$OTARI_CONFIG" "$CLOUD" "$PWD/$OUT/service-account.json" <<'PY'
+import sys
+path, cloud, account = sys.argv[1:]
+text = open(path).read().replace("providers:\n", f"""providers:
+  bedrock: {{kind: bedrock, region: us-test-1, api_base: "{cloud}"}}
+  gemini: {{kind: gemini, api_key: fake-gemini-api-key-0123456789, api_base: "{cloud}/v1beta"}}
+  vertex: {{kind: vertex, location: us-test1, api_base: "{cloud}/v1", credentials_file: "{account}"}}
+""", 1)
+for model in ("bedrock:anthropic.claude-3-5-haiku-20241022-v1:0", "gemini:gemini-2.5-flash",
+              "vertex:gemini-2.5-flash"):
+    text += f'  "{model}": {{input_price_per_million: 0.8, output_price_per_million: 4}}\n'
+open(path, "w").write(text)
+PY
+  taskset -c 0 .venv/bin/python tests/fake_cloud.py --port "$PORT_CLOUD" \
+    --service-account "$PWD/$OUT/service-account.json" >"$OUT/cloud.log" 2>&1 &
+  CLOUD_PID=$!
+  for _ in $(seq 100); do [ -s "$OUT/service-account.json" ] && break; sleep 0.1; done
+fi
 
 psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
 .venv/bin/python manage.py migrate -v0
@@ -70,15 +97,22 @@ case "$SERVER" in
 esac
 taskset -c 1 "${CMD[@]}" >"$OUT/gateway.log" 2>&1 &
 GATEWAY_PID=$!
-trap 'kill $GATEWAY_PID $UPSTREAM_PID 2>/dev/null || true' EXIT
+trap 'kill $GATEWAY_PID $UPSTREAM_PID ${CLOUD_PID:-} 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
   curl -s -o /dev/null "http://127.0.0.1:$PORT_GATEWAY/v1/models" && break
   sleep 0.1
 done
 
+TARGETS=(--target "ours=http://127.0.0.1:$PORT_GATEWAY,key=$KEY,model=openai:gpt-4o-mini,pid=$GATEWAY_PID")
+if [ -n "${BENCH_CLOUD:-}" ]; then
+  for model in bedrock:anthropic.claude-3-5-haiku-20241022-v1:0 gemini:gemini-2.5-flash \
+               vertex:gemini-2.5-flash; do
+    TARGETS+=(--target "${model%%:*}=http://127.0.0.1:$PORT_GATEWAY,key=$KEY,model=$model,pid=$GATEWAY_PID")
+  done
+fi
 var/benchvenv/bin/python "$BENCH_DIR/run_matrix.py" \
   --upstream "http://127.0.0.1:$PORT_UPSTREAM" --upstream-pid "$UPSTREAM_PID" \
-  --target "ours=http://127.0.0.1:$PORT_GATEWAY,key=$KEY,model=openai:gpt-4o-mini,pid=$GATEWAY_PID" \
+  "${TARGETS[@]}" \
   --driver-cpus 0 --out "$OUT/results-$SERVER.json" --markdown "$OUT/results-$SERVER.md" "$@"
 
 # The books after the run: every hold closed, spend = sum of usage.

@@ -7,7 +7,10 @@ import functools
 from llm_proxy.providers.anthropic import AnthropicProvider
 from llm_proxy.providers.azure import AzureProvider
 from llm_proxy.providers.base import Provider
+from llm_proxy.providers.bedrock import BedrockProvider
+from llm_proxy.providers.gemini import GeminiProvider
 from llm_proxy.providers.openai import OpenAIProvider
+from llm_proxy.providers.vertex import VertexProvider
 from otari.config import gateway_config
 from otari.exceptions import BadRequest
 
@@ -15,6 +18,9 @@ PROVIDER_CLASSES: dict[str, type[Provider]] = {
     OpenAIProvider.kind: OpenAIProvider,
     AnthropicProvider.kind: AnthropicProvider,
     AzureProvider.kind: AzureProvider,
+    BedrockProvider.kind: BedrockProvider,
+    GeminiProvider.kind: GeminiProvider,
+    VertexProvider.kind: VertexProvider,
 }
 
 

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 from django.core.exceptions import ImproperlyConfigured
 
+from llm_proxy.errors import ProviderError, provider_error_for_status
 from usage import catalog
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import AsyncIterator, Mapping
 
     from otari.config import ProviderConfig
 
@@ -29,8 +30,16 @@ class Provider:
     # The price catalog's provider for every endpoint of this kind, whatever its host
     # (usage.catalog, rule 3); None for kinds that front servers of any vendor.
     catalog_provider: ClassVar[str | None] = None
+    # The kind-specific keys its configuration section may have (e.g. bedrock's region);
+    # None: the kind has none and, as before they existed, ignores unknown keys.
+    options: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, config: ProviderConfig) -> None:
+        if self.options is not None and set(config.options) - self.options:
+            raise ImproperlyConfigured(
+                f"providers.{config.name}: unknown option(s) for the {self.kind} kind: "
+                + ", ".join(sorted(set(config.options) - self.options))
+            )
         self.name = config.name
         # The APIs this instance serves natively: the kind's, or the subset the
         # configuration names (`apis:`), e.g. an OpenAI-compatible server without the
@@ -101,6 +110,47 @@ class Provider:
             headers = {**headers, **extra_headers}
         url, body = self.target(api, body)
         return client.build_request("POST", url, json=body, headers=headers, timeout=self.timeout)
+
+    async def upstream_request(
+        self,
+        client: httpx.AsyncClient,
+        api: str,
+        body: dict[str, Any],
+        extra_headers: dict[str, str] | None,
+        *,
+        model: str,
+        stream: bool,
+    ) -> httpx.Request:
+        """The HTTP request of one attempt (what the gateway sends).
+
+        Async so that kinds with expiring credentials (bedrock, vertex) can refresh them
+        off the event loop first; kinds whose URL names the model or the stream mode
+        (bedrock, gemini, vertex) take `model` and `stream` from here, as their bodies
+        carry neither. Raises ProviderError when no request can be made (no credentials).
+        """
+        return self.build_request(client, api, body, extra_headers)
+
+    def stream_chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        """The streamed answer as server-sent events (a kind with another framing,
+        such as Bedrock's binary event stream, re-frames it here)."""
+        return response.aiter_bytes()
+
+    def retry_after(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        """The Retry-After to pass on with a 429 (seconds, or an HTTP date)."""
+        return headers.get("retry-after")
+
+    def upstream_error(
+        self, status: int, headers: Mapping[str, str], body: bytes, *, echoes: list[str]
+    ) -> ProviderError:
+        """What the caller sees for an upstream error status (`echoes`: the request's
+        texts, never shown back)."""
+        return provider_error_for_status(
+            status,
+            body,
+            retry_after=self.retry_after(headers, body),
+            secrets=self.secrets(),
+            echoes=echoes,
+        )
 
     def secrets(self) -> list[str]:
         """Strings that must never leave the gateway (for redaction)."""

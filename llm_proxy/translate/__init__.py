@@ -16,7 +16,7 @@ from django.conf import settings
 
 from llm_proxy.formats import FORMATS
 from llm_proxy.formats.chat import usage_requested
-from llm_proxy.translate import chat, messages, responses
+from llm_proxy.translate import chat, converse, gemini, messages, responses
 from llm_proxy.translate.ir import API_TITLES, TranslationError
 from otari.exceptions import BadRequest
 
@@ -32,10 +32,13 @@ __all__ = ["Route", "TranslationError", "route_for"]
 # Which upstream API serves a client API on a provider that does not speak it, in order
 # of preference (chat first for Responses: it keeps structured output and reasoning
 # effort, which the Messages API cannot express).
+# APIs only providers speak (bedrock's Converse; generateContent of gemini and vertex):
+# every client API reaches them translated.
+_UPSTREAM_ONLY: dict[str, ApiFormat] = {converse.API: converse.FORMAT, gemini.API: gemini.FORMAT}
 FALLBACKS: dict[str, tuple[str, ...]] = {
-    "chat": ("messages",),
-    "messages": ("chat",),
-    "responses": ("chat", "messages"),
+    "chat": ("messages", *_UPSTREAM_ONLY),
+    "messages": ("chat", *_UPSTREAM_ONLY),
+    "responses": ("chat", "messages", *_UPSTREAM_ONLY),
     "embeddings": (),
 }
 
@@ -59,12 +62,23 @@ def _write_messages(conversation: Conversation, model: str) -> dict[str, Any]:
 _WRITERS: dict[str, Callable[[Conversation, str], dict[str, Any]]] = {
     "chat": _write_chat,
     "messages": _write_messages,
+    converse.API: converse.write_request,
+    gemini.API: gemini.write_request,
 }
 _RESPONSE_READERS: dict[str, Callable[[dict[str, Any]], Completion]] = {
     "chat": chat.read_response,
     "messages": messages.read_response,
+    converse.API: converse.read_response,
+    gemini.API: gemini.read_response,
 }
-_DECODERS = {"chat": chat.ChatStreamDecoder, "messages": messages.MessagesStreamDecoder}
+# Stream decoders by upstream API, given the provider's model the request was sent to
+# (Converse streams do not name their model).
+_DECODERS: dict[str, Callable[[str], Any]] = {
+    "chat": lambda _model: chat.ChatStreamDecoder(),
+    "messages": lambda _model: messages.MessagesStreamDecoder(),
+    converse.API: converse.ConverseStreamDecoder,
+    gemini.API: gemini.GeminiStreamDecoder,
+}
 
 
 def _now() -> int:
@@ -143,15 +157,20 @@ class Route:
         conversation = _READERS[self.client.name](body, self.upstream.name)
         return _WRITERS[self.upstream.name](conversation, model)
 
-    def response_body(self, request: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    def response_body(
+        self, request: dict[str, Any], answer: dict[str, Any], model: str = ""
+    ) -> dict[str, Any]:
         """A translated route's answer in the client's API; raises TranslationError for
-        an answer the client's API cannot carry."""
-        return _render(self.client.name, _RESPONSE_READERS[self.upstream.name](answer), request)
+        an answer the client's API cannot carry. `model`: the provider's model the
+        request was sent to, named in the answer when the upstream's answer names none."""
+        completion = _RESPONSE_READERS[self.upstream.name](answer)
+        completion.model = completion.model or model
+        return _render(self.client.name, completion, request)
 
-    def stream_codec(self, request: dict[str, Any]) -> StreamCodec:
+    def stream_codec(self, request: dict[str, Any], model: str = "") -> StreamCodec:
         if not self.translated:
             return self.client.stream_codec(request)
-        decoder = _DECODERS[self.upstream.name]()
+        decoder = _DECODERS[self.upstream.name](model)
         return TranslatingCodec(decoder, _encoder(self.client.name, request))
 
 
@@ -164,7 +183,7 @@ def route_for(fmt: ApiFormat, provider: Provider) -> Route:
         if api in provider.apis:
             key = (fmt.name, api)
             if key not in _ROUTES:
-                _ROUTES[key] = Route(fmt, FORMATS[api])
+                _ROUTES[key] = Route(fmt, _UPSTREAM_ONLY.get(api) or FORMATS[api])
             return _ROUTES[key]
     raise BadRequest(
         f"Provider '{provider.name}' ({provider.kind} kind) has no {API_TITLES[fmt.name]} "

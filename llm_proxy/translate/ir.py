@@ -12,9 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
+from llm_proxy.formats.base import ApiFormat
 from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from usage.pricing import TokenUsage
 
 # Why an answer ended, in neutral terms:
@@ -30,6 +33,9 @@ API_TITLES = {
     "messages": "Anthropic Messages",
     "responses": "Responses",
     "embeddings": "Embeddings",
+    # Upstream-only APIs (no client speaks them; every request to them is translated).
+    "converse": "Bedrock Converse",
+    "gemini": "Gemini generateContent",
 }
 
 
@@ -134,6 +140,17 @@ class Conversation:
     def reject(self, feature: str, target: str, param: str | None = None) -> NoReturn:
         untranslatable(feature, source=self.source, target=target, param=param)
 
+    def sampling(self, *, max_tokens: str) -> dict[str, Any]:
+        """The output cap, temperature, top_p and stop sequences that are set, under the
+        camel-case names Converse and generateContent share (`max_tokens`: the cap's)."""
+        values = {
+            max_tokens: self.max_output_tokens,
+            "temperature": self.temperature,
+            "topP": self.top_p,
+            "stopSequences": self.stop or None,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
 
 # --- answers ---------------------------------------------------------------------------
 
@@ -157,6 +174,36 @@ class Completion:
     @property
     def tool_calls(self) -> list[ToolCall]:
         return [part for part in self.parts if isinstance(part, ToolCall)]
+
+
+class UpstreamOnlyFormat(ApiFormat):
+    """An API that only providers speak (Bedrock Converse, Gemini generateContent): every
+    request to it is translated, so the gateway only reads its answers. `read` is the
+    API's reader of a whole answer; `read_usage` its usage, from an answer's body."""
+
+    read: Callable[[dict[str, Any]], Completion]
+    read_usage: Callable[[dict[str, Any]], TokenUsage | None]
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        read: Callable[[dict[str, Any]], Completion],
+        read_usage: Callable[[dict[str, Any]], TokenUsage | None],
+    ) -> None:
+        self.name = self.endpoint = name
+        self.read = read
+        self.read_usage = read_usage
+
+    def usage_from_body(self, body: dict[str, Any]) -> TokenUsage | None:
+        return self.read_usage(body)
+
+    def output_chars_from_body(self, body: dict[str, Any]) -> int:
+        try:
+            completion = self.read(body)
+        except TranslationError:
+            return 0
+        return len(completion.text) + sum(len(call.arguments) for call in completion.tool_calls)
 
 
 # --- request fields --------------------------------------------------------------------

@@ -89,9 +89,10 @@ def test_the_console_shows_a_catalog_price_with_its_source(gateway, admin_client
 def test_the_hold_of_a_catalog_priced_model_is_its_estimate(gateway):
     # The estimate at gpt-4o's catalog price: ceil(27/4) = 7 input tokens and the default
     # 1024 output tokens, 7 x 2.5 + 1024 x 10 = 10257.5 micro-dollars. A budget of one
-    # cent cannot hold it: refused before the provider is called, like an operator price.
+    # cent cannot hold it: refused before the provider is called, like an operator price
+    # (a maximum the client set is never fitted to the budget).
     user, secret = _keyed_user("0.01")
-    response = gateway.chat(secret, model=SNAPSHOT)
+    response = gateway.chat(secret, model=SNAPSHOT, max_tokens=1024)
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "budget_exceeded"
     assert gateway.fake.hits == 0

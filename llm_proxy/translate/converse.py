@@ -1,0 +1,284 @@
+"""AWS Bedrock's Converse API, written and read in neutral terms (translate.ir).
+
+Upstream side only: no client speaks Converse, so every request to a bedrock-kind
+provider is translated: `write_request`, `read_response`, `ConverseStreamDecoder`, and
+`FORMAT` (what the gateway reads from an answer: usage, output size, stream errors).
+
+ConverseStream's binary event-stream framing is undone by the provider
+(llm_proxy/providers/bedrock.py), which hands this module server-sent events named after
+the frame's event type, with the frame's JSON payload as data.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from llm_proxy.formats.base import as_int
+from llm_proxy.translate.ir import (
+    Completion,
+    Conversation,
+    Image,
+    StopReason,
+    StreamEncoder,
+    Text,
+    ToolCall,
+    TranslationError,
+    UpstreamOnlyFormat,
+)
+from llm_proxy.translate.messages import tool_input
+from otari.exceptions import BadRequest
+from usage.pricing import TokenUsage
+
+if TYPE_CHECKING:
+    from llm_proxy.streaming import SSEEvent
+
+API = "converse"
+
+STOP_FROM_CONVERSE: dict[str, StopReason] = {
+    "end_turn": "end",
+    "stop_sequence": "stop_sequence",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "guardrail_intervened": "refusal",
+    "content_filtered": "refusal",
+}
+_IMAGE_FORMATS = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+}
+# The exception events ConverseStream may send instead of (or after) its answer.
+STREAM_EXCEPTIONS = frozenset(
+    {
+        "internalServerException",
+        "modelStreamErrorException",
+        "validationException",
+        "throttlingException",
+        "serviceUnavailableException",
+    }
+)
+
+
+def usage_from_converse(usage: Any) -> TokenUsage | None:
+    """Converse counts cache reads and writes beside inputTokens, as Anthropic does."""
+    if not isinstance(usage, dict):
+        return None
+    return TokenUsage(
+        input_tokens=as_int(usage.get("inputTokens")),
+        output_tokens=as_int(usage.get("outputTokens")),
+        cache_read_tokens=as_int(usage.get("cacheReadInputTokens")),
+        cache_write_tokens=as_int(usage.get("cacheWriteInputTokens")),
+    )
+
+
+# --- writing the request ------------------------------------------------------------------
+
+
+def _image(part: Image, conversation: Conversation) -> dict[str, Any]:
+    image_format = _IMAGE_FORMATS.get(part.media_type or "")
+    if part.data is None or image_format is None:
+        # Converse takes image bytes (or S3 locations), never a web URL.
+        conversation.reject("Images by URL or of a type other than PNG, JPEG, GIF, WebP", API)
+    return {"image": {"format": image_format, "source": {"bytes": part.data}}}
+
+
+def _block(part: Any, conversation: Conversation) -> dict[str, Any] | None:
+    if isinstance(part, Text):
+        # Converse refuses empty text blocks; an empty text says nothing.
+        return {"text": part.text} if part.text else None
+    if isinstance(part, Image):
+        return _image(part, conversation)
+    if isinstance(part, ToolCall):
+        try:
+            arguments = tool_input(part)
+        except TranslationError:
+            raise BadRequest(
+                "Tool call arguments must be a JSON object to be sent to a bedrock provider",
+                param="messages",
+            ) from None
+        return {"toolUse": {"toolUseId": part.id, "name": part.name, "input": arguments}}
+    content = [
+        {"text": item.text} if isinstance(item, Text) else _image(item, conversation)
+        for item in part.content
+        if not isinstance(item, Text) or item.text
+    ]
+    result: dict[str, Any] = {"toolUseId": part.call_id, "content": content or [{"text": ""}]}
+    if part.is_error:
+        result["status"] = "error"
+    return {"toolResult": result}
+
+
+def _messages(conversation: Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    system: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
+    for message in conversation.messages:
+        if message.role == "system":
+            if messages:
+                conversation.reject("A system message after the conversation has started", API)
+            system.extend({"text": p.text} for p in message.parts if isinstance(p, Text))
+            continue
+        blocks = [block for part in message.parts if (block := _block(part, conversation))]
+        if not blocks:
+            continue
+        if messages and messages[-1]["role"] == message.role:
+            # Converse alternates roles: consecutive turns of one role become one turn
+            # (chat sends each tool result as its own message).
+            messages[-1]["content"].extend(blocks)
+        else:
+            messages.append({"role": message.role, "content": blocks})
+    return messages, system
+
+
+def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
+    """The Converse request body (the model and the stream mode are in the URL)."""
+    if conversation.response_format is not None:
+        conversation.reject("Structured output (response_format / text.format)", API)
+    if conversation.reasoning_effort is not None:
+        conversation.reject("Reasoning effort", API)
+    if conversation.parallel_tool_calls is False:
+        conversation.reject("Turning off parallel tool calls", API)
+    messages, system = _messages(conversation)
+    body: dict[str, Any] = {"messages": messages}
+    if system:
+        body["system"] = system
+    inference = conversation.sampling(max_tokens="maxTokens")
+    if inference:
+        body["inferenceConfig"] = inference
+    if conversation.tools:
+        tools = []
+        for tool in conversation.tools:
+            spec: dict[str, Any] = {"name": tool.name, "inputSchema": {"json": tool.parameters}}
+            if tool.description is not None:
+                spec["description"] = tool.description
+            tools.append({"toolSpec": spec})
+        tool_config: dict[str, Any] = {"tools": tools}
+        choice = conversation.tool_choice
+        if choice == "none":
+            # Converse has no way to offer tools and forbid their use.
+            conversation.reject("tool_choice 'none'", API)
+        if choice == "tool":
+            tool_config["toolChoice"] = {"tool": {"name": conversation.tool_choice_name}}
+        elif choice is not None:
+            tool_config["toolChoice"] = {"any" if choice == "required" else "auto": {}}
+        body["toolConfig"] = tool_config
+    elif conversation.tool_choice not in (None, "none", "auto"):
+        conversation.reject(f"tool_choice '{conversation.tool_choice}' without tools", API)
+    return body
+
+
+# --- reading the answer -------------------------------------------------------------------
+
+
+def new_id() -> str:
+    """Converse answers carry no id; the client's API needs one."""
+    return f"msg_bdrk_{uuid.uuid4().hex}"
+
+
+def read_response(body: dict[str, Any]) -> Completion:
+    output = body.get("output")
+    message = output.get("message") if isinstance(output, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        raise TranslationError("a Converse answer without a message")
+    parts: list[Text | ToolCall] = []
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        if isinstance(block.get("text"), str):
+            parts.append(Text(block["text"]))
+        elif isinstance(block.get("toolUse"), dict):
+            use = block["toolUse"]
+            parts.append(
+                ToolCall(
+                    id=str(use.get("toolUseId") or ""),
+                    name=str(use.get("name") or ""),
+                    arguments=json.dumps(use.get("input") or {}),
+                )
+            )
+        elif "reasoningContent" not in block:
+            # Reasoning is never requested on a translated route; anything else the
+            # client's API has no place for.
+            raise TranslationError(f"a '{next(iter(block), '')}' content block")
+    return Completion(
+        id=new_id(),
+        model="",
+        parts=parts,
+        stop=STOP_FROM_CONVERSE.get(str(body.get("stopReason")), "end"),
+        usage=usage_from_converse(body.get("usage")),
+    )
+
+
+class ConverseStreamDecoder:
+    """Reads ConverseStream events into neutral events for a client encoder.
+
+    The stream is messageStart, content blocks, messageStop (the stop reason), then
+    metadata (usage), which is its last event.
+    """
+
+    def __init__(self, model: str = "") -> None:
+        self.model = model
+        self.usage: TokenUsage | None = None
+        self.finished = False
+        self.failed = False
+        self.output_chars = 0
+        self._stopped = False
+        self._skipped: set[Any] = set()  # blocks the client's API has no place for
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and (self.finished or self._stopped)
+
+    def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
+        data = event.json()
+        kind = event.name
+        if kind in STREAM_EXCEPTIONS:
+            self.failed = self.finished = True
+            return b""
+        if data is None:
+            return b""
+        if kind == "contentBlockDelta":
+            if data.get("contentBlockIndex") in self._skipped:
+                return b""
+            delta = data.get("delta") or {}
+            if isinstance(delta.get("text"), str) and delta["text"]:
+                self.output_chars += len(delta["text"])
+                return out.text(delta["text"])
+            fragment = (delta.get("toolUse") or {}).get("input")
+            if isinstance(fragment, str) and fragment:
+                self.output_chars += len(fragment)
+                return out.tool_arguments(fragment)
+            if "reasoningContent" in delta:
+                self._skipped.add(data.get("contentBlockIndex"))
+            return b""
+        if kind == "contentBlockStart":
+            use = (data.get("start") or {}).get("toolUse")
+            if isinstance(use, dict):
+                return out.tool_call(call_id=str(use.get("toolUseId")), name=str(use.get("name")))
+            return b""
+        if kind == "contentBlockStop":
+            if data.get("contentBlockIndex") in self._skipped:
+                return b""
+            return out.block_end()
+        if kind == "messageStart":
+            return out.start(id=new_id(), model=self.model)
+        if kind == "messageStop":
+            self._stopped = True
+            return out.finish(STOP_FROM_CONVERSE.get(str(data.get("stopReason")), "end"))
+        if kind == "metadata":
+            self.usage = usage_from_converse(data.get("usage"))
+            self.finished = True
+        return b""
+
+
+class ConverseFormat(UpstreamOnlyFormat):
+    def is_stream_error(self, event: SSEEvent) -> bool:
+        return event.name in STREAM_EXCEPTIONS
+
+
+FORMAT = ConverseFormat(
+    API, read=read_response, read_usage=lambda body: usage_from_converse(body.get("usage"))
+)
