@@ -335,7 +335,7 @@ class BudgetAdmin(ServiceAdmin):
 
     @admin.display(description="Budget", ordering="name")
     def display_name(self, obj: Budget) -> str:
-        return obj.name or obj.budget_id
+        return str(obj)
 
     @admin.display(description="Limit per period", ordering="max_budget_usd")
     def limit(self, obj: Budget) -> SafeString:
@@ -1470,8 +1470,15 @@ class BudgetAlertAdmin(CsvExportMixin, LedgerAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         # The budget's name by subquery, not a join: the budget may have been deleted
         # since (its alerts are kept), and an inner join would hide those alerts.
-        name = Budget.objects.filter(pk=OuterRef("budget_id")).values("name")[:1]
-        return super().get_queryset(request).annotate(budget_label=Subquery(name))
+        budget = Budget.objects.filter(pk=OuterRef("budget_id"))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                budget_label=Subquery(budget.values("name")[:1]),
+                budget_max_usd=Subquery(budget.values("max_budget_usd")[:1]),
+            )
+        )
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
         # Exact, as on the other history lists.
@@ -1493,7 +1500,13 @@ class BudgetAlertAdmin(CsvExportMixin, LedgerAdmin):
         return format_html(
             '<a href="{}">{}</a>',
             _admin_url(Budget, "change", obj.budget_id),
-            obj.budget_label or obj.budget_id,
+            str(
+                Budget(
+                    budget_id=obj.budget_id,
+                    name=obj.budget_label,
+                    max_budget_usd=obj.budget_max_usd,
+                )
+            ),
         )
 
     @admin.display(description="Threshold", ordering="threshold_pct")

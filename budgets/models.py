@@ -14,6 +14,7 @@ from django.db import models
 from django.db.models import Q
 
 from otari.fields import MoneyField
+from otari.money import format_usd
 
 
 def _new_id() -> str:
@@ -80,7 +81,12 @@ class Budget(models.Model):
         ]
 
     def __str__(self) -> str:
-        return self.name or self.budget_id
+        # A budget without a name still reads as something a person can tell apart:
+        # its limit and the start of its id ("Unnamed $25.00 budget · 3f2a9c1e").
+        if self.name:
+            return self.name
+        limit = "uncapped" if self.max_budget_usd is None else format_usd(self.max_budget_usd)
+        return f"Unnamed {limit} budget · {self.budget_id[:8]}"
 
     @property
     def has_period(self) -> bool:

@@ -25,9 +25,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
 
 SEED_SQL = """
 INSERT INTO budgets_budget (budget_id, name, max_budget_usd, budget_duration_sec,
-                            reset_alignment, created_at, updated_at)
+                            reset_alignment, alert_thresholds_pct, alert_webhook_url,
+                            alert_emails, created_at, updated_at)
 SELECT 'bench-budget-' || b, 'Bench budget ' || b, (b * 50)::numeric, NULL,
-       'calendar_month', now() - interval '120 days', now()
+       'calendar_month', '[80, 100]', '', '[]', now() - interval '120 days', now()
 FROM generate_series(1, 5) AS b;
 
 INSERT INTO budgets_gatewayuser (user_id, alias, budget_id, blocked, allowed_models, metadata,
@@ -60,7 +61,7 @@ SELECT md5('usage' || i)::uuid, 'user-' || (1 + i % 1000), md5('key' || (1 + i %
             / 1000000, 6) END,
        CASE WHEN i % 50 = 0 THEN 'error' WHEN i % 333 = 0 THEN 'client_disconnected'
             ELSE 'success' END,
-       CASE WHEN i % 50 = 0 THEN 502 ELSE 200 END,
+       CASE WHEN i % 50 = 0 THEN (ARRAY[502, 429, 403, 500])[1 + (i / 50) % 4] ELSE 200 END,
        CASE WHEN i % 50 = 0 THEN 'LLM provider error' ELSE '' END,
        50 + i % 3000, true
 FROM generate_series(1, %(rows)s) AS i;

@@ -525,3 +525,80 @@ def usage_reports_outbox_counts() -> tuple[int, int]:
         reports.filter(delivery_status=UsageReport.Delivery.PENDING).count(),
         reports.filter(delivery_status=UsageReport.Delivery.DEAD).count(),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The console's usage log: totals over a filter, and filter suggestions
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    requests: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+
+
+def usage_totals(rows: QuerySet[UsageLog]) -> UsageTotals:
+    """Totals over every row of `rows` (a filtered queryset, not a page): one aggregate."""
+    totals = rows.order_by().aggregate(
+        requests=Count("pk"),
+        failed=Count("pk", filter=~Q(status=UsageLog.Status.SUCCESS)),
+        prompt_tokens=_sum("prompt_tokens"),
+        completion_tokens=_sum("completion_tokens"),
+        cost_usd=_cost(),
+    )
+    return UsageTotals(**totals)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    value: str
+    label: str
+
+
+SUGGESTIONS = 20
+
+
+def suggest_users(term: str) -> list[Suggestion]:
+    """Users whose id starts with, or whose alias contains, `term` (the users table, never
+    the usage log)."""
+    users = GatewayUser.objects.all()
+    if term:
+        users = users.filter(Q(user_id__istartswith=term) | Q(alias__icontains=term))
+    return [
+        Suggestion(value=uid, label=f"{alias} ({uid})" if alias else uid)
+        for uid, alias in users.order_by("user_id").values_list("user_id", "alias")[:SUGGESTIONS]
+    ]
+
+
+def suggest_models(term: str) -> list[Suggestion]:
+    """Priced models (`provider:model`) containing `term`: the prices table is small and
+    names every model the gateway serves with a price."""
+    keys = ModelPricing.objects.order_by("model_key").values_list("model_key", flat=True)
+    if term:
+        keys = keys.filter(model_key__icontains=term)
+    return [Suggestion(value=k, label=k) for k in keys.distinct()[:SUGGESTIONS]]
+
+
+def suggest_keys(term: str) -> list[Suggestion]:
+    """Keys whose shown prefix starts with, or whose name or user contains, `term`."""
+    keys = APIKey.objects.all()
+    if term:
+        keys = keys.filter(
+            Q(key_prefix__istartswith=term)
+            | Q(key_name__icontains=term)
+            | Q(user_id__istartswith=term)
+        )
+    rows = keys.order_by("-created_at").values_list("key_prefix", "key_name", "user_id")
+    return [
+        Suggestion(value=prefix, label=f"{prefix}… {name or ''} ({user})")
+        for prefix, name, user in rows[:SUGGESTIONS]
+    ]
+
+
+def providers_known() -> list[str]:
+    """The providers named by prices, for the provider filter (no scan of the usage log)."""
+    keys = ModelPricing.objects.values_list("model_key", flat=True)
+    return sorted({k.partition(":")[0] for k in keys if ":" in k})
