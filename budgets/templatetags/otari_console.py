@@ -143,9 +143,3 @@ def otari_date_hierarchy(cl: Any) -> dict[str, Any]:
             for m in range(first.month, last.month + 1)
         ],
     }
-
-
-@register.filter
-def thousands(count: int | None) -> str:
-    """`1,234,567`: a count read at a glance."""
-    return "—" if count is None else f"{count:,}"
