@@ -392,16 +392,16 @@ class CsvExportMixin:
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type:
         changelist = super().get_changelist(request, **kwargs)
-        if getattr(request, "_otari_csv_export", False):
-            # The export needs the changelist's filtered, ordered queryset, not a page of
-            # results: skip the count and the page query.
+        if getattr(request, "_otari_queryset_only", False):
+            # The export (and the usage log's totals) need the changelist's filtered,
+            # ordered queryset, not a page of results: skip the count and the page query.
             return type("ExportChangeList", (changelist,), {"get_results": _no_results})
         return changelist
 
     def export_csv_view(self, request: HttpRequest) -> StreamingHttpResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
-        request._otari_csv_export = True
+        request._otari_queryset_only = True
         changelist = self.get_changelist_instance(request)
         paths = [field_path for _, field_path in self.csv_columns]
         rows = changelist.queryset.values_list(*paths).iterator(chunk_size=self.csv_chunk_size)

@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -97,6 +98,15 @@ PAGES = [
     ("usage log, one model", "/admin/usage/usagelog/?model=openai:gpt-4o"),
     ("usage log, date drill-down (month)", None),
     ("usage log, search request id", None),
+    ("usage log, date range (one month)", None),
+    ("usage log, date range (one day)", None),
+    ("usage log, status code 429", "/admin/usage/usagelog/?code=429"),
+    ("usage log, status code 5xx", "/admin/usage/usagelog/?code=5xx"),
+    ("usage log, provider", "/admin/usage/usagelog/?provider=anthropic"),
+    ("usage log, one key", None),
+    ("usage log, one budget", "/admin/usage/usagelog/?budget=bench-budget-1"),
+    ("usage log, budget + model + month", None),
+    ("suggest users", "/admin/suggest/users/?q=user-1"),
     ("holds changelist", "/admin/budgets/hold/"),
     ("holds, open only", "/admin/budgets/hold/?status__exact=open"),
     ("users changelist", "/admin/budgets/gatewayuser/"),
@@ -114,6 +124,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--reuse", action="store_true", help="keep an already seeded database")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--no-export", action="store_true", help="skip the full CSV export")
     args = parser.parse_args()
 
     import django
@@ -138,15 +149,16 @@ def main() -> None:
             cursor.execute(SEED_SQL.replace("%(rows)s", str(int(args.rows))))
             cursor.execute("ANALYZE")
         print(f"seeded {args.rows:,} usage rows and holds in {time.perf_counter() - started:.1f} s")
-    measure(args.repeat)
+    measure(args.repeat, export=not args.no_export)
 
 
-def measure(repeat: int) -> None:
+def measure(repeat: int, *, export: bool = True) -> None:
     from django.contrib.auth import get_user_model
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext, setup_test_environment
 
+    from budgets.models import APIKey
     from usage.models import UsageLog
 
     setup_test_environment()
@@ -157,6 +169,9 @@ def measure(repeat: int) -> None:
     client = Client()
     client.force_login(admin_user)
     newest = UsageLog.objects.order_by("-timestamp").values_list("timestamp", "id").first()
+    today = newest[0].date()
+    month_ago = today - timedelta(days=30)
+    key_prefix = APIKey.objects.order_by("pk").values_list("key_prefix", flat=True).first()
     pages = []
     for name, url in PAGES:
         if name.startswith("usage log, date"):
@@ -164,8 +179,20 @@ def measure(repeat: int) -> None:
             url = f"/admin/usage/usagelog/?timestamp__year={year}&timestamp__month={month}"
         elif name.startswith("usage log, search"):
             url = f"/admin/usage/usagelog/?q={newest[1]}"
+        elif name.startswith("usage log, date range (one month)"):
+            url = f"/admin/usage/usagelog/?date_from={month_ago}&date_to={today}"
+        elif name.startswith("usage log, date range (one day)"):
+            url = f"/admin/usage/usagelog/?date_from={today}&date_to={today}"
+        elif name.startswith("usage log, one key"):
+            url = f"/admin/usage/usagelog/?key={key_prefix}"
+        elif name.startswith("usage log, budget + model"):
+            url = (
+                "/admin/usage/usagelog/?budget=bench-budget-2&model=openai:gpt-4o"
+                f"&date_from={month_ago}&date_to={today}"
+            )
         pages.append((name, url))
-    pages.append(("usage CSV export, all rows (streamed)", "/admin/usage/usagelog/export.csv"))
+    if export:
+        pages.append(("usage CSV export, all rows (streamed)", "/admin/usage/usagelog/export.csv"))
 
     print(f"{'page':42} {'median ms':>10} {'queries':>8}")
     for name, url in pages:

@@ -15,10 +15,10 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters, ShowFacets
 from django.contrib.admin.utils import quote
+from django.core.exceptions import PermissionDenied
 from django.db.models import F, OuterRef, QuerySet, Subquery
-from django.http import HttpRequest, HttpResponse
-from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.http import HttpRequest, JsonResponse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -35,13 +35,14 @@ from otari.admin_tools import (
     as_utc,
     badge,
     format_price,
+    format_usd,
     format_usd_exact,
     key_display,
     money,
     status_badge,
 )
 from usage.models import ModelPricing, UsageLog, UsageReport
-from usage.selectors import providers_known, usage_totals
+from usage.selectors import TotalsTooSlow, providers_known, usage_totals
 from usage.services import pricing_set, usage_reports_redrive_dead
 
 # The generation endpoints a usage row can name (CONTRACT §2); a fixed list, so the
@@ -297,11 +298,18 @@ class ProviderFilter(admin.SimpleListFilter):
     parameter_name = "provider"
 
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
-        return [(p, p) for p in providers_known()]
+        providers = providers_known()
+        # A provider without a price (its requests refused) is still filterable by URL.
+        if self.value() and self.value() not in providers:
+            providers.append(self.value())
+        return [(p, p) for p in providers]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         return queryset.filter(provider=self.value()) if self.value() else queryset
 
+
+# How long the usage log's totals may take before the page says the filter is too wide.
+TOTALS_TIMEOUT_MS = 5000
 
 # The status codes the gateway answers with (docs/API.md), as classes and one by one.
 STATUS_CODES = (200, 400, 401, 402, 403, 404, 408, 413, 422, 429, 499, 500, 502, 503, 504)
@@ -466,16 +474,39 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
             reason,
         )
 
-    def changelist_view(
-        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
-    ) -> HttpResponse:
-        response = super().changelist_view(request, extra_context)
-        # Totals over the whole filter, not the page: one aggregate query.
-        if isinstance(response, TemplateResponse) and "cl" in (response.context_data or {}):
-            response.context_data["usage_totals"] = usage_totals(
-                response.context_data["cl"].queryset
-            )
-        return response
+    def get_urls(self) -> list:
+        totals = path(
+            "totals.json",
+            self.admin_site.admin_view(self.totals_view),
+            name="usage_usagelog_totals",
+        )
+        return [totals, *super().get_urls()]
+
+    def totals_view(self, request: HttpRequest) -> JsonResponse:
+        """Totals over the whole filter (requests, tokens, cost), fetched by the list page
+        once it is shown: on a million rows the aggregate takes longer than the page, so
+        the page never waits for it, and a filter too wide to total within
+        TOTALS_TIMEOUT_MS says so instead of hanging."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        request._otari_queryset_only = True
+        changelist = self.get_changelist_instance(request)
+        try:
+            totals = usage_totals(changelist.queryset, timeout_ms=TOTALS_TIMEOUT_MS)
+        except TotalsTooSlow:
+            return JsonResponse({"complete": False})
+        return JsonResponse(
+            {
+                "complete": True,
+                "requests": totals.requests,
+                "failed": totals.failed,
+                "prompt_tokens": totals.prompt_tokens,
+                "completion_tokens": totals.completion_tokens,
+                "cost_usd": str(totals.cost_usd),
+                "cost": format_usd(totals.cost_usd),
+                "cost_exact": format_usd_exact(totals.cost_usd),
+            }
+        )
 
     @admin.display(description="Tokens in / out")
     def tokens(self, obj: UsageLog) -> str:

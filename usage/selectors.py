@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
+from django.db import OperationalError, connections, transaction
 from django.db.models import Count, F, Max, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, TruncDate, TruncDay, TruncHour
 
@@ -540,16 +541,34 @@ class UsageTotals:
     cost_usd: Decimal
 
 
-def usage_totals(rows: QuerySet[UsageLog]) -> UsageTotals:
-    """Totals over every row of `rows` (a filtered queryset, not a page): one aggregate."""
-    totals = rows.order_by().aggregate(
-        requests=Count("pk"),
-        failed=Count("pk", filter=~Q(status=UsageLog.Status.SUCCESS)),
-        prompt_tokens=_sum("prompt_tokens"),
-        completion_tokens=_sum("completion_tokens"),
-        cost_usd=_cost(),
-    )
-    return UsageTotals(**totals)
+class TotalsTooSlow(Exception):
+    """The totals did not finish within their time limit."""
+
+
+def usage_totals(rows: QuerySet[UsageLog], *, timeout_ms: int | None = None) -> UsageTotals:
+    """Totals over every row of `rows` (a filtered queryset, not a page): one aggregate.
+
+    On PostgreSQL, `timeout_ms` bounds the query (SET LOCAL statement_timeout, so it
+    applies to this transaction only) and raises TotalsTooSlow when it is exceeded.
+    """
+    aggregate = {
+        "requests": Count("pk"),
+        "failed": Count("pk", filter=~Q(status=UsageLog.Status.SUCCESS)),
+        "prompt_tokens": _sum("prompt_tokens"),
+        "completion_tokens": _sum("completion_tokens"),
+        "cost_usd": _cost(),
+    }
+    rows = rows.order_by()
+    if timeout_ms is None or connections[rows.db].vendor != "postgresql":
+        return UsageTotals(**rows.aggregate(**aggregate))
+    try:
+        with transaction.atomic(using=rows.db), connections[rows.db].cursor() as cursor:
+            cursor.execute("SET LOCAL statement_timeout = %s", [int(timeout_ms)])
+            return UsageTotals(**rows.aggregate(**aggregate))
+    except OperationalError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) == "57014":  # query_canceled
+            raise TotalsTooSlow from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -589,7 +608,7 @@ def suggest_keys(term: str) -> list[Suggestion]:
         keys = keys.filter(
             Q(key_prefix__istartswith=term)
             | Q(key_name__icontains=term)
-            | Q(user_id__istartswith=term)
+            | Q(user__user_id__istartswith=term)
         )
     rows = keys.order_by("-created_at").values_list("key_prefix", "key_name", "user_id")
     return [

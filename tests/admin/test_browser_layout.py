@@ -4,11 +4,14 @@ status, cost) are on screen. Through the real login, in Debian's headless Chromi
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, time, timedelta
+
 import pytest
 from django.contrib import admin
 from django.urls import reverse
 from django.utils import timezone
 
+from otari.money import format_usd
 from tests.admin.test_browser import ADMIN_PASSWORD, ARTIFACTS, browser  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -83,3 +86,45 @@ def test_every_changelist_and_the_dashboard_fit_1366px(laptop, gateway):
         box = page.locator(f"#result_list th.column-{column}").bounding_box()
         assert box is not None, column
         assert box["x"] + box["width"] <= LAPTOP["width"], column
+
+
+def test_usage_log_filters_and_totals_in_the_browser(laptop, gateway):
+    """Autocomplete of the user filter, a date range, and the totals over the filter."""
+    from tests.admin.demo import seed_demo_history
+    from usage.models import UsageLog
+    from usage.selectors import usage_totals
+
+    page, base = laptop, gateway.url
+    now = timezone.now()
+    seed_demo_history(now=now)
+    page.goto(base + "/admin/usage/usagelog/")
+    page.wait_for_selector("#otari-totals-requests")
+    assert page.inner_text("#otari-totals-requests") == f"{UsageLog.objects.count():,}"
+
+    # The user filter suggests as you type (a user's alias finds them).
+    page.click("details[data-otari-filter='user'] > summary")
+    page.fill("input[name=user]", "Lima")
+    options = "[...document.querySelectorAll('#otari-suggest-user option')].map(o => o.value)"
+    # Only Ana is suggested (a timeout here means the suggestions never narrowed).
+    page.wait_for_function(f"() => {options}.join() === 'ana'")
+    page.fill("input[name=user]", "ana")
+    page.press("input[name=user]", "Enter")
+    page.wait_for_url("**user=ana**")
+
+    # A date range on top of it, as a finance person would pick it.
+    first_day = (now - timedelta(days=6)).date()
+    page.click("details[data-otari-filter='dates (UTC)'] > summary")
+    page.fill("input[name=date_from]", first_day.isoformat())
+    page.fill("input[name=date_to]", now.date().isoformat())
+    page.click(".otari-date-range button[type=submit]")
+    page.wait_for_selector("#otari-totals-cost")
+    expected = usage_totals(
+        UsageLog.objects.filter(
+            user_id="ana", timestamp__gte=datetime.combine(first_day, time.min, tzinfo=UTC)
+        )
+    )
+    assert page.inner_text("#otari-totals-requests") == f"{expected.requests:,}"
+    assert page.inner_text("#otari-totals-cost") == format_usd(expected.cost_usd)
+    assert "ana" in page.inner_text("details[data-otari-filter='user'] > summary")
+    assert page.evaluate(_OVERFLOW_JS) == []
+    page.screenshot(path=str(ARTIFACTS / "1366-usage-log-filtered.png"))

@@ -39,3 +39,39 @@ document.addEventListener("DOMContentLoaded", () => {
     input.addEventListener("focus", ask);
   });
 });
+
+// The usage log's totals over the whole filter (usage.admin.UsageLogAdmin.totals_view).
+document.addEventListener("DOMContentLoaded", () => {
+  const box = document.getElementById("otari-usage-totals");
+  if (!box) return;
+  const n = (x) => Number(x).toLocaleString("en-US");
+  const strong = (text) => { const s = document.createElement("strong"); s.textContent = text; return s; };
+  const span = (...parts) => {
+    const s = document.createElement("span");
+    parts.forEach((p) => s.append(p));
+    return s;
+  };
+  fetch(box.dataset.totalsUrl, {credentials: "same-origin"})
+    .then((r) => (r.ok ? r.json() : Promise.reject(r.status)))
+    .then((t) => {
+      if (!t.complete) {
+        box.replaceChildren(span("Too many rows to total in time: narrow the dates to see totals."));
+        return;
+      }
+      const cost = strong(t.cost);
+      cost.id = "otari-totals-cost";
+      if (t.cost !== t.cost_exact) cost.title = t.cost_exact + " exactly";
+      const requests = strong(n(t.requests));
+      requests.id = "otari-totals-requests";
+      const note = span("totals over every row of this filter");
+      note.className = "otari-muted";
+      box.replaceChildren(
+        span(requests, t.requests === 1 ? " request" : " requests"),
+        span(strong(n(t.failed)), " not successful"),
+        span(strong(n(t.prompt_tokens)), " tokens in · ", strong(n(t.completion_tokens)), " out"),
+        span("cost ", cost),
+        note,
+      );
+    })
+    .catch(() => box.replaceChildren(span("Totals could not be loaded.")));
+});
