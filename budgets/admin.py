@@ -34,6 +34,7 @@ from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
 from budgets import alerting, services
+from budgets.admin_history import SettingHistoryMixin
 from budgets.models import (
     MAX_RPM_LIMIT,
     MAX_TPM_LIMIT,
@@ -60,12 +61,15 @@ from otari.admin_tools import (
     key_state,
     usage_bar,
 )
+from otari.charts import daily_spend_chart
 from otari.exceptions import Conflict
+from usage.selectors import spend_by_day
 
 # How many users a budget's page lists (fullest first); the rest are one click away.
 BUDGET_USERS_SHOWN = 50
 USER_KEYS_SHOWN = 20
 USER_RECENT_USAGE_SHOWN = 10
+USER_CHART_DAYS = 30
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,7 +266,7 @@ class PeriodKindFilter(admin.SimpleListFilter):
 
 
 @admin.register(Budget)
-class BudgetAdmin(ServiceAdmin):
+class BudgetAdmin(SettingHistoryMixin, ServiceAdmin):
     form = BudgetForm
     list_display = [
         "display_name",
@@ -612,7 +616,7 @@ class UserStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(GatewayUser)
-class GatewayUserAdmin(ServiceAdmin):
+class GatewayUserAdmin(SettingHistoryMixin, ServiceAdmin):
     form = UserForm
     list_display = [
         "user_id",
@@ -655,6 +659,16 @@ class GatewayUserAdmin(ServiceAdmin):
     delete_selected_confirmation_template = (
         "admin/budgets/gatewayuser/delete_selected_confirmation.html"
     )
+
+    def render_change_form(
+        self, request: HttpRequest, context: dict[str, Any], *args: Any, obj: Any = None, **kw: Any
+    ) -> Any:
+        # The user's spend per day: one aggregate on their (user, time) index.
+        if obj is not None and request.user.has_perm("usage.view_usagelog"):
+            days = spend_by_day(now=timezone.now(), days=USER_CHART_DAYS, user_id=obj.pk)
+            context["otari_chart"] = daily_spend_chart(days)
+            context["otari_chart_title"] = f"Spend per day, last {USER_CHART_DAYS} days (UTC)"
+        return super().render_change_form(request, context, *args, obj=obj, **kw)
 
     def get_fieldsets(self, request: HttpRequest, obj: GatewayUser | None = None) -> list:
         if obj is None:
@@ -1020,7 +1034,7 @@ class KeyExpiryFilter(admin.SimpleListFilter):
 
 
 @admin.register(APIKey)
-class APIKeyAdmin(ServiceAdmin):
+class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
     """Keys: created, edited, revoked and rotated through the services. The secret is
     rendered once, in the response to the request that made it; it is never stored (not
     in the database, the session or the messages) and the hash is never shown."""

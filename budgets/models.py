@@ -13,7 +13,9 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from otari.audit import Channel
 from otari.fields import MoneyField
+from otari.history import AuditedHistory
 from otari.money import format_usd
 
 
@@ -61,6 +63,9 @@ class Budget(models.Model):
     alert_emails = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    # Every version of its settings (otari/history.py).
+    history = AuditedHistory(excluded_fields=["updated_at"])
 
     class Meta:
         ordering = ["created_at"]
@@ -127,6 +132,19 @@ class GatewayUser(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
+
+    # Every version of the user's settings (otari/history.py). Money the gateway moves on
+    # every request, and the period's clock, are not settings: not versioned.
+    history = AuditedHistory(
+        excluded_fields=[
+            "spend_usd",
+            "reserved_usd",
+            "lifetime_spend_usd",
+            "budget_started_at",
+            "next_budget_reset_at",
+            "updated_at",
+        ]
+    )
 
     class Meta:
         ordering = ["created_at"]
@@ -326,6 +344,9 @@ class APIKey(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
 
+    # Every version of the key's settings (otari/history.py); never its hash.
+    history = AuditedHistory(excluded_fields=["key_hash", "last_used_at", "updated_at"])
+
     class Meta:
         ordering = ["-created_at"]
         verbose_name = "API key"
@@ -342,3 +363,39 @@ class MasterKey(models.Model):
 
     def __str__(self) -> str:
         return f"master key created {self.created_at:%Y-%m-%d}"
+
+
+class SettingChange(models.Model):
+    """One version of a money setting (a budget, user, key or price), from any of their
+    history tables: a read-only database view (migration 0002), so one list can search
+    and page them all. Written only by otari.history, never edited or deleted."""
+
+    class ObjectType(models.TextChoices):
+        BUDGET = "budget"
+        USER = "user"
+        KEY = "key"
+        PRICE = "price"
+
+    class Kind(models.TextChoices):
+        CREATED = "+", "created"
+        CHANGED = "~", "changed"
+        DELETED = "-", "deleted"
+
+    id = models.CharField(primary_key=True, max_length=64)
+    object_type = models.CharField(max_length=10, choices=ObjectType.choices)
+    object_id = models.CharField(max_length=255)
+    object_label = models.CharField(max_length=255)
+    kind = models.CharField(max_length=1, choices=Kind.choices)
+    changed_at = models.DateTimeField()
+    channel = models.CharField(max_length=10, choices=Channel.choices)
+    actor = models.CharField(max_length=255)
+    changes = models.JSONField()
+
+    class Meta:
+        managed = False
+        db_table = "otari_setting_change"
+        ordering = ["-changed_at", "-id"]
+        verbose_name = "setting change"
+
+    def __str__(self) -> str:
+        return f"{self.object_type} {self.object_label} {self.get_kind_display()}"

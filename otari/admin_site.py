@@ -120,7 +120,17 @@ class OtariAdminSite(admin.AdminSite):
         suggest = path(
             "suggest/<str:kind>/", self.admin_view(self.suggest_view), name="otari_suggest"
         )
-        return [suggest, *super().get_urls()]
+        reports = path(
+            "reports/spend/",
+            self.admin_view(self.spend_report_view),
+            name="otari_spend_report",
+        )
+        return [suggest, reports, *super().get_urls()]
+
+    def spend_report_view(self, request: HttpRequest) -> HttpResponse:
+        from usage.admin_reports import spend_report_view
+
+        return spend_report_view(request, site_context=self.each_context(request))
 
     def suggest_view(self, request: HttpRequest, kind: str) -> JsonResponse:
         """Suggestions for the typed-in list filters (user, model, key), for staff allowed
@@ -139,6 +149,7 @@ class OtariAdminSite(admin.AdminSite):
     def each_context(self, request: HttpRequest) -> dict[str, Any]:
         context = super().each_context(request)
         context["otari_nav"] = self._nav(context.get("available_apps") or [], request.path)
+        context["otari_can_report"] = request.user.has_perm("usage.view_usagelog")
         return context
 
     def _nav(self, apps: list[dict[str, Any]], current: str) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from budgets.admin_history import SettingHistoryMixin
 from budgets.models import APIKey, Budget, GatewayUser
 from otari.admin_tools import (
     CsvExportMixin,
@@ -127,7 +128,7 @@ class PriceStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(ModelPricing)
-class ModelPricingAdmin(ServiceAdmin):
+class ModelPricingAdmin(SettingHistoryMixin, ServiceAdmin):
     form = PricingForm
     list_display = [
         "model_key",

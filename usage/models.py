@@ -9,6 +9,7 @@ from django.db.models import Q
 
 from budgets.models import APIKey, GatewayUser
 from otari.fields import MoneyField
+from otari.history import AuditedHistory
 
 
 class ModelPricing(models.Model):
@@ -33,6 +34,9 @@ class ModelPricing(models.Model):
     origin = models.CharField(max_length=10, choices=Origin.choices, default=Origin.API)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    # Every version of every price row, with who set it (otari/history.py).
+    history = AuditedHistory(excluded_fields=["updated_at"])
 
     class Meta:
         ordering = ["model_key", "-effective_at"]

@@ -10,8 +10,8 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from django.db import OperationalError, connections, transaction
-from django.db.models import Count, F, Max, OuterRef, Q, QuerySet, Subquery, Sum, Value
-from django.db.models.functions import Coalesce, TruncDate, TruncDay, TruncHour
+from django.db.models import CharField, Count, F, Max, OuterRef, Q, QuerySet, Subquery, Sum, Value
+from django.db.models.functions import Coalesce, Concat, TruncDate, TruncDay, TruncHour
 
 from budgets.models import APIKey, GatewayUser
 from otari.fields import MoneyField
@@ -414,14 +414,16 @@ def _spend() -> Coalesce:
     return Coalesce(Sum("cost_usd"), ZERO, output_field=MoneyField())
 
 
-def spend_by_day(*, now: datetime, days: int = 30) -> list[DaySpend]:
+def spend_by_day(*, now: datetime, days: int = 30, user_id: str | None = None) -> list[DaySpend]:
     """Spend, requests and errors per UTC day for the last `days` days (today included),
-    oldest first, with zero rows for days without traffic."""
+    oldest first, with zero rows for days without traffic; of one user when given."""
     start = _window_start(now, days)
+    rows = UsageLog.objects.filter(timestamp__gte=start)
+    if user_id is not None:
+        rows = rows.filter(user_id=user_id)
     totals = {
         row["day"]: row
-        for row in UsageLog.objects.filter(timestamp__gte=start)
-        .annotate(day=TruncDate("timestamp", tzinfo=UTC))
+        for row in rows.annotate(day=TruncDate("timestamp", tzinfo=UTC))
         .values("day")
         .annotate(
             spend=_spend(),
@@ -621,3 +623,69 @@ def providers_known() -> list[str]:
     """The providers named by prices, for the provider filter (no scan of the usage log)."""
     keys = ModelPricing.objects.values_list("model_key", flat=True)
     return sorted({k.partition(":")[0] for k in keys if ":" in k})
+
+
+# ---------------------------------------------------------------------------------------
+# Spend reports (the console's "Spend reports" page)
+
+REPORT_DIMENSIONS = ("user", "model", "budget")
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    key: str
+    label: str
+    requests: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+
+
+def spend_report(*, by: str, start: datetime, end: datetime) -> list[ReportRow]:
+    """Spend per user, model or budget over [start, end), most spent first: one GROUP BY
+    over the window's rows. "Budget" is the budget each user is on now (usage rows do
+    not record the budget they were charged under)."""
+    column = {"user": "user_id", "model": "model_key", "budget": "user__budget_id"}[by]
+    rows = UsageLog.objects.filter(timestamp__gte=start, timestamp__lt=end)
+    if by == "model":
+        rows = rows.annotate(
+            model_key=Concat("provider", Value(":"), "model", output_field=CharField())
+        )
+    groups = list(
+        rows.values(column)
+        .annotate(
+            requests=Count("pk"),
+            failed=Count("pk", filter=~Q(status=UsageLog.Status.SUCCESS)),
+            prompt_tokens=_sum("prompt_tokens"),
+            completion_tokens=_sum("completion_tokens"),
+            cost_usd=_cost(),
+        )
+        .order_by("-cost_usd", "-requests", column)
+    )
+    labels: dict[Any, str] = {}
+    if by == "user":
+        ids = [g[column] for g in groups]
+        labels = dict(GatewayUser.objects.filter(pk__in=ids).values_list("user_id", "alias"))
+    elif by == "budget":
+        from budgets.models import Budget
+
+        ids = [g[column] for g in groups if g[column]]
+        labels = {b.pk: str(b) for b in Budget.objects.filter(pk__in=ids)}
+    out = []
+    for g in groups:
+        key = g[column] or ""
+        label = labels.get(key) or ("no budget" if by == "budget" and not key else key)
+        label = label.removeprefix(":")
+        out.append(
+            ReportRow(
+                key=key,
+                label=label,
+                requests=g["requests"],
+                failed=g["failed"],
+                prompt_tokens=g["prompt_tokens"],
+                completion_tokens=g["completion_tokens"],
+                cost_usd=g["cost_usd"],
+            )
+        )
+    return out
