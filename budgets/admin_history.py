@@ -3,6 +3,7 @@ read-only list of every change, and the latest changes on each object's own page
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -65,6 +66,11 @@ def _value(field: str, value: Any) -> str:
         return format_usd(Decimal(str(value)))
     if isinstance(value, list):
         return ", ".join(str(v) for v in value) or "none"
+    if field.endswith("_at") and isinstance(value, str):
+        try:
+            return as_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            return value
     return str(value)
 
 
@@ -86,6 +92,12 @@ def changes_html(change: SettingChange) -> SafeString:
             format_html_join(" · ", "{}: {}", ((label, new) for label, _, new in rows)),
         )
     return format_html_join("", '<span class="otari-change">{}: <s>{}</s> → <b>{}</b></span>', rows)
+
+
+def who(change: SettingChange) -> str:
+    """`console · ops`, `management API · master key`, `gateway`."""
+    channel = change.get_channel_display()
+    return channel if change.actor in ("", channel) else f"{channel} · {change.actor}"
 
 
 def setting_changes_of(obj: Any, *, limit: int = CHANGES_SHOWN) -> list[SettingChange]:
@@ -130,11 +142,8 @@ class SettingHistoryMixin:
             return format_html('<span class="otari-muted">No changes recorded yet.</span>')
         rows = format_html_join(
             "",
-            "<tr><td>{}</td><td>{}</td><td>{} · {}</td></tr>",
-            (
-                (as_utc(c.changed_at), changes_html(c), c.get_channel_display(), c.actor)
-                for c in changes
-            ),
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((as_utc(c.changed_at), changes_html(c), who(c)) for c in changes),
         )
         return format_html(
             '<table class="otari-history"><thead><tr><th>When</th><th>Change</th>'
@@ -169,7 +178,7 @@ class SettingChangeAdmin(LedgerAdmin):
     History: nobody adds, edits or deletes it here (LedgerAdmin), and the rows come from
     a database view, not a table anyone writes to directly."""
 
-    list_display = ["when", "object", "change", "channel_name", "actor"]
+    list_display = ["when", "object", "change", "by"]
     list_display_links = None
     list_filter = [ChangedAtFilter, "object_type", "channel", "kind", ObjectFilter]
     search_fields = ["object_id", "object_label", "actor"]
@@ -215,6 +224,6 @@ class SettingChangeAdmin(LedgerAdmin):
     def change(self, obj: SettingChange) -> SafeString:
         return changes_html(obj)
 
-    @admin.display(description="Through", ordering="channel")
-    def channel_name(self, obj: SettingChange) -> str:
-        return obj.get_channel_display()
+    @admin.display(description="By (through)", ordering="channel")
+    def by(self, obj: SettingChange) -> str:
+        return who(obj)

@@ -114,6 +114,7 @@ class OtariAdminSite(admin.AdminSite):
         "budgets.hold",
         "budgets.budgetresetlog",
         "budgets.budgetalert",
+        "budgets.settingchange",
     )
 
     def get_urls(self) -> list:

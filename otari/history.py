@@ -110,7 +110,22 @@ def _audit_fill(sender: type[models.Model], history_instance: Any, **kwargs: Any
         new = getattr(history_instance, name)
         old = getattr(previous, name) if previous is not None else None
         if previous is None or old != new:
-            if previous is None and new in (None, "", [], {}):
+            # A new object lists what it was created with, not its empty defaults.
+            if previous is None and (new is False or new in (None, "", [], {}, 0)):
                 continue
-            changes.append([name, _display(old), _display(new)])
+            changes.append([name, _label(sender, name, old), _label(sender, name, new)])
     history_instance.history_changes = changes
+
+
+def _label(history_model: Any, attname: str, value: Any) -> Any:
+    """A value as a person reads it: a related budget or user by its name, not its id
+    (looked up when the change is recorded, so the list needs no query per row)."""
+    field = next(
+        (f for f in history_model.instance_type._meta.concrete_fields if f.attname == attname),
+        None,
+    )
+    if value is not None and field is not None and field.is_relation:
+        related = field.related_model.objects.filter(pk=value).first()
+        if related is not None:
+            return str(related)
+    return _display(value)

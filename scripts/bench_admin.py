@@ -107,6 +107,13 @@ PAGES = [
     ("usage log, one budget", "/admin/usage/usagelog/?budget=bench-budget-1"),
     ("usage log, budget + model + month", None),
     ("suggest users", "/admin/suggest/users/?q=user-1"),
+    ("usage log totals, all rows", "/admin/usage/usagelog/totals.json"),
+    ("usage log totals, one month", None),
+    ("usage log totals, one user", "/admin/usage/usagelog/totals.json?user=user-7"),
+    ("spend report by user, this month", "/admin/reports/spend/?by=user"),
+    ("spend report by model, this month", "/admin/reports/spend/?by=model"),
+    ("spend report by budget, this month", "/admin/reports/spend/?by=budget"),
+    ("setting changes list", "/admin/budgets/settingchange/"),
     ("holds changelist", "/admin/budgets/hold/"),
     ("holds, open only", "/admin/budgets/hold/?status__exact=open"),
     ("users changelist", "/admin/budgets/gatewayuser/"),
@@ -183,6 +190,8 @@ def measure(repeat: int, *, export: bool = True) -> None:
             url = f"/admin/usage/usagelog/?date_from={month_ago}&date_to={today}"
         elif name.startswith("usage log, date range (one day)"):
             url = f"/admin/usage/usagelog/?date_from={today}&date_to={today}"
+        elif name.startswith("usage log totals, one month"):
+            url = f"/admin/usage/usagelog/totals.json?date_from={month_ago}&date_to={today}"
         elif name.startswith("usage log, one key"):
             url = f"/admin/usage/usagelog/?key={key_prefix}"
         elif name.startswith("usage log, budget + model"):

@@ -71,13 +71,19 @@ def test_every_changelist_and_the_dashboard_fit_1366px(laptop, gateway):
     page, base = laptop, gateway.url
     seed_demo_history(now=timezone.now())
     overflowing = {}
-    pages = [("dashboard", "/admin/"), *_changelists()]
+    pages = [
+        ("dashboard", "/admin/"),
+        *_changelists(),
+        ("user-page", "/admin/budgets/gatewayuser/ana/change/"),
+        ("spend-report-users", "/admin/reports/spend/?by=user"),
+        ("spend-report-models", "/admin/reports/spend/?by=model"),
+    ]
     for name, url in pages:
         page.goto(base + url)
         found = page.evaluate(_OVERFLOW_JS)
         if found:
             overflowing[name] = found
-        page.screenshot(path=str(ARTIFACTS / f"1366-{name}.png"))
+        page.screenshot(path=str(ARTIFACTS / f"1366-{name}.png"), full_page="page" in name)
     assert overflowing == {}
 
     # The usage log's key columns are on screen, not off to the side.
