@@ -34,6 +34,7 @@ from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
 from budgets import alerting, services
+from budgets.admin_history import SettingHistoryMixin
 from budgets.models import (
     MAX_RPM_LIMIT,
     MAX_TPM_LIMIT,
@@ -60,12 +61,15 @@ from otari.admin_tools import (
     key_state,
     usage_bar,
 )
+from otari.charts import daily_spend_chart
 from otari.exceptions import Conflict
+from usage.selectors import spend_by_day
 
 # How many users a budget's page lists (fullest first); the rest are one click away.
 BUDGET_USERS_SHOWN = 50
 USER_KEYS_SHOWN = 20
 USER_RECENT_USAGE_SHOWN = 10
+USER_CHART_DAYS = 30
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,7 +266,7 @@ class PeriodKindFilter(admin.SimpleListFilter):
 
 
 @admin.register(Budget)
-class BudgetAdmin(ServiceAdmin):
+class BudgetAdmin(SettingHistoryMixin, ServiceAdmin):
     form = BudgetForm
     list_display = [
         "display_name",
@@ -335,7 +339,7 @@ class BudgetAdmin(ServiceAdmin):
 
     @admin.display(description="Budget", ordering="name")
     def display_name(self, obj: Budget) -> str:
-        return obj.name or obj.budget_id
+        return str(obj)
 
     @admin.display(description="Limit per period", ordering="max_budget_usd")
     def limit(self, obj: Budget) -> SafeString:
@@ -615,7 +619,7 @@ class UserStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(GatewayUser)
-class GatewayUserAdmin(ServiceAdmin):
+class GatewayUserAdmin(SettingHistoryMixin, ServiceAdmin):
     form = UserForm
     list_display = [
         "user_id",
@@ -659,6 +663,16 @@ class GatewayUserAdmin(ServiceAdmin):
     delete_selected_confirmation_template = (
         "admin/budgets/gatewayuser/delete_selected_confirmation.html"
     )
+
+    def render_change_form(
+        self, request: HttpRequest, context: dict[str, Any], *args: Any, obj: Any = None, **kw: Any
+    ) -> Any:
+        # The user's spend per day: one aggregate on their (user, time) index.
+        if obj is not None and request.user.has_perm("usage.view_usagelog"):
+            days = spend_by_day(now=timezone.now(), days=USER_CHART_DAYS, user_id=obj.pk)
+            context["otari_chart"] = daily_spend_chart(days)
+            context["otari_chart_title"] = f"Spend per day, last {USER_CHART_DAYS} days (UTC)"
+        return super().render_change_form(request, context, *args, obj=obj, **kw)
 
     def get_fieldsets(self, request: HttpRequest, obj: GatewayUser | None = None) -> list:
         if obj is None:
@@ -1046,7 +1060,7 @@ class KeyExpiryFilter(admin.SimpleListFilter):
 
 
 @admin.register(APIKey)
-class APIKeyAdmin(ServiceAdmin):
+class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
     """Keys: created, edited, revoked and rotated through the services. The secret is
     rendered once, in the response to the request that made it; it is never stored (not
     in the database, the session or the messages) and the hash is never shown."""
@@ -1496,8 +1510,15 @@ class BudgetAlertAdmin(CsvExportMixin, LedgerAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         # The budget's name by subquery, not a join: the budget may have been deleted
         # since (its alerts are kept), and an inner join would hide those alerts.
-        name = Budget.objects.filter(pk=OuterRef("budget_id")).values("name")[:1]
-        return super().get_queryset(request).annotate(budget_label=Subquery(name))
+        budget = Budget.objects.filter(pk=OuterRef("budget_id"))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                budget_label=Subquery(budget.values("name")[:1]),
+                budget_max_usd=Subquery(budget.values("max_budget_usd")[:1]),
+            )
+        )
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
         # Exact, as on the other history lists.
@@ -1519,7 +1540,13 @@ class BudgetAlertAdmin(CsvExportMixin, LedgerAdmin):
         return format_html(
             '<a href="{}">{}</a>',
             _admin_url(Budget, "change", obj.budget_id),
-            obj.budget_label or obj.budget_id,
+            str(
+                Budget(
+                    budget_id=obj.budget_id,
+                    name=obj.budget_label,
+                    max_budget_usd=obj.budget_max_usd,
+                )
+            ),
         )
 
     @admin.display(description="Threshold", ordering="threshold_pct")

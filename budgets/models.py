@@ -13,7 +13,10 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from otari.audit import Channel
 from otari.fields import MoneyField
+from otari.history import AuditedHistory
+from otari.money import format_usd
 
 
 def _new_id() -> str:
@@ -61,6 +64,9 @@ class Budget(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    # Every version of its settings (otari/history.py).
+    history = AuditedHistory(excluded_fields=["updated_at"])
+
     class Meta:
         ordering = ["created_at"]
         constraints = [
@@ -80,7 +86,12 @@ class Budget(models.Model):
         ]
 
     def __str__(self) -> str:
-        return self.name or self.budget_id
+        # A budget without a name still reads as something a person can tell apart:
+        # its limit and the start of its id ("Unnamed $25.00 budget · 3f2a9c1e").
+        if self.name:
+            return self.name
+        limit = "uncapped" if self.max_budget_usd is None else format_usd(self.max_budget_usd)
+        return f"Unnamed {limit} budget · {self.budget_id[:8]}"
 
     @property
     def has_period(self) -> bool:
@@ -121,6 +132,19 @@ class GatewayUser(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
+
+    # Every version of the user's settings (otari/history.py). Money the gateway moves on
+    # every request, and the period's clock, are not settings: not versioned.
+    history = AuditedHistory(
+        excluded_fields=[
+            "spend_usd",
+            "reserved_usd",
+            "lifetime_spend_usd",
+            "budget_started_at",
+            "next_budget_reset_at",
+            "updated_at",
+        ]
+    )
 
     class Meta:
         ordering = ["created_at"]
@@ -320,6 +344,9 @@ class APIKey(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
 
+    # Every version of the key's settings (otari/history.py); never its hash.
+    history = AuditedHistory(excluded_fields=["key_hash", "last_used_at", "updated_at"])
+
     class Meta:
         ordering = ["-created_at"]
         verbose_name = "API key"
@@ -336,3 +363,39 @@ class MasterKey(models.Model):
 
     def __str__(self) -> str:
         return f"master key created {self.created_at:%Y-%m-%d}"
+
+
+class SettingChange(models.Model):
+    """One version of a money setting (a budget, user, key or price), from any of their
+    history tables: a read-only database view (migration 0002), so one list can search
+    and page them all. Written only by otari.history, never edited or deleted."""
+
+    class ObjectType(models.TextChoices):
+        BUDGET = "budget"
+        USER = "user"
+        KEY = "key"
+        PRICE = "price"
+
+    class Kind(models.TextChoices):
+        CREATED = "+", "created"
+        CHANGED = "~", "changed"
+        DELETED = "-", "deleted"
+
+    id = models.CharField(primary_key=True, max_length=64)
+    object_type = models.CharField(max_length=10, choices=ObjectType.choices)
+    object_id = models.CharField(max_length=255)
+    object_label = models.CharField(max_length=255)
+    kind = models.CharField(max_length=1, choices=Kind.choices)
+    changed_at = models.DateTimeField()
+    channel = models.CharField(max_length=10, choices=Channel.choices)
+    actor = models.CharField(max_length=255)
+    changes = models.JSONField()
+
+    class Meta:
+        managed = False
+        db_table = "otari_setting_change"
+        ordering = ["-changed_at", "-id"]
+        verbose_name = "setting change"
+
+    def __str__(self) -> str:
+        return f"{self.object_type} {self.object_label} {self.get_kind_display()}"

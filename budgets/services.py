@@ -77,6 +77,7 @@ from budgets.tasks import budget_alert_deliver as budget_alert_deliver_task
 from otari import pgpool
 from otari.celery import enqueue, enqueue_detached, enqueue_on_commit
 from otari.exceptions import Conflict
+from otari.history import history_record
 from usage.models import UsageLog, UsageReport
 from usage.pricing import TokenUsage
 from usage.reporting import AttemptReport
@@ -911,9 +912,11 @@ def user_create(
     _rate_limits_check(rpm_limit=rpm_limit, tpm_limit=tpm_limit)
     now = now or timezone.now()
     with transaction.atomic(durable=True):
+        # Created on its budget, so that its first version names it (otari/history.py).
         user = GatewayUser.objects.create(
             user_id=user_id,
             alias=alias,
+            budget=budget,
             blocked=blocked,
             allowed_models=allowed_models,
             metadata=metadata or {},
@@ -971,9 +974,12 @@ def user_update(
         }
         if changes:
             GatewayUser.objects.filter(pk=user.pk).update(**changes, updated_at=now)
-        if budget is not UNSET and user.budget_id != (budget.budget_id if budget else None):
+        moved = budget is not UNSET and user.budget_id != (budget.budget_id if budget else None)
+        if moved:
             _start_fresh_window(user, budget, now)
         user.refresh_from_db()
+        if changes or moved:
+            history_record(user)
         return user
 
 
@@ -994,8 +1000,15 @@ def user_delete(*, user_id: str, now: datetime | None = None) -> GatewayUser:
         except GatewayUser.DoesNotExist:
             raise UnknownUser from None
         GatewayUser.objects.filter(pk=user.pk).update(deleted_at=now, updated_at=now)
-        APIKey.objects.filter(user=user, is_active=True).update(is_active=False, updated_at=now)
+        live_keys = list(APIKey.objects.filter(user=user, is_active=True).order_by("pk"))
+        APIKey.objects.filter(pk__in=[k.pk for k in live_keys]).update(
+            is_active=False, updated_at=now
+        )
         user.refresh_from_db()
+        history_record(user)
+        for key in live_keys:
+            key.is_active = False
+            history_record(key)
         return user
 
 
@@ -1020,6 +1033,7 @@ def user_topup_set(
             topup_usd=amount_usd, topup_expires_at=expires_at, updated_at=timezone.now()
         )
         user.refresh_from_db()
+        history_record(user)
         return user
 
 
@@ -1131,6 +1145,7 @@ def api_key_update(
         if changes:
             APIKey.objects.filter(pk=key.pk).update(**changes, updated_at=timezone.now())
             key.refresh_from_db()
+            history_record(key)
         return key
 
 
@@ -1142,13 +1157,16 @@ def api_key_revoke(*, key_id: uuid.UUID) -> APIKey:
 def api_key_rotate(*, key: APIKey) -> str:
     """Give the key a new secret; the old one stops working at once."""
     secret = _new_api_key_secret()
-    APIKey.objects.filter(pk=key.pk).update(
-        key_hash=secret_hash(secret),
-        key_prefix=secret[:10],
-        key_suffix=secret[-4:],
-        updated_at=timezone.now(),
-    )
-    key.refresh_from_db()
+    with transaction.atomic(durable=True):
+        APIKey.objects.filter(pk=key.pk).update(
+            key_hash=secret_hash(secret),
+            key_prefix=secret[:10],
+            key_suffix=secret[-4:],
+            updated_at=timezone.now(),
+        )
+        key.refresh_from_db()
+        # The version shows the new prefix and suffix; the hash is never versioned.
+        history_record(key)
     return secret
 
 

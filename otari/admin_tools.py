@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -16,19 +16,23 @@ from asgiref.sync import sync_to_async
 from django import forms
 from django.conf import settings
 from django.contrib import admin
-from django.contrib.admin.options import csrf_protect_m
+from django.contrib.admin.options import IncorrectLookupParameters, csrf_protect_m
 from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
 from django.core.paginator import Paginator
 from django.db import connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
-from django.urls import path
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from otari.fields import MoneyField
+
+# Re-exported: the console modules import their display helpers from here.
+from otari.money import format_price as format_price
+from otari.money import format_usd, format_usd_exact
 from usage.exports import csv_lines
 
 if TYPE_CHECKING:
@@ -44,29 +48,13 @@ NEAR_LIMIT = Decimal("0.8")
 # Money on screen
 
 
-def format_usd(amount: Decimal | None, *, max_places: int = 6, min_places: int = 2) -> str:
-    """`$1,234.50`, `$0.000021`: at least cents, at most the micro-dollar (CONTRACT §3.1),
-    trailing zeros beyond the cents dropped. Display only: the stored value is exact."""
-    if amount is None:
-        return "—"
-    rounded = Decimal(amount).quantize(Decimal(1).scaleb(-max_places), rounding=ROUND_HALF_UP)
-    sign = "-" if rounded < 0 else ""
-    whole, _, fraction = f"{abs(rounded):,.{max_places}f}".partition(".")
-    fraction = fraction.rstrip("0").ljust(min_places, "0")
-    return f"{sign}${whole}.{fraction}"
-
-
-def format_usd_brief(amount: Decimal | None) -> str:
-    """A summary figure (dashboard cards, charts): cents, or the micro-dollar below a
-    cent so small spend never reads as $0.00."""
-    if amount is not None and abs(amount) >= Decimal("0.01"):
-        return format_usd(amount, max_places=2)
-    return format_usd(amount)
-
-
-def format_price(amount: Decimal | None) -> str:
-    """A per-million-token rate, to the ten places prices are stored with."""
-    return format_usd(amount, max_places=settings.MONEY_DECIMAL_PLACES)
+def money(amount: Decimal | None) -> SafeString:
+    """An amount in a list or panel: `format_usd`, with the exact figure on hover when
+    the display rounded it."""
+    shown, exact = format_usd(amount), format_usd_exact(amount)
+    if amount is None or shown == exact:
+        return format_html('<span class="otari-money">{}</span>', shown)
+    return format_html('<span class="otari-money" title="{} exactly">{}</span>', exact, shown)
 
 
 def usage_level(committed: Decimal, limit: Decimal | None) -> str:
@@ -285,6 +273,14 @@ class InputFilter(admin.SimpleListFilter):
     distinct values to list, such as the users or models of a million usage rows."""
 
     template = "admin/otari/input_filter.html"
+    # A source of suggestions while typing (otari.admin_site.OtariAdminSite.suggest_view):
+    # "users", "models" or "keys"; empty for none.
+    suggest = ""
+    placeholder = ""
+
+    @property
+    def suggest_url(self) -> str:
+        return reverse("admin:otari_suggest", args=[self.suggest]) if self.suggest else ""
 
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
         # A placeholder: SimpleListFilter only renders when it has lookups.
@@ -305,13 +301,79 @@ class InputFilter(admin.SimpleListFilter):
 
 
 class UserIdFilter(InputFilter):
-    title = "user id"
+    title = "user"
     parameter_name = "user"
+    suggest = "users"
+    placeholder = "user id or alias"
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         if self.value():
             return queryset.filter(user_id=self.value())
         return queryset
+
+
+class DateRangeFilter(admin.ListFilter):
+    """From one UTC day to another, both included (`?date_from=2026-11-01&date_to=
+    2026-11-30`), on `date_field`: a range on its index, never a scan. Either end may be
+    left open; a date that does not parse is refused like any bad filter (`?e=1`)."""
+
+    title = "dates (UTC)"
+    template = "admin/otari/date_range_filter.html"
+    date_field = "timestamp"
+    parameters = ("date_from", "date_to")
+
+    def __init__(self, request: HttpRequest, params: dict, model: Any, model_admin: Any) -> None:
+        super().__init__(request, params, model, model_admin)
+        self.values: dict[str, str] = {}
+        for name in self.parameters:
+            if name in params:
+                value = params.pop(name)
+                self.values[name] = (value[-1] if isinstance(value, list) else value).strip()
+
+    def has_output(self) -> bool:
+        return True
+
+    def expected_parameters(self) -> list[str]:
+        return list(self.parameters)
+
+    def bounds(self) -> tuple[datetime | None, datetime | None]:
+        """The half-open range [start, end) the chosen days cover, in UTC."""
+        try:
+            first = (
+                date.fromisoformat(self.values["date_from"])
+                if self.values.get("date_from")
+                else None
+            )
+            last = (
+                date.fromisoformat(self.values["date_to"]) if self.values.get("date_to") else None
+            )
+        except ValueError as exc:
+            raise IncorrectLookupParameters(str(exc)) from exc
+        start = datetime.combine(first, time.min, tzinfo=UTC) if first else None
+        end = datetime.combine(last + timedelta(days=1), time.min, tzinfo=UTC) if last else None
+        return start, end
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        start, end = self.bounds()
+        if start is not None:
+            queryset = queryset.filter(**{f"{self.date_field}__gte": start})
+        if end is not None:
+            queryset = queryset.filter(**{f"{self.date_field}__lt": end})
+        return queryset
+
+    def choices(self, changelist: Any) -> Iterator[dict[str, Any]]:
+        others = [
+            (name, value)
+            for name, values in changelist.get_filters_params().items()
+            if name not in self.parameters
+            for value in (values if isinstance(values, list) else [values])
+        ]
+        yield {
+            "date_from": self.values.get("date_from", ""),
+            "date_to": self.values.get("date_to", ""),
+            "other_params": others,
+            "clear_query_string": changelist.get_query_string(remove=list(self.parameters)),
+        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,16 +406,16 @@ class CsvExportMixin:
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type:
         changelist = super().get_changelist(request, **kwargs)
-        if getattr(request, "_otari_csv_export", False):
-            # The export needs the changelist's filtered, ordered queryset, not a page of
-            # results: skip the count and the page query.
+        if getattr(request, "_otari_queryset_only", False):
+            # The export (and the usage log's totals) need the changelist's filtered,
+            # ordered queryset, not a page of results: skip the count and the page query.
             return type("ExportChangeList", (changelist,), {"get_results": _no_results})
         return changelist
 
     def export_csv_view(self, request: HttpRequest) -> StreamingHttpResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
-        request._otari_csv_export = True
+        request._otari_queryset_only = True
         changelist = self.get_changelist_instance(request)
         paths = [field_path for _, field_path in self.csv_columns]
         rows = changelist.queryset.values_list(*paths).iterator(chunk_size=self.csv_chunk_size)

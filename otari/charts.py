@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 
-from otari.admin_tools import format_usd, format_usd_brief
+from otari.admin_tools import format_usd
 from usage.selectors import DaySpend, SpendShare
 
 _NICE_STEPS = (Decimal(1), Decimal(2), Decimal("2.5"), Decimal(5), Decimal(10))
@@ -74,7 +74,7 @@ class BarChart:
 
 
 def _axis_label(amount: Decimal) -> str:
-    return format_usd_brief(amount)
+    return format_usd(amount)
 
 
 def daily_spend_chart(
@@ -130,8 +130,8 @@ def daily_spend_chart(
         x_ticks=x_ticks,
         total_usd=total,
         summary=(
-            f"Spend per day over the last {len(days)} days: {format_usd_brief(total)} in "
-            f"total, busiest day {format_usd_brief(peak)}."
+            f"Spend per day over the last {len(days)} days: {format_usd(total)} in "
+            f"total, busiest day {format_usd(peak)}."
         ),
     )
 

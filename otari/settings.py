@@ -69,6 +69,8 @@ INSTALLED_APPS = [
     # Swagger UI's files, bundled: /docs works with no network access.
     "drf_spectacular_sidecar",
     "channels",
+    # Versions of every money setting (otari/history.py).
+    "simple_history",
     "budgets",
     "usage",
     "llm_proxy",
@@ -85,6 +87,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # Who changed a money setting, and through what (otari/history.py).
+    "otari.audit.AuditContextMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 

@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,9 +26,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
 
 SEED_SQL = """
 INSERT INTO budgets_budget (budget_id, name, max_budget_usd, budget_duration_sec,
-                            reset_alignment, created_at, updated_at)
+                            reset_alignment, alert_thresholds_pct, alert_webhook_url,
+                            alert_emails, created_at, updated_at)
 SELECT 'bench-budget-' || b, 'Bench budget ' || b, (b * 50)::numeric, NULL,
-       'calendar_month', now() - interval '120 days', now()
+       'calendar_month', '[80, 100]', '', '[]', now() - interval '120 days', now()
 FROM generate_series(1, 5) AS b;
 
 INSERT INTO budgets_gatewayuser (user_id, alias, budget_id, blocked, allowed_models, metadata,
@@ -60,7 +62,7 @@ SELECT md5('usage' || i)::uuid, 'user-' || (1 + i % 1000), md5('key' || (1 + i %
             / 1000000, 6) END,
        CASE WHEN i % 50 = 0 THEN 'error' WHEN i % 333 = 0 THEN 'client_disconnected'
             ELSE 'success' END,
-       CASE WHEN i % 50 = 0 THEN 502 ELSE 200 END,
+       CASE WHEN i % 50 = 0 THEN (ARRAY[502, 429, 403, 500])[1 + (i / 50) % 4] ELSE 200 END,
        CASE WHEN i % 50 = 0 THEN 'LLM provider error' ELSE '' END,
        50 + i % 3000, true
 FROM generate_series(1, %(rows)s) AS i;
@@ -96,6 +98,22 @@ PAGES = [
     ("usage log, one model", "/admin/usage/usagelog/?model=openai:gpt-4o"),
     ("usage log, date drill-down (month)", None),
     ("usage log, search request id", None),
+    ("usage log, date range (one month)", None),
+    ("usage log, date range (one day)", None),
+    ("usage log, status code 429", "/admin/usage/usagelog/?code=429"),
+    ("usage log, status code 5xx", "/admin/usage/usagelog/?code=5xx"),
+    ("usage log, provider", "/admin/usage/usagelog/?provider=anthropic"),
+    ("usage log, one key", None),
+    ("usage log, one budget", "/admin/usage/usagelog/?budget=bench-budget-1"),
+    ("usage log, budget + model + month", None),
+    ("suggest users", "/admin/suggest/users/?q=user-1"),
+    ("usage log totals, all rows", "/admin/usage/usagelog/totals.json"),
+    ("usage log totals, one month", None),
+    ("usage log totals, one user", "/admin/usage/usagelog/totals.json?user=user-7"),
+    ("spend report by user, this month", "/admin/reports/spend/?by=user"),
+    ("spend report by model, this month", "/admin/reports/spend/?by=model"),
+    ("spend report by budget, this month", "/admin/reports/spend/?by=budget"),
+    ("setting changes list", "/admin/budgets/settingchange/"),
     ("holds changelist", "/admin/budgets/hold/"),
     ("holds, open only", "/admin/budgets/hold/?status__exact=open"),
     ("users changelist", "/admin/budgets/gatewayuser/"),
@@ -113,6 +131,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--reuse", action="store_true", help="keep an already seeded database")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--no-export", action="store_true", help="skip the full CSV export")
     args = parser.parse_args()
 
     import django
@@ -137,15 +156,16 @@ def main() -> None:
             cursor.execute(SEED_SQL.replace("%(rows)s", str(int(args.rows))))
             cursor.execute("ANALYZE")
         print(f"seeded {args.rows:,} usage rows and holds in {time.perf_counter() - started:.1f} s")
-    measure(args.repeat)
+    measure(args.repeat, export=not args.no_export)
 
 
-def measure(repeat: int) -> None:
+def measure(repeat: int, *, export: bool = True) -> None:
     from django.contrib.auth import get_user_model
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext, setup_test_environment
 
+    from budgets.models import APIKey
     from usage.models import UsageLog
 
     setup_test_environment()
@@ -156,6 +176,9 @@ def measure(repeat: int) -> None:
     client = Client()
     client.force_login(admin_user)
     newest = UsageLog.objects.order_by("-timestamp").values_list("timestamp", "id").first()
+    today = newest[0].date()
+    month_ago = today - timedelta(days=30)
+    key_prefix = APIKey.objects.order_by("pk").values_list("key_prefix", flat=True).first()
     pages = []
     for name, url in PAGES:
         if name.startswith("usage log, date"):
@@ -163,8 +186,22 @@ def measure(repeat: int) -> None:
             url = f"/admin/usage/usagelog/?timestamp__year={year}&timestamp__month={month}"
         elif name.startswith("usage log, search"):
             url = f"/admin/usage/usagelog/?q={newest[1]}"
+        elif name.startswith("usage log, date range (one month)"):
+            url = f"/admin/usage/usagelog/?date_from={month_ago}&date_to={today}"
+        elif name.startswith("usage log, date range (one day)"):
+            url = f"/admin/usage/usagelog/?date_from={today}&date_to={today}"
+        elif name.startswith("usage log totals, one month"):
+            url = f"/admin/usage/usagelog/totals.json?date_from={month_ago}&date_to={today}"
+        elif name.startswith("usage log, one key"):
+            url = f"/admin/usage/usagelog/?key={key_prefix}"
+        elif name.startswith("usage log, budget + model"):
+            url = (
+                "/admin/usage/usagelog/?budget=bench-budget-2&model=openai:gpt-4o"
+                f"&date_from={month_ago}&date_to={today}"
+            )
         pages.append((name, url))
-    pages.append(("usage CSV export, all rows (streamed)", "/admin/usage/usagelog/export.csv"))
+    if export:
+        pages.append(("usage CSV export, all rows (streamed)", "/admin/usage/usagelog/export.csv"))
 
     print(f"{'page':42} {'median ms':>10} {'queries':>8}")
     for name, url in pages:

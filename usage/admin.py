@@ -13,17 +13,21 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.options import ShowFacets
+from django.contrib.admin.options import IncorrectLookupParameters, ShowFacets
 from django.contrib.admin.utils import quote
+from django.core.exceptions import PermissionDenied
 from django.db.models import F, OuterRef, QuerySet, Subquery
-from django.http import HttpRequest
-from django.urls import reverse
+from django.http import HttpRequest, JsonResponse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from budgets.admin_history import SettingHistoryMixin
+from budgets.models import APIKey, Budget, GatewayUser
 from otari.admin_tools import (
     CsvExportMixin,
+    DateRangeFilter,
     EstimatedCountPaginator,
     InputFilter,
     LedgerAdmin,
@@ -33,10 +37,13 @@ from otari.admin_tools import (
     badge,
     format_price,
     format_usd,
+    format_usd_exact,
     key_display,
+    money,
     status_badge,
 )
 from usage.models import ModelPricing, UsageLog, UsageReport
+from usage.selectors import TotalsTooSlow, providers_known, usage_totals
 from usage.services import pricing_set, usage_reports_redrive_dead
 
 # The generation endpoints a usage row can name (CONTRACT §2); a fixed list, so the
@@ -121,7 +128,7 @@ class PriceStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(ModelPricing)
-class ModelPricingAdmin(ServiceAdmin):
+class ModelPricingAdmin(SettingHistoryMixin, ServiceAdmin):
     form = PricingForm
     list_display = [
         "model_key",
@@ -256,6 +263,8 @@ class EndpointFilter(admin.SimpleListFilter):
 class ModelNameFilter(InputFilter):
     title = "model"
     parameter_name = "model"
+    suggest = "models"
+    placeholder = "provider:model or model"
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         value = (self.value() or "").strip()
@@ -267,13 +276,92 @@ class ModelNameFilter(InputFilter):
         return queryset.filter(model=value)
 
 
+class KeyFilter(InputFilter):
+    """By key: its shown prefix (`gw-AbCdEfG`) or its id. Keys are looked up in the keys
+    table, then the usage log is read through its (key, time) index."""
+
+    title = "key"
+    parameter_name = "key"
+    suggest = "keys"
+    placeholder = "gw-… prefix"
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = (self.value() or "").strip()
+        if not value:
+            return queryset
+        try:
+            return queryset.filter(api_key_id=uuid.UUID(value))
+        except ValueError:
+            keys = APIKey.objects.filter(key_prefix=value.rstrip("…")).values("pk")
+            return queryset.filter(api_key_id__in=keys)
+
+
+class ProviderFilter(admin.SimpleListFilter):
+    title = "provider"
+    parameter_name = "provider"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        providers = providers_known()
+        # A provider without a price (its requests refused) is still filterable by URL.
+        if self.value() and self.value() not in providers:
+            providers.append(self.value())
+        return [(p, p) for p in providers]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        return queryset.filter(provider=self.value()) if self.value() else queryset
+
+
+# How long the usage log's totals may take before the page says the filter is too wide.
+TOTALS_TIMEOUT_MS = 5000
+
+# The status codes the gateway answers with (docs/API.md), as classes and one by one.
+STATUS_CODES = (200, 400, 401, 402, 403, 404, 408, 413, 422, 429, 499, 500, 502, 503, 504)
+
+
+class StatusCodeFilter(admin.SimpleListFilter):
+    title = "status code"
+    parameter_name = "code"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [("4xx", "4xx"), ("5xx", "5xx"), *((str(c), str(c)) for c in STATUS_CODES)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if not value:
+            return queryset
+        if value in ("4xx", "5xx"):
+            low = int(value[0]) * 100
+            return queryset.filter(status_code__gte=low, status_code__lt=low + 100)
+        if not value.isdigit():
+            raise IncorrectLookupParameters(value)
+        return queryset.filter(status_code=int(value))
+
+
+class BudgetFilter(admin.SimpleListFilter):
+    """By the budget the user is on now (usage rows do not record the budget they were
+    charged under; a user moved to another budget takes their history along)."""
+
+    title = "budget (users now on it)"
+    parameter_name = "budget"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [(b.pk, str(b)) for b in Budget.objects.order_by("name", "created_at")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if not self.value():
+            return queryset
+        users = GatewayUser.objects.filter(budget_id=self.value()).values("pk")
+        return queryset.filter(user_id__in=users)
+
+
 @admin.register(UsageLog)
 class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
+    # Fits a 1366-px screen (tests/admin/test_browser_layout.py): the endpoint goes under
+    # the model and the failure reason under the status, instead of columns of their own.
     list_display = [
         "when",
         "owner",
         "key",
-        "api",
         "model_name",
         "outcome",
         "tokens",
@@ -282,16 +370,22 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
     ]
     list_display_links = ["when"]
     list_filter = [
-        "status",
-        EndpointFilter,
+        DateRangeFilter,
         UserIdFilter,
         ModelNameFilter,
+        "status",
+        StatusCodeFilter,
+        ProviderFilter,
+        KeyFilter,
+        BudgetFilter,
+        EndpointFilter,
         "counts_toward_budget",
     ]
     list_select_related = ["api_key"]
     search_fields = ["id"]
     search_help_text = "Exact request id (X-Otari-Request-Id) or user id."
     date_hierarchy = "timestamp"
+    change_list_template = "admin/usage/usagelog/change_list.html"
     list_per_page = 100
     paginator = EstimatedCountPaginator
     # Counting a million rows for "N total" on every page view is what makes big admin
@@ -317,7 +411,7 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
                 "fields": [
                     ("prompt_tokens", "completion_tokens", "total_tokens"),
                     ("cache_read_tokens", "cache_write_tokens"),
-                    "cost",
+                    "cost_exact",
                     "counts_toward_budget",
                 ]
             },
@@ -361,10 +455,6 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
     def when(self, obj: UsageLog) -> str:
         return as_utc(obj.timestamp, zone=False)
 
-    @admin.display(description="Endpoint", ordering="endpoint")
-    def api(self, obj: UsageLog) -> str:
-        return obj.endpoint.removeprefix("/v1/")
-
     @admin.display(description="User", ordering="user_id")
     def owner(self, obj: UsageLog) -> SafeString:
         return format_html(
@@ -380,12 +470,58 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
         return format_html("<code>{}</code>", key_display(obj.api_key))
 
     @admin.display(description="Model", ordering="model")
-    def model_name(self, obj: UsageLog) -> str:
-        return f"{obj.provider}:{obj.model}" if obj.provider else obj.model
+    def model_name(self, obj: UsageLog) -> SafeString:
+        return format_html(
+            '{}<span class="otari-sub">{}</span>',
+            _model_key(obj),
+            obj.endpoint.removeprefix("/v1/"),
+        )
 
     @admin.display(description="Status", ordering="status")
     def outcome(self, obj: UsageLog) -> SafeString:
-        return status_badge(obj.status, obj.status_code)
+        reason = usage_reason(obj)
+        if not reason:
+            return status_badge(obj.status, obj.status_code)
+        return format_html(
+            '{}<span class="otari-reason" title="{}">{}</span>',
+            status_badge(obj.status, obj.status_code),
+            reason,
+            reason,
+        )
+
+    def get_urls(self) -> list:
+        totals = path(
+            "totals.json",
+            self.admin_site.admin_view(self.totals_view),
+            name="usage_usagelog_totals",
+        )
+        return [totals, *super().get_urls()]
+
+    def totals_view(self, request: HttpRequest) -> JsonResponse:
+        """Totals over the whole filter (requests, tokens, cost), fetched by the list page
+        once it is shown: on a million rows the aggregate takes longer than the page, so
+        the page never waits for it, and a filter too wide to total within
+        TOTALS_TIMEOUT_MS says so instead of hanging."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        request._otari_queryset_only = True
+        changelist = self.get_changelist_instance(request)
+        try:
+            totals = usage_totals(changelist.queryset, timeout_ms=TOTALS_TIMEOUT_MS)
+        except TotalsTooSlow:
+            return JsonResponse({"complete": False})
+        return JsonResponse(
+            {
+                "complete": True,
+                "requests": totals.requests,
+                "failed": totals.failed,
+                "prompt_tokens": totals.prompt_tokens,
+                "completion_tokens": totals.completion_tokens,
+                "cost_usd": str(totals.cost_usd),
+                "cost": format_usd(totals.cost_usd),
+                "cost_exact": format_usd_exact(totals.cost_usd),
+            }
+        )
 
     @admin.display(description="Tokens in / out")
     def tokens(self, obj: UsageLog) -> str:
@@ -395,11 +531,28 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
 
     @admin.display(description="Cost", ordering="cost_usd")
     def cost(self, obj: UsageLog) -> SafeString:
-        return format_html('<span class="otari-money">{}</span>', format_usd(obj.cost_usd))
+        return money(obj.cost_usd)
+
+    @admin.display(description="Cost")
+    def cost_exact(self, obj: UsageLog) -> str:
+        return format_usd_exact(obj.cost_usd)
 
     @admin.display(description="Latency", ordering="latency_ms")
     def latency(self, obj: UsageLog) -> str:
         return "—" if obj.latency_ms is None else f"{obj.latency_ms:,} ms"
+
+
+def _model_key(row: UsageLog) -> str:
+    return f"{row.provider}:{row.model}" if row.provider else row.model
+
+
+def usage_reason(row: UsageLog) -> str:
+    """Why a request did not succeed, in a line: the gateway's message, or the status."""
+    if row.status == UsageLog.Status.SUCCESS:
+        return ""
+    if row.error_message:
+        return row.error_message
+    return "client disconnected" if row.status == UsageLog.Status.CLIENT_DISCONNECTED else ""
 
 
 @admin.register(UsageReport)

@@ -10,6 +10,7 @@ from django.db.models import Q
 from budgets.exceptions import BudgetExceeded
 from budgets.models import APIKey, GatewayUser
 from otari.fields import MoneyField
+from otari.history import AuditedHistory
 from usage.pricing import Rates
 
 
@@ -41,6 +42,9 @@ class ModelPricing(models.Model):
     catalog_version = models.CharField(max_length=32, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    # Every version of every price row, with who set it (otari/history.py).
+    history = AuditedHistory(excluded_fields=["updated_at"])
 
     class Meta:
         ordering = ["model_key", "-effective_at"]

@@ -9,8 +9,9 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from django.db.models import Count, F, Max, OuterRef, Q, QuerySet, Subquery, Sum, Value
-from django.db.models.functions import Coalesce, TruncDate, TruncDay, TruncHour
+from django.db import OperationalError, connections, transaction
+from django.db.models import CharField, Count, F, Max, OuterRef, Q, QuerySet, Subquery, Sum, Value
+from django.db.models.functions import Coalesce, Concat, TruncDate, TruncDay, TruncHour
 
 from budgets.models import APIKey, GatewayUser
 from otari.fields import MoneyField
@@ -413,14 +414,16 @@ def _spend() -> Coalesce:
     return Coalesce(Sum("cost_usd"), ZERO, output_field=MoneyField())
 
 
-def spend_by_day(*, now: datetime, days: int = 30) -> list[DaySpend]:
+def spend_by_day(*, now: datetime, days: int = 30, user_id: str | None = None) -> list[DaySpend]:
     """Spend, requests and errors per UTC day for the last `days` days (today included),
-    oldest first, with zero rows for days without traffic."""
+    oldest first, with zero rows for days without traffic; of one user when given."""
     start = _window_start(now, days)
+    rows = UsageLog.objects.filter(timestamp__gte=start)
+    if user_id is not None:
+        rows = rows.filter(user_id=user_id)
     totals = {
         row["day"]: row
-        for row in UsageLog.objects.filter(timestamp__gte=start)
-        .annotate(day=TruncDate("timestamp", tzinfo=UTC))
+        for row in rows.annotate(day=TruncDate("timestamp", tzinfo=UTC))
         .values("day")
         .annotate(
             spend=_spend(),
@@ -525,3 +528,164 @@ def usage_reports_outbox_counts() -> tuple[int, int]:
         reports.filter(delivery_status=UsageReport.Delivery.PENDING).count(),
         reports.filter(delivery_status=UsageReport.Delivery.DEAD).count(),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The console's usage log: totals over a filter, and filter suggestions
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    requests: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+
+
+class TotalsTooSlow(Exception):
+    """The totals did not finish within their time limit."""
+
+
+def usage_totals(rows: QuerySet[UsageLog], *, timeout_ms: int | None = None) -> UsageTotals:
+    """Totals over every row of `rows` (a filtered queryset, not a page): one aggregate.
+
+    On PostgreSQL, `timeout_ms` bounds the query (SET LOCAL statement_timeout, so it
+    applies to this transaction only) and raises TotalsTooSlow when it is exceeded.
+    """
+    aggregate = {
+        "requests": Count("pk"),
+        "failed": Count("pk", filter=~Q(status=UsageLog.Status.SUCCESS)),
+        "prompt_tokens": _sum("prompt_tokens"),
+        "completion_tokens": _sum("completion_tokens"),
+        "cost_usd": _cost(),
+    }
+    rows = rows.order_by()
+    if timeout_ms is None or connections[rows.db].vendor != "postgresql":
+        return UsageTotals(**rows.aggregate(**aggregate))
+    try:
+        with transaction.atomic(using=rows.db), connections[rows.db].cursor() as cursor:
+            cursor.execute("SET LOCAL statement_timeout = %s", [int(timeout_ms)])
+            return UsageTotals(**rows.aggregate(**aggregate))
+    except OperationalError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) == "57014":  # query_canceled
+            raise TotalsTooSlow from exc
+        raise
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    value: str
+    label: str
+
+
+SUGGESTIONS = 20
+
+
+def suggest_users(term: str) -> list[Suggestion]:
+    """Users whose id starts with, or whose alias contains, `term` (the users table, never
+    the usage log)."""
+    users = GatewayUser.objects.all()
+    if term:
+        users = users.filter(Q(user_id__istartswith=term) | Q(alias__icontains=term))
+    return [
+        Suggestion(value=uid, label=f"{alias} ({uid})" if alias else uid)
+        for uid, alias in users.order_by("user_id").values_list("user_id", "alias")[:SUGGESTIONS]
+    ]
+
+
+def suggest_models(term: str) -> list[Suggestion]:
+    """Priced models (`provider:model`) containing `term`: the prices table is small and
+    names every model the gateway serves with a price."""
+    keys = ModelPricing.objects.order_by("model_key").values_list("model_key", flat=True)
+    if term:
+        keys = keys.filter(model_key__icontains=term)
+    return [Suggestion(value=k, label=k) for k in keys.distinct()[:SUGGESTIONS]]
+
+
+def suggest_keys(term: str) -> list[Suggestion]:
+    """Keys whose shown prefix starts with, or whose name or user contains, `term`."""
+    keys = APIKey.objects.all()
+    if term:
+        keys = keys.filter(
+            Q(key_prefix__istartswith=term)
+            | Q(key_name__icontains=term)
+            | Q(user__user_id__istartswith=term)
+        )
+    rows = keys.order_by("-created_at").values_list("key_prefix", "key_name", "user_id")
+    return [
+        Suggestion(value=prefix, label=f"{prefix}… {name or ''} ({user})")
+        for prefix, name, user in rows[:SUGGESTIONS]
+    ]
+
+
+def providers_known() -> list[str]:
+    """The providers named by prices, for the provider filter (no scan of the usage log)."""
+    keys = ModelPricing.objects.values_list("model_key", flat=True)
+    return sorted({k.partition(":")[0] for k in keys if ":" in k})
+
+
+# ---------------------------------------------------------------------------------------
+# Spend reports (the console's "Spend reports" page)
+
+REPORT_DIMENSIONS = ("user", "model", "budget")
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    key: str
+    label: str
+    requests: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+
+
+def spend_report(*, by: str, start: datetime, end: datetime) -> list[ReportRow]:
+    """Spend per user, model or budget over [start, end), most spent first: one GROUP BY
+    over the window's rows. "Budget" is the budget each user is on now (usage rows do
+    not record the budget they were charged under)."""
+    column = {"user": "user_id", "model": "model_key", "budget": "user__budget_id"}[by]
+    rows = UsageLog.objects.filter(timestamp__gte=start, timestamp__lt=end)
+    if by == "model":
+        rows = rows.annotate(
+            model_key=Concat("provider", Value(":"), "model", output_field=CharField())
+        )
+    groups = list(
+        rows.values(column)
+        .annotate(
+            requests=Count("pk"),
+            failed=Count("pk", filter=~Q(status=UsageLog.Status.SUCCESS)),
+            prompt_tokens=_sum("prompt_tokens"),
+            completion_tokens=_sum("completion_tokens"),
+            cost_usd=_cost(),
+        )
+        .order_by("-cost_usd", "-requests", column)
+    )
+    labels: dict[Any, str] = {}
+    if by == "user":
+        ids = [g[column] for g in groups]
+        labels = dict(GatewayUser.objects.filter(pk__in=ids).values_list("user_id", "alias"))
+    elif by == "budget":
+        from budgets.models import Budget
+
+        ids = [g[column] for g in groups if g[column]]
+        labels = {b.pk: str(b) for b in Budget.objects.filter(pk__in=ids)}
+    out = []
+    for g in groups:
+        key = g[column] or ""
+        label = labels.get(key) or ("no budget" if by == "budget" and not key else key)
+        label = label.removeprefix(":")
+        out.append(
+            ReportRow(
+                key=key,
+                label=label,
+                requests=g["requests"],
+                failed=g["failed"],
+                prompt_tokens=g["prompt_tokens"],
+                completion_tokens=g["completion_tokens"],
+                cost_usd=g["cost_usd"],
+            )
+        )
+    return out

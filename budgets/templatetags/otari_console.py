@@ -25,9 +25,15 @@ def usd(amount: Decimal | None) -> str:
 
 
 @register.filter
-def usd_brief(amount: Decimal | None) -> str:
-    """Cents for summary figures (see otari.admin_tools.format_usd_brief)."""
-    return admin_tools.format_usd_brief(amount)
+def usd_exact(amount: Decimal | None) -> str:
+    """To the micro-dollar (see otari.admin_tools.format_usd_exact)."""
+    return admin_tools.format_usd_exact(amount)
+
+
+@register.filter
+def money(amount: Decimal | None) -> SafeString:
+    """`usd`, with the exact amount on hover when rounded (otari.admin_tools.money)."""
+    return admin_tools.money(amount)
 
 
 @register.filter

@@ -23,7 +23,7 @@ from django.utils import timezone
 from budgets.models import APIKey, BudgetResetLog, GatewayUser
 from budgets.selectors import user_money_annotate, users_refused_for_budget
 from budgets.services import secret_hash
-from otari.admin_tools import format_usd, format_usd_brief
+from otari.admin_tools import format_usd
 from tests.admin.conftest import CHROMIUM
 from tests.conftest import REPO
 from tests.factories import set_price
@@ -149,7 +149,7 @@ def test_budget_user_key_request_reset_and_export(console, gateway):
     shot(page, "04-user-after-request")
     # ...and on the dashboard.
     page.goto(base + "/admin/")
-    assert page.inner_text("#otari-spend-today") == format_usd_brief(cost)
+    assert page.inner_text("#otari-spend-today") == format_usd(cost)
     assert "QA User" in page.inner_text(".otari-grid")
     assert page.locator(".otari-chart__bar").count() == 30
     shot(page, "05-dashboard")
