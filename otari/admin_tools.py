@@ -111,7 +111,7 @@ def usage_bar(
         reserved_w=f"{reserved_pct:.1f}",
         pct=f"{shown:.0f}",
         refused=(
-            format_html('<span class="otari-usage__refused">refused</span>')
+            format_html('<span class="otari-usage__refused">{}</span>', "refused")
             if refused_at is not None
             else ""
         ),
