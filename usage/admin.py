@@ -547,12 +547,21 @@ def _model_key(row: UsageLog) -> str:
 
 
 def usage_reason(row: UsageLog) -> str:
-    """Why a request did not succeed, in a line: the gateway's message, or the status."""
+    """Why a request did not succeed, in a line: the gateway's message, or the status,
+    and what the provider itself answered when it was the provider that failed."""
     if row.status == UsageLog.Status.SUCCESS:
         return ""
-    if row.error_message:
-        return row.error_message
-    return "client disconnected" if row.status == UsageLog.Status.CLIENT_DISCONNECTED else ""
+    reason = row.error_message or (
+        "client disconnected" if row.status == UsageLog.Status.CLIENT_DISCONNECTED else ""
+    )
+    if row.upstream_status_code is None and not row.upstream_error:
+        return reason
+    said = (
+        "provider" if row.upstream_status_code is None else f"provider {row.upstream_status_code}"
+    )
+    if row.upstream_error:
+        said = f"{said}: {row.upstream_error}"
+    return f"{reason} · {said}" if reason else said
 
 
 @admin.register(UsageReport)

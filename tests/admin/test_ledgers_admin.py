@@ -95,6 +95,9 @@ def test_a_failed_request_page_shows_what_the_provider_answered(admin_client, hi
     html = admin_client.get(admin_url(row, "change")).content.decode()
     assert "503" in html
     assert "overloaded, retry" in html
+    # And in the list, after what the client was told.
+    listing = admin_client.get(admin_url(UsageLog, "changelist")).content.decode()
+    assert "LLM provider error · provider 503: overloaded, retry" in listing
 
 
 @pytest.mark.parametrize(
