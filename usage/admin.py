@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters, ShowFacets
 from django.contrib.admin.utils import quote
@@ -517,7 +518,8 @@ class UsageLogAdmin(CsvExportMixin, LedgerAdmin):
                 "failed": totals.failed,
                 "prompt_tokens": totals.prompt_tokens,
                 "completion_tokens": totals.completion_tokens,
-                "cost_usd": str(totals.cost_usd),
+                # The column's ten places on every backend (SQLite's sum has more).
+                "cost_usd": f"{totals.cost_usd:.{settings.MONEY_DECIMAL_PLACES}f}",
                 "cost": format_usd(totals.cost_usd),
                 "cost_exact": format_usd_exact(totals.cost_usd),
             }

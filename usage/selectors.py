@@ -127,7 +127,8 @@ def _sum(column: str) -> Coalesce:
 
 
 def _cost() -> Coalesce:
-    return Coalesce(Sum("cost_usd"), Value(ZERO))
+    # The money column's own type, so that every backend returns its ten places.
+    return Coalesce(Sum("cost_usd"), Value(ZERO), output_field=MoneyField())
 
 
 def _error_class(status_code: int | None) -> str:

@@ -84,6 +84,7 @@ def test_totals_cover_the_whole_filter_not_the_page(admin_client, history, monke
     assert (up_to_day1["requests"], up_to_day1["cost"]) == (1, "$0.25")
 
 
+@pytest.mark.postgres  # statement_timeout and pg_sleep
 def test_totals_too_slow_to_compute_say_so(admin_client, history, monkeypatch):
     monkeypatch.setattr("usage.admin.TOTALS_TIMEOUT_MS", 1)
     # pg_sleep makes the aggregate outlast its 1 ms limit whatever the machine.
