@@ -1,4 +1,4 @@
-"""Management API for budgets, users and API keys (CONTRACT §6), master key only.
+"""Management API for budgets, users and API keys (docs/SPEC.md §6), master key only.
 
 Thin views: authenticate (otari.rest), validate (budgets.serializers), call a service in
 budgets.services (which owns the transaction) or a selector, render. Served under both

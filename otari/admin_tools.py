@@ -59,7 +59,7 @@ def money(amount: Decimal | None) -> SafeString:
 
 def usage_level(committed: Decimal, limit: Decimal | None) -> str:
     """ "ok" below 80% of the limit, "near" from 80%, "over" when admission would refuse
-    (spend + reserved >= limit, CONTRACT §3.3), "uncapped" without a limit."""
+    (spend + reserved >= limit, docs/SPEC.md §3.3), "uncapped" without a limit."""
     if limit is None:
         return "uncapped"
     if committed >= limit:
