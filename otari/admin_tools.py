@@ -160,7 +160,7 @@ class MoneyFormField(forms.DecimalField):
 
 
 # Every money field in a console form: no negatives, no more than the column's digits and
-# places, no more than the contract's largest amount, each with its own plain message.
+# places, no more than the largest amount docs/SPEC.md §3.1 allows, each with its own plain message.
 MONEY_FORMFIELD_OVERRIDES: dict[type, dict[str, Any]] = {
     MoneyField: {
         "form_class": MoneyFormField,

@@ -141,7 +141,7 @@ def _flatten(detail: Any, prefix: str = "") -> list[str]:
 
 
 def exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response | None:
-    """Every management error as `{"detail": "..."}` with the contract's status codes."""
+    """Every management error as `{"detail": "..."}` with the status codes of docs/SPEC.md §6."""
     if isinstance(exc, GatewayError):
         return Response({"detail": exc.message}, status=exc.status, headers=exc.headers)
     if isinstance(exc, exceptions.ValidationError):
