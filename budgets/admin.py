@@ -1,4 +1,4 @@
-"""The budget console: budgets, users, API keys, holds and reset logs (CONTRACT §8).
+"""The budget console: budgets, users, API keys, holds and reset logs (docs/SPEC.md §8).
 
 Every change of money-related state goes through budgets.services, the same functions
 the API and the commands call: the forms validate, then save_model/delete_model and the
@@ -924,7 +924,7 @@ class GatewayUserAdmin(SettingHistoryMixin, ServiceAdmin):
             )
         self.adopt(obj, obj)
 
-    # Deleting a user is soft (CONTRACT §6): the row, its usage and its history stay, its
+    # Deleting a user is soft (docs/SPEC.md §6): the row, its usage and its history stay, its
     # keys stop working. Nothing else is deleted, so the confirmation lists only the user.
     def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple:
         return [str(o) for o in objs], {self.opts.verbose_name_plural: len(objs)}, set(), []

@@ -1,10 +1,10 @@
-"""Management API for budgets, users and API keys (CONTRACT §6), master key only.
+"""Management API for budgets, users and API keys (docs/SPEC.md §6), master key only.
 
 Thin views: authenticate (otari.rest), validate (budgets.serializers), call a service in
 budgets.services (which owns the transaction) or a selector, render. Served under both
 `/v1/` and `/api/v1/` (otari/urls.py).
 
-Decisions where the contract is silent (docs/API.md has the full list):
+Decisions where docs/SPEC.md is silent (docs/API.md has the full list):
 - Deleting a user is soft (budgets.services.user_delete): keys deactivated, usage kept.
   A deleted user is gone from this API (404, not listed) and its id is not reused (409).
 - DELETE on a key revokes it (is_active false): the row stays so usage rows keep naming

@@ -1,7 +1,7 @@
 """Budgets, the users they cap, their API keys, and the reservation ledger.
 
 Schema and tiny derived properties only; every write goes through budgets/services.py.
-Money columns are `MoneyField` (Decimal, CONTRACT §3.1) and the database itself refuses
+Money columns are `MoneyField` (Decimal, docs/SPEC.md §3.1) and the database itself refuses
 negative amounts.
 """
 

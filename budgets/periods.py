@@ -1,4 +1,4 @@
-"""Budget period arithmetic (CONTRACT §3.6): pure functions on aware UTC datetimes.
+"""Budget period arithmetic (docs/SPEC.md §3.6): pure functions on aware UTC datetimes.
 
 Rolling periods step by a fixed number of seconds from the window's start; calendar
 periods end on the next UTC day, week (Monday) or month boundary. Catching up after

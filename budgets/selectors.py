@@ -290,7 +290,7 @@ async def rates_current(*, model_keys: list[str], now: datetime) -> dict[str, Ra
 
 
 # ---------------------------------------------------------------------------------------
-# Operations: what the reset, sweep and audit commands look at (CONTRACT §3.5, §3.6)
+# Operations: what the reset, sweep and audit commands look at (docs/SPEC.md §3.5, §3.6)
 
 
 def users_due_for_reset(

@@ -1,4 +1,4 @@
-"""Wire shapes of the users, budgets, keys, reset-log and budget-alert API (CONTRACT §6).
+"""Wire shapes of the users, budgets, keys, reset-log and budget-alert API (docs/SPEC.md §6).
 
 Field names are the API's (`max_budget`, `spend`, ...), mapped onto the models' unit-named
 columns (`max_budget_usd`, `spend_usd`, ...). Output types are what the `otari` SDK's

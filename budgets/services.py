@@ -1,4 +1,4 @@
-"""The budget service: holds, settlement, periods, users, keys (CONTRACT §1, §3).
+"""The budget service: holds, settlement, periods, users, keys (docs/SPEC.md §1, §3).
 
 Invariants kept here, and checked by `manage.py audit_budgets` and the tests:
 
@@ -23,7 +23,7 @@ conditions written in SQL. When a statement's conditions do not hold (period due
 budget, hold not open) it changes nothing, and the caller falls back to the general path,
 which then decides. Both paths are exercised by the same tests.
 
-In platform mode (CONTRACT §7) a request's usage record also carries one report per
+In platform mode (docs/SPEC.md §7) a request's usage record also carries one report per
 resolved attempt: the outbox rows are written by the same statement (fast path) or in the
 same transaction (general path) as the usage row, and their delivery is enqueued once
 that commits (usage.services delivers them).
@@ -929,7 +929,7 @@ def user_create(
 
 
 def user_ensure(*, user_id: str) -> GatewayUser:
-    """The user a platform resolve named (CONTRACT §7), created on first sight: no
+    """The user a platform resolve named (docs/SPEC.md §7), created on first sight: no
     budget (the platform prices and bills), marked in its metadata as the platform's.
     Safe under concurrency: of two first requests, one creates and the other reads."""
     with transaction.atomic(durable=True):
@@ -1241,7 +1241,7 @@ def credentials_bootstrap() -> BootstrapResult:
 
 
 # ---------------------------------------------------------------------------------------
-# Operations: the reset sweep and the audit (CONTRACT §3.5, §3.6, §8). The management
+# Operations: the reset sweep and the audit (docs/SPEC.md §3.5, §3.6, §8). The management
 # commands and the Celery beat tasks call these; so does the embedded mode's tick.
 
 

@@ -1,4 +1,4 @@
-"""Who is calling a generation endpoint (CONTRACT §1)."""
+"""Who is calling a generation endpoint (docs/SPEC.md §1)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ async def authenticate(
 
 
 async def is_platform_user_token(credential: str) -> bool:
-    """In platform mode (CONTRACT §7), a credential that is neither a `gw-` key nor the
+    """In platform mode (docs/SPEC.md §7), a credential that is neither a `gw-` key nor the
     master key is a platform user token, for the platform to judge."""
     if not platform.enabled() or credential.startswith(services.API_KEY_PREFIX):
         return False

@@ -1,5 +1,5 @@
 """Errors on the generation endpoints: provider failures, redaction, and rendering in the
-wire shape of the API that was called (CONTRACT §2).
+wire shape of the API that was called (docs/SPEC.md §2).
 
 OpenAI-style routes: `{"error": {"message", "type", "code", "param"}}`.
 Anthropic route:     `{"type": "error", "error": {"type", "message"}}`.
@@ -128,7 +128,7 @@ def provider_error_for_status(
     secrets: list[str],
     echoes: list[str],
 ) -> ProviderError:
-    """Map an upstream error status to what the caller sees (CONTRACT §2), keeping the
+    """Map an upstream error status to what the caller sees (docs/SPEC.md §2), keeping the
     provider's own status and redacted message for the operator."""
     said = provider_error_message(body)
     message = redact(said, secrets=secrets, echoes=echoes)

@@ -2,7 +2,7 @@
 
     authenticate -> admission checks (§3.3) -> hold -> provider call -> settle | refund
 
-In platform mode (CONTRACT §7, llm_proxy.platform) a platform user token is resolved into
+In platform mode (docs/SPEC.md §7, llm_proxy.platform) a platform user token is resolved into
 the user to bill and an ordered list of attempts; the provider call walks them, and a
 failure before the commit point moves to the next one. A local request has exactly one
 attempt. Either way the request is one Exchange, closed once, at the price of the
@@ -615,7 +615,7 @@ async def _admit(
         exchange = await _admit_known(caller, fmt, body, [attempt], request_id, started, now)
         return exchange, exchange.body
     except GatewayError as exc:
-        # A refusal of a known user leaves a usage row (CONTRACT §3.4, §5).
+        # A refusal of a known user leaves a usage row (docs/SPEC.md §3.4, §5).
         record = services.UsageRecord(
             request_id=request_id,
             user_id=caller.user_id,
@@ -675,7 +675,7 @@ async def _admit_known(
             raise budget.explain(BudgetExceeded(state=state), ask)
         raise PricingMissing.for_model(attempts[usable[0]].model_key)
     # Free models and keys excluded from budget take no hold and are never refused for
-    # money (CONTRACT §1, §3.3).
+    # money (docs/SPEC.md §1, §3.3).
     takes_hold = any(not rates.is_free for rates in priced) and not caller.exclude_from_budget
     fitted = budget.fit_max_output(ask, body, state) if takes_hold else None
     if fitted is not None:
@@ -736,7 +736,7 @@ async def _hold_open(rate: RateAdmission | None, **hold: Any) -> BudgetState:
         raise
 
 
-# --- platform mode (CONTRACT §7) -----------------------------------------------------------
+# --- platform mode (docs/SPEC.md §7) -----------------------------------------------------------
 
 
 def _platform_attempt(
@@ -1041,7 +1041,7 @@ async def _stream_open(
 async def _stream(exchange: Exchange, body: dict[str, Any]) -> HttpResponse:
     """A streaming request: open the upstream stream and wait for its first bytes before
     committing, so that anything failing until then is an ordinary HTTP error with a
-    full refund (CONTRACT §4), or, in platform mode, a move to the next attempt."""
+    full refund (docs/SPEC.md §4), or, in platform mode, a move to the next attempt."""
     while True:
         opened = await _stream_open(exchange)
         if not isinstance(opened, GatewayError):

@@ -1,4 +1,4 @@
-"""OpenAPI description of the generation endpoints (CONTRACT §2), written by hand.
+"""OpenAPI description of the generation endpoints (docs/SPEC.md §2), written by hand.
 
 The views are plain async Django views (no DRF), so nothing can introspect them; this
 module is their documentation, merged into /openapi.json by otari/openapi.py for each

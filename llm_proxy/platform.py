@@ -1,4 +1,4 @@
-"""Platform mode (CONTRACT §7, docs/PLATFORM.md): provider credentials resolved per request.
+"""Platform mode (docs/SPEC.md §7, docs/PLATFORM.md): provider credentials resolved per request.
 
 With OTARI_PLATFORM_URL and OTARI_PLATFORM_TOKEN set, a caller may present a platform user
 token instead of a `gw-` key. The gateway forwards it to the platform's resolve endpoint,

@@ -1,5 +1,5 @@
 """Server-sent events: parsing and formatting, and the relay that forwards a provider's
-stream to the client while keeping the books (CONTRACT §4).
+stream to the client while keeping the books (docs/SPEC.md §4).
 
 The relay forwards events as they arrive. What each API's events mean (where its usage
 is, which event is terminal, what an error looks like) is a `StreamCodec`'s business

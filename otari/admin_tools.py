@@ -59,7 +59,7 @@ def money(amount: Decimal | None) -> SafeString:
 
 def usage_level(committed: Decimal, limit: Decimal | None) -> str:
     """ "ok" below 80% of the limit, "near" from 80%, "over" when admission would refuse
-    (spend + reserved >= limit, CONTRACT §3.3), "uncapped" without a limit."""
+    (spend + reserved >= limit, docs/SPEC.md §3.3), "uncapped" without a limit."""
     if limit is None:
         return "uncapped"
     if committed >= limit:
@@ -160,7 +160,7 @@ class MoneyFormField(forms.DecimalField):
 
 
 # Every money field in a console form: no negatives, no more than the column's digits and
-# places, no more than the contract's largest amount, each with its own plain message.
+# places, no more than the largest amount docs/SPEC.md §3.1 allows, each with its own plain message.
 MONEY_FORMFIELD_OVERRIDES: dict[type, dict[str, Any]] = {
     MoneyField: {
         "form_class": MoneyFormField,

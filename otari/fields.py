@@ -12,7 +12,7 @@ class MoneyField(models.DecimalField):
     """A USD amount: Decimal, with the project's one definition of digits and places.
 
     Twelve integer digits and ten places (settings.MONEY_*): balances and costs are exact
-    to the micro-dollar and per-million prices to 1e-10 (CONTRACT §3.1).
+    to the micro-dollar and per-million prices to 1e-10 (docs/SPEC.md §3.1).
     """
 
     def __init__(self, *args, **kwargs):

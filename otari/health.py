@@ -1,4 +1,4 @@
-"""Health probes (CONTRACT §6): unauthenticated, served at `/health...` (what otari-cli's
+"""Health probes (docs/SPEC.md §6): unauthenticated, served at `/health...` (what otari-cli's
 `health` command calls) and under `/v1/` and `/api/v1/`."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class HealthApi(_Public):
         operation_id="health",
         tags=["health"],
         auth=[],
-        description="In platform mode (CONTRACT §7) `platform` says whether the platform "
+        description="In platform mode (docs/SPEC.md §7) `platform` says whether the platform "
         "answers: `reachable` or `unreachable`. The gateway stays healthy either way: "
         "requests made with `gw-` keys do not need the platform.",
         responses={

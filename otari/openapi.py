@@ -1,4 +1,4 @@
-"""drf-spectacular hooks: one schema for the whole API (CONTRACT §6, §2).
+"""drf-spectacular hooks: one schema for the whole API (docs/SPEC.md §6, §2).
 
 - `/api/v1/...` duplicates `/v1/...` route for route, so the schema lists `/v1/` only
   (the alias is stated in the description); likewise `/health*` for `/v1/health*`.

@@ -2,8 +2,9 @@
 
 Django's ORM is synchronous: from an async view every query costs a hop to a thread and
 back, which measured at 2-3x the CPU of the same statement sent from the event loop
-(../shared/bench/CALIBRATION.md). The hot path therefore sends its few statements
-(budgets.selectors.caller_load, budgets.services hold_*_fast) through this pool, in
+(docs/PERFORMANCE.md). The hot path therefore sends its few statements
+(budgets.selectors.caller_load and rates_current; budgets.services hold_open_async,
+hold_settle_async, hold_refund_async and usage_record_async) through this pool, in
 autocommit: each is one statement and one round trip. Everything else uses the ORM.
 
 The pool is created lazily, per event loop (a server process has one; tests may start

@@ -1,5 +1,5 @@
 """The management API's plumbing: master-key auth, JSON with exact Decimals, the error
-shape, strict fields and query parsing (CONTRACT §6).
+shape, strict fields and query parsing (docs/SPEC.md §6).
 
 Shared by budgets/api.py and usage/api.py, so every management route authenticates,
 validates, fails and renders the same way:
@@ -53,7 +53,7 @@ _MAX_QUOTED_ID = 80
 
 
 # ---------------------------------------------------------------------------------------
-# Authentication: the master key, in any of the headers CONTRACT §1 accepts
+# Authentication: the master key, in any of the headers docs/SPEC.md §1 accepts
 
 
 class MasterKeyAuthentication(BaseAuthentication):
@@ -141,7 +141,7 @@ def _flatten(detail: Any, prefix: str = "") -> list[str]:
 
 
 def exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response | None:
-    """Every management error as `{"detail": "..."}` with the contract's status codes."""
+    """Every management error as `{"detail": "..."}` with the status codes of docs/SPEC.md §6."""
     if isinstance(exc, GatewayError):
         return Response({"detail": exc.message}, status=exc.status, headers=exc.headers)
     if isinstance(exc, exceptions.ValidationError):

@@ -165,7 +165,7 @@ MONEY_MAX_DIGITS = 22
 MONEY_DECIMAL_PLACES = 10
 MONEY_MAX_USD = Decimal("999999999999")
 
-# --- Gateway behaviour (CONTRACT §9) --------------------------------------------------------
+# --- Gateway behaviour (docs/SPEC.md §9) --------------------------------------------------------
 OTARI_CONFIG = env.str("OTARI_CONFIG", default="")
 OTARI_MASTER_KEY = env.str("OTARI_MASTER_KEY", default="")
 OTARI_REQUIRE_PRICING = env.bool("OTARI_REQUIRE_PRICING", default=True)
@@ -173,7 +173,7 @@ OTARI_REQUIRE_PRICING = env.bool("OTARI_REQUIRE_PRICING", default=True)
 # false: only operator prices count, and an unpriced model is refused (402).
 OTARI_PRICE_CATALOG = env.bool("OTARI_PRICE_CATALOG", default=True)
 # An API key whose request names another user (`user`, or `metadata.user_id` on
-# /v1/messages) is refused (403, CONTRACT §1); false ignores the name instead.
+# /v1/messages) is refused (403, docs/SPEC.md §1); false ignores the name instead.
 OTARI_REJECT_USER_MISMATCH = env.bool("OTARI_REJECT_USER_MISMATCH", default=True)
 OTARI_DEFAULT_MAX_OUTPUT_TOKENS = env.int("OTARI_DEFAULT_MAX_OUTPUT_TOKENS", default=1024)
 # A request that sets no maximum output and whose default does not fit the budget that is
@@ -182,7 +182,7 @@ OTARI_DEFAULT_MAX_OUTPUT_TOKENS = env.int("OTARI_DEFAULT_MAX_OUTPUT_TOKENS", def
 OTARI_FIT_MAX_TOKENS = env.bool("OTARI_FIT_MAX_TOKENS", default=True)
 OTARI_FIT_MIN_OUTPUT_TOKENS = env.int("OTARI_FIT_MIN_OUTPUT_TOKENS", default=16)
 # What a stream that never reported usage costs: its estimate, nothing, or an error row
-# charged at the estimate (CONTRACT §3.4).
+# charged at the estimate (docs/SPEC.md §3.4).
 OTARI_STREAM_MISSING_USAGE = env.str("OTARI_STREAM_MISSING_USAGE", default="estimate")
 OTARI_PROVIDER_TIMEOUT_SECONDS = env.float("OTARI_PROVIDER_TIMEOUT_SECONDS", default=600.0)
 # A hold must outlive the longest request it covers, or the sweeper would release money
@@ -193,7 +193,7 @@ OTARI_HOLD_TTL_SECONDS = env.int(
 OTARI_STREAM_KEEPALIVE_SECONDS = env.float("OTARI_STREAM_KEEPALIVE_SECONDS", default=15.0)
 OTARI_HOTPATH_POOL_SIZE = env.int("OTARI_HOTPATH_POOL_SIZE", default=10)
 
-# --- Platform mode (CONTRACT §7, docs/PLATFORM.md) -------------------------------------------
+# --- Platform mode (docs/SPEC.md §7, docs/PLATFORM.md) -------------------------------------------
 # Both set: platform user tokens are resolved per request and every attempt is reported.
 OTARI_PLATFORM_URL = env.str("OTARI_PLATFORM_URL", default="").rstrip("/")
 OTARI_PLATFORM_TOKEN = env.str("OTARI_PLATFORM_TOKEN", default="")
@@ -235,7 +235,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = "UTC"
 # How often the periodic jobs run: under `celery beat`, or, with no broker, in the gateway
 # process itself (at most once per interval, started by an incoming request). Also the
-# "one sweep interval" of CONTRACT §3.5 invariant 4.
+# "one sweep interval" of docs/SPEC.md §3.5 invariant 4.
 OTARI_BEAT_INTERVAL_SECONDS = env.float("OTARI_BEAT_INTERVAL_SECONDS", default=60.0)
 # With no broker, run the periodic jobs in the gateway process (see otari/celery.py).
 OTARI_EMBEDDED_BEAT = env.bool("OTARI_EMBEDDED_BEAT", default=True)

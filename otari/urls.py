@@ -1,5 +1,5 @@
 """URL configuration. Every `/v1/...` route is also served, identically, under `/api/v1/...`
-(the path the otari SDK and otari-cli call, CONTRACT §6)."""
+(the path the otari SDK and otari-cli call, docs/SPEC.md §6)."""
 
 from django.contrib import admin
 from django.urls import include, path

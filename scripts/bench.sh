@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Benchmark the gateway against the fake provider with ../shared/bench (docs/PERFORMANCE.md).
+# Benchmark the gateway against the fake provider with an external harness (docs/PERFORMANCE.md).
 #
 #   scripts/bench.sh [SERVER] [-- extra run_matrix.py arguments]
 #
 # SERVER: uvicorn (default), daphne or granian. Needs PostgreSQL on 127.0.0.1:5432, wrk, and
-# the bench harness (BENCH_DIR, default ../shared/bench). Pins the gateway to CPU 1 and the
+# the bench harness, which is not in this repository (BENCH_DIR, default ../shared/bench). Pins the gateway to CPU 1 and the
 # fake provider and load generator to CPU 0, as the harness recommends on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."

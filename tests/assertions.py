@@ -11,7 +11,7 @@ from usage.models import UsageLog
 
 
 def assert_books_balance(user: GatewayUser) -> None:
-    """CONTRACT §3.5 invariants 1 and 2 for one user: reserved = open holds, spend =
+    """docs/SPEC.md §3.5 invariants 1 and 2 for one user: reserved = open holds, spend =
     counted usage cost settled in the current window."""
     user.refresh_from_db()
     open_holds = Hold.objects.filter(user=user, status=Hold.Status.OPEN).aggregate(

@@ -12,7 +12,8 @@ thread with its own asyncio loop and speaks, closely enough for the official ``o
   GET  /v1/models, /v1/models/<id>, /health
   GET  /_fake/stats, POST /_fake/reset   counters for tests that run the fake in another process
 
-Token accounting is deterministic and identical to ``/work/shared/bench/fake_upstream.py``:
+Token accounting is deterministic and identical to the fake upstream of the external
+benchmark harness (scripts/bench.sh, docs/PERFORMANCE.md):
 prompt tokens = max(1, ceil(prompt characters / 4)) (see ``prompt_tokens``); completion tokens =
 number of content chunks (default 20, text ``"".join(WORDS[i % len(WORDS)] ...)``).
 ``max_completion_tokens``/``max_tokens``/``max_output_tokens`` below the chunk count truncate

@@ -1,5 +1,5 @@
 """Health probes, the OpenAPI schema and its docs page, and properties every management
-route shares (CONTRACT §6)."""
+route shares (docs/SPEC.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The console's prices and usage log (CONTRACT §5, §8).
+"""The console's prices and usage log (docs/SPEC.md §5, §8).
 
 Prices are versioned: saving a price adds a version through usage.services.pricing_set,
 so every past request keeps the price it was charged at. The usage log is history:
@@ -47,7 +47,7 @@ from usage.models import ModelPricing, UsageLog, UsageReport
 from usage.selectors import TotalsTooSlow, providers_known, usage_totals
 from usage.services import pricing_set, usage_reports_redrive_dead
 
-# The generation endpoints a usage row can name (CONTRACT §2); a fixed list, so the
+# The generation endpoints a usage row can name (docs/SPEC.md §2); a fixed list, so the
 # filter never runs a DISTINCT over millions of rows.
 ENDPOINTS = (
     "/v1/chat/completions",
@@ -568,7 +568,7 @@ def usage_reason(row: UsageLog) -> str:
 
 @admin.register(UsageReport)
 class UsageReportAdmin(LedgerAdmin):
-    """The platform's usage-report outbox (CONTRACT §7): dead letters with their last
+    """The platform's usage-report outbox (docs/SPEC.md §7): dead letters with their last
     status, and a re-drive (the same service as `manage.py redrive_usage_reports`)."""
 
     list_display = (

@@ -1,4 +1,4 @@
-"""Management API for prices and the usage log (CONTRACT §6), master key only.
+"""Management API for prices and the usage log (docs/SPEC.md §6), master key only.
 
 Thin views over usage.selectors and usage.services; served under `/v1/` and `/api/v1/`.
 Usage time filters are half-open (`start_date <= timestamp < end_date`), accept ISO 8601

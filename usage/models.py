@@ -1,4 +1,4 @@
-"""Prices and the usage log (CONTRACT §5). Schema only; writes go through services."""
+"""Prices and the usage log (docs/SPEC.md §5). Schema only; writes go through services."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ class UsageLog(models.Model):
 
 class UsageReport(models.Model):
     """Platform mode: the outcome of one resolved attempt, to be pushed to the platform
-    (CONTRACT §7). A durable outbox row: written in the same transaction as the request's
+    (docs/SPEC.md §7). A durable outbox row: written in the same transaction as the request's
     usage row, then delivered by a Celery task (usage.reporting).
 
     pending -> delivered | dead, each move a compare-and-swap; `leased_until` marks a try

@@ -2,7 +2,7 @@
 
 Prices are USD per million tokens. A row's cost is the sum over its meters (input,
 output, cache read, cache write) of tokens x rate / 1e6, rounded half-up once, to the
-micro-dollar (CONTRACT §3.1, §5).
+micro-dollar (docs/SPEC.md §3.1, §5).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def prompt_tokens_from_chars(prompt_chars: int) -> int:
 
 
 def estimate_usd(*, prompt_chars: int, max_output_tokens: int, rates: Rates) -> Decimal:
-    """The hold for a request (CONTRACT §3.3): ceil(chars/4) x input + max_output x output."""
+    """The hold for a request (docs/SPEC.md §3.3): ceil(chars/4) x input + max_output x output."""
     return cost_usd(
         TokenUsage(
             input_tokens=prompt_tokens_from_chars(prompt_chars), output_tokens=max_output_tokens

@@ -1,4 +1,4 @@
-"""Platform usage reports: what one report says, and the delivery policy (CONTRACT §7).
+"""Platform usage reports: what one report says, and the delivery policy (docs/SPEC.md §7).
 
 Pure: no database and no network here. The outbox rows are written with the request's
 usage row (budgets.services), and delivered by usage.services.usage_report_deliver,

@@ -1,4 +1,4 @@
-"""Wire shapes of the pricing and usage API (CONTRACT §6), as the `otari` SDK reads them.
+"""Wire shapes of the pricing and usage API (docs/SPEC.md §6), as the `otari` SDK reads them.
 
 Prices are USD per million tokens (`input_price_per_million`, ...) over the models'
 `*_per_mtok_usd` columns; usage rows report `cost` over `cost_usd`.

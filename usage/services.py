@@ -209,7 +209,7 @@ def pricing_catalog_sync(
 
 
 # ---------------------------------------------------------------------------------------
-# Platform usage reports (CONTRACT §7, docs/PLATFORM.md). The policy is usage.reporting's;
+# Platform usage reports (docs/SPEC.md §7, docs/PLATFORM.md). The policy is usage.reporting's;
 # here are the row's state moves, each a compare-and-swap, and the POST itself.
 
 # A try that has not recorded its outcome after twice its POST's timeout and this margin

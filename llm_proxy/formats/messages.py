@@ -266,7 +266,7 @@ class MessagesFormat(ApiFormat):
         return math.ceil(chars / 4)
 
     def named_user(self, body: dict[str, Any]) -> str | None:
-        # The Messages API has no `user`; its end-user id is metadata.user_id (CONTRACT §1).
+        # The Messages API has no `user`; its end-user id is metadata.user_id (docs/SPEC.md §1).
         metadata = body.get("metadata")
         user = metadata.get("user_id") if isinstance(metadata, dict) else None
         return user if isinstance(user, str) and user else None

@@ -129,7 +129,7 @@ def test_bad_values_are_refused_with_a_clear_message(admin_client, overrides, fi
 
 def test_the_largest_allowed_limit_is_accepted_exactly(admin_client):
     admin_client.post(admin_url(Budget, "add"), _form(max_budget_usd="999999999999.0000000001"))
-    assert not Budget.objects.exists()  # over the contract's maximum by a hair
+    assert not Budget.objects.exists()  # over the maximum of docs/SPEC.md §3.1 by a hair
     admin_client.post(admin_url(Budget, "add"), _form(max_budget_usd="999999999999"))
     assert Budget.objects.get().max_budget_usd == Decimal("999999999999")
 

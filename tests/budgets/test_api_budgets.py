@@ -1,4 +1,4 @@
-"""Budgets over HTTP, through the ASGI app (CONTRACT §6, §3.2, §3.6)."""
+"""Budgets over HTTP, through the ASGI app (docs/SPEC.md §6, §3.2, §3.6)."""
 
 from __future__ import annotations
 

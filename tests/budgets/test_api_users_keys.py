@@ -1,4 +1,4 @@
-"""Users, top-ups and API keys over HTTP, through the ASGI app (CONTRACT §6, §1)."""
+"""Users, top-ups and API keys over HTTP, through the ASGI app (docs/SPEC.md §6, §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`manage.py audit_budgets` and `manage.py release_stale_holds` (CONTRACT §3.5, §8)."""
+"""`manage.py audit_budgets` and `manage.py release_stale_holds` (docs/SPEC.md §3.5, §8)."""
 
 from __future__ import annotations
 

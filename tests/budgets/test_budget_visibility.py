@@ -1,4 +1,4 @@
-"""What a caller sees of their budget (X-Otari-Budget-* headers, CONTRACT §2), and the
+"""What a caller sees of their budget (X-Otari-Budget-* headers, docs/SPEC.md §2), and the
 temporary top-up (`manage.py topup_user`) raising the admission limit until it expires."""
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def test_a_hold_left_by_a_killed_gateway_is_released_by_beat_and_worker(
     user.refresh_from_db()
     assert user.reserved_usd == 0
     assert user.spend_usd == 0
-    # The process died mid-request: no usage row (CONTRACT §3.4), and the books balance.
+    # The process died mid-request: no usage row (docs/SPEC.md §3.4), and the books balance.
     assert not UsageLog.objects.filter(user=user).exists()
     assert_books_balance(user.pk)
     assert books_drift_list() == []

@@ -1,5 +1,5 @@
 """The budget service's hold lifecycle, on both the fast (one statement) and the general
-(ORM, locked) path: same inputs, same books (CONTRACT §3.3-§3.5)."""
+(ORM, locked) path: same inputs, same books (docs/SPEC.md §3.3-§3.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""user_period_reset: an operator's "reset the budget period now" (CONTRACT §3.6)."""
+"""user_period_reset: an operator's "reset the budget period now" (docs/SPEC.md §3.6)."""
 
 from __future__ import annotations
 

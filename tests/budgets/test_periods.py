@@ -1,4 +1,4 @@
-"""Budget periods (CONTRACT §3.6): the period arithmetic, and `manage.py reset_budgets`
+"""Budget periods (docs/SPEC.md §3.6): the period arithmetic, and `manage.py reset_budgets`
 over frozen clocks: twelve consecutive periods of each kind with no drift, month ends and
 leap years, resets while holds are open, and racing resets."""
 

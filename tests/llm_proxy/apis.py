@@ -64,7 +64,7 @@ def stream_error(api: str, text: str) -> dict | None:
 
 
 def error_shape_ok(api: str, body: dict) -> bool:
-    """An HTTP error body in the wire shape of `api` (CONTRACT §2)."""
+    """An HTTP error body in the wire shape of `api` (docs/SPEC.md §2)."""
     if api == "messages":
         return body.get("type") == "error" and isinstance(body["error"].get("message"), str)
     return isinstance(body.get("error"), dict) and {"message", "type", "code", "param"} <= set(

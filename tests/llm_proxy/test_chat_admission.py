@@ -1,4 +1,4 @@
-"""Who gets in, in what order, and what a refusal costs: nothing (CONTRACT §1, §3.3)."""
+"""Who gets in, in what order, and what a refusal costs: nothing (docs/SPEC.md §1, §3.3)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Chat completions that fail: before the response is committed (refund), mid-stream
-(charge what was delivered), and when the client goes away (CONTRACT §3.4, §4)."""
+(charge what was delivered), and when the client goes away (docs/SPEC.md §3.4, §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every exit path of CONTRACT §3.4 on every endpoint, provider kind and mode.
+"""Every exit path of docs/SPEC.md §3.4 on every endpoint, provider kind and mode.
 
 {chat, messages, responses} x {openai-kind, anthropic-kind provider} x {stream, not}
 x {success, provider 500, timeout, connection refused, mid-stream drop, client
@@ -218,7 +218,7 @@ def test_identical_requests_cost_the_same_streamed_or_not(gateway, carol, api, i
         second.completion_tokens,
         second.cache_read_tokens,
     )
-    # Cache reads are priced at their own rate on every route (CONTRACT §5).
+    # Cache reads are priced at their own rate on every route (docs/SPEC.md §5).
     assert first.cache_read_tokens == 3
     assert_books_balance(user)
 
@@ -226,7 +226,7 @@ def test_identical_requests_cost_the_same_streamed_or_not(gateway, carol, api, i
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
 @pytest.mark.parametrize("api", APIS)
 def test_client_giving_up_while_the_stream_opens_leaves_no_hold(gateway, carol, api, kind):
-    """CONTRACT §4: a client that leaves while the upstream stream is still being opened
+    """docs/SPEC.md §4: a client that leaves while the upstream stream is still being opened
     is refunded, and its hold released."""
     user, secret = carol
     model = f"{INSTANCES[kind]['ok']}:m-slow-2000"

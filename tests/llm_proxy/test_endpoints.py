@@ -410,7 +410,7 @@ def test_provider_errors_keep_each_endpoints_shape(gateway, erin):
     assert_books_balance(user)
 
 
-# --- keepalives while the provider is silent (CONTRACT §4) -------------------------------
+# --- keepalives while the provider is silent (docs/SPEC.md §4) -------------------------------
 
 KEEPALIVES = {"chat": ": keepalive", "messages": "event: ping", "responses": ": keepalive"}
 

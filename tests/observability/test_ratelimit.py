@@ -104,7 +104,7 @@ def test_rpm_20_admits_exactly_20_of_40_concurrent_requests_on_two_processes(gat
         assert "20 requests per 10 s" in error["message"]
         assert 1 <= int(r.headers["Retry-After"]) <= WINDOW_S
         assert r.headers["X-RateLimit-Remaining"] == "0"
-    # Refused requests are logged (CONTRACT §5) and took no hold.
+    # Refused requests are logged (docs/SPEC.md §5) and took no hold.
     rows = UsageLog.objects.filter(user=user)
     assert rows.count() == 40
     assert {str(row.id) for row in rows.filter(status_code=429)} == {

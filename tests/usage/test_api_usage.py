@@ -1,4 +1,4 @@
-"""Pricing and the usage log over HTTP, through the ASGI app (CONTRACT §6, §5)."""
+"""Pricing and the usage log over HTTP, through the ASGI app (docs/SPEC.md §6, §5)."""
 
 from __future__ import annotations
 

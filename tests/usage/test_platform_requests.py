@@ -1,4 +1,4 @@
-"""Platform mode through HTTP into the ASGI app (CONTRACT §7): resolve, ordered fallback,
+"""Platform mode through HTTP into the ASGI app (docs/SPEC.md §7): resolve, ordered fallback,
 the money of the attempt that served, and the reports each request leaves in the outbox.
 
 The gateway runs in this process with no broker (the embedded mode), so reports are

@@ -1,5 +1,5 @@
 """The delivery policy of platform usage reports in a real Celery worker on Redis, with
-the gateway in its own process and a fake platform (CONTRACT §7): the explicit
+the gateway in its own process and a fake platform (docs/SPEC.md §7): the explicit
 non-retryable set, retries with backoff, Retry-After, the bound, the re-drive of dead
 letters by command and admin action."""
 

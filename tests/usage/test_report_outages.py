@@ -1,4 +1,4 @@
-"""Nothing is lost when the broker or a worker dies (CONTRACT §7): the outbox row is
+"""Nothing is lost when the broker or a worker dies (docs/SPEC.md §7): the outbox row is
 committed with the usage row, and the periodic re-drive sends what lost its message.
 
 The broker test stops a Redis server of its own on another port, never the machine's

@@ -1,4 +1,4 @@
-"""The usage-report outbox (CONTRACT §7): rows written by the very statement (or
+"""The usage-report outbox (docs/SPEC.md §7): rows written by the very statement (or
 transaction) that writes the request's usage row, on both the fast and the general path;
 and the delivery policy's arithmetic with the production defaults."""
 

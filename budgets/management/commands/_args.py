@@ -11,7 +11,7 @@ from django.utils.dateparse import parse_datetime
 
 
 def iso_datetime(value: str) -> datetime:
-    """An ISO 8601 date-time; one without a zone is UTC (CONTRACT: time is UTC)."""
+    """An ISO 8601 date-time; one without a zone is UTC (docs/SPEC.md §3.1: time is UTC)."""
     parsed = parse_datetime(value.strip())
     if parsed is None:
         raise argparse.ArgumentTypeError(

@@ -1,4 +1,4 @@
-"""Check the books (CONTRACT §3.5) and print every user out of balance.
+"""Check the books (docs/SPEC.md §3.5) and print every user out of balance.
 
 For each user: `reserved` must equal the sum of their open holds, and `spend` the sum of
 the cost of their usage rows that count toward the budget and were settled since

@@ -1,4 +1,4 @@
-"""Expire every open hold whose `expires_at` has passed (CONTRACT §3.4, §3.5 invariant 4).
+"""Expire every open hold whose `expires_at` has passed (docs/SPEC.md §3.4, §3.5 invariant 4).
 
 Such a hold belongs to a request whose process died before closing it: its amount is
 released from the user's `reserved` and the hold is marked expired. If the request does

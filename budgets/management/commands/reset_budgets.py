@@ -1,4 +1,4 @@
-"""Roll every budget period that has ended (CONTRACT §3.6).
+"""Roll every budget period that has ended (docs/SPEC.md §3.6).
 
 Acts on users whose `next_budget_reset_at` is at or before now (or --now): sets their
 spend to 0, moves their window to the one containing now (on the original schedule, so

@@ -1,4 +1,4 @@
-"""Re-drive dead-lettered platform usage reports (CONTRACT §7, docs/PLATFORM.md).
+"""Re-drive dead-lettered platform usage reports (docs/SPEC.md §7, docs/PLATFORM.md).
 
 A report is dead when the platform refused it for good (a status of the non-retryable set,
 such as 402 when the user's wallet was overdrawn, or another 4xx) or kept failing for all
