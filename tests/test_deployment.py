@@ -194,6 +194,7 @@ def _users_status(url: str, key: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.postgres  # gateways and the command in their own processes, on the test database
 def test_rotate_master_key_replaces_a_generated_key_in_running_gateways(
     gateway, gateway_config_file, settings
 ):

@@ -73,6 +73,7 @@ def test_api_changes_are_recorded_as_the_management_api_with_the_master_key(gate
     assert ["topup_usd", "0", "1.5"] in topped.changes
 
 
+@pytest.mark.postgres  # the command runs in its own process, on the test database
 def test_a_command_is_recorded_as_the_command(transactional_db):
     user = make_user(budget=make_budget(max_budget_usd=Decimal("5")), user_id="cmd-user")
     until = (timezone.now() + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")

@@ -17,7 +17,9 @@ from tests.admin.conftest import admin_url
 from tests.budgets.ledger import charge
 from tests.factories import make_budget, make_key, make_user, set_price
 
-pytestmark = pytest.mark.calendar
+# PostgreSQL: the alert check a refusal starts writes while the next request does, which
+# the embedded SQLite test database refuses ("table is locked") rather than queues.
+pytestmark = [pytest.mark.calendar, pytest.mark.postgres]
 
 MODEL = "openai:gpt-4o-mini"
 
