@@ -33,7 +33,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
-from budgets import alerting, services
+from budgets import alerting
 from budgets.admin_history import SettingHistoryMixin
 from budgets.models import (
     MAX_RPM_LIMIT,
@@ -47,6 +47,7 @@ from budgets.models import (
     ResetAlignment,
 )
 from budgets.selectors import user_money_annotate
+from budgets.services import accounts, holds, keys, periods
 from otari.admin_tools import (
     ZERO,
     CsvExportMixin,
@@ -410,9 +411,9 @@ class BudgetAdmin(SettingHistoryMixin, ServiceAdmin):
         data = form.cleaned_data
         if change:
             changes = {name: data[name] for name in form.changed_data if name in form.fields}
-            saved = services.budget_update(budget_id=obj.pk, **changes)
+            saved = accounts.budget_update(budget_id=obj.pk, **changes)
         else:
-            saved = services.budget_create(
+            saved = accounts.budget_create(
                 name=data["name"],
                 max_budget_usd=data["max_budget_usd"],
                 budget_duration_sec=data["budget_duration_sec"],
@@ -422,12 +423,12 @@ class BudgetAdmin(SettingHistoryMixin, ServiceAdmin):
         self.adopt(obj, saved)
 
     def delete_model(self, request: HttpRequest, obj: Budget) -> None:
-        services.budget_delete(budget_id=obj.pk)
+        accounts.budget_delete(budget_id=obj.pk)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
         for budget_id in queryset.values_list("pk", flat=True):
             try:
-                services.budget_delete(budget_id=budget_id)
+                accounts.budget_delete(budget_id=budget_id)
             except Conflict as exc:
                 messages.error(request, f"{budget_id}: {exc.message}")
 
@@ -904,9 +905,9 @@ class GatewayUserAdmin(SettingHistoryMixin, ServiceAdmin):
                 if name in form.changed_data
             }
             if changes:
-                services.user_update(user_id=obj.pk, **changes)
+                accounts.user_update(user_id=obj.pk, **changes)
         else:
-            services.user_create(
+            accounts.user_create(
                 user_id=data["user_id"],
                 alias=data["alias"],
                 budget=data["budget"],
@@ -917,7 +918,7 @@ class GatewayUserAdmin(SettingHistoryMixin, ServiceAdmin):
                 tpm_limit=data["tpm_limit"],
             )
         if {"topup_usd", "topup_expires_at"} & set(form.changed_data):
-            services.user_topup_set(
+            accounts.user_topup_set(
                 user_id=obj.pk,
                 amount_usd=data.get("topup_usd") or ZERO,
                 expires_at=data.get("topup_expires_at"),
@@ -930,18 +931,18 @@ class GatewayUserAdmin(SettingHistoryMixin, ServiceAdmin):
         return [str(o) for o in objs], {self.opts.verbose_name_plural: len(objs)}, set(), []
 
     def delete_model(self, request: HttpRequest, obj: GatewayUser) -> None:
-        services.user_delete(user_id=obj.pk)
+        accounts.user_delete(user_id=obj.pk)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
         for user_id in queryset.values_list("pk", flat=True):
-            services.user_delete(user_id=user_id)
+            accounts.user_delete(user_id=user_id)
 
     # -- actions ---------------------------------------------------------------------
 
     def _set_blocked(self, request: HttpRequest, queryset: QuerySet, blocked: bool) -> None:
         changed = 0
         for user in queryset.filter(blocked=not blocked):
-            services.user_update(user_id=user.pk, blocked=blocked)
+            accounts.user_update(user_id=user.pk, blocked=blocked)
             self.log_change(request, user, [{"changed": {"fields": ["Blocked"]}}])
             changed += 1
         verb = "Blocked" if blocked else "Unblocked"
@@ -961,7 +962,7 @@ class GatewayUserAdmin(SettingHistoryMixin, ServiceAdmin):
         total = ZERO
         users = list(queryset.order_by("pk"))
         for user in users:
-            log = services.user_period_reset(user_id=user.pk, now=now)
+            log = periods.user_period_reset(user_id=user.pk, now=now)
             total += log.previous_spend_usd
             self.log_change(
                 request,
@@ -1166,10 +1167,10 @@ class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
         data = form.cleaned_data
         if change:
             changes = {name: data[name] for name in form.changed_data if name in form.fields}
-            services.api_key_update(key_id=obj.pk, **changes)
+            keys.api_key_update(key_id=obj.pk, **changes)
             self.adopt(obj, obj)
             return
-        key, secret = services.api_key_create(
+        key, secret = keys.api_key_create(
             user=data["user"],
             key_name=data["key_name"],
             expires_at=data["expires_at"],
@@ -1210,7 +1211,7 @@ class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet) -> None:
         count = 0
         for key in queryset.filter(is_active=True).order_by("pk"):
-            services.api_key_revoke(key_id=key.pk)
+            keys.api_key_revoke(key_id=key.pk)
             self.log_change(request, key, "Revoked the key.")
             count += 1
         self.message_user(request, f"Revoked {count} key{'s' if count != 1 else ''}.")
@@ -1222,7 +1223,7 @@ class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
     def rotate_keys(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse:
         issued = []
         for key in queryset.order_by("pk"):
-            secret = services.api_key_rotate(key=key)
+            secret = keys.api_key_rotate(key=key)
             self.log_change(request, key, "Rotated the key's secret.")
             issued.append((key, secret))
         return self._secret_response(request, issued, created=False)
@@ -1316,7 +1317,7 @@ class HoldAdmin(CsvExportMixin, LedgerAdmin):
         if not self.has_release_permission(request):
             raise PermissionDenied
         now = timezone.now()
-        released = services.holds_expire_stale(now=now)
+        released = holds.holds_expire_stale(now=now)
         self._log_released(request, now)
         self.message_user(
             request,
@@ -1346,7 +1347,7 @@ class HoldAdmin(CsvExportMixin, LedgerAdmin):
         for request_id in queryset.filter(status=Hold.Status.OPEN, expires_at__lte=now).values_list(
             "request_id", flat=True
         ):
-            released += services.hold_expire(request_id=request_id, now=now)
+            released += holds.hold_expire(request_id=request_id, now=now)
         self._log_released(request, now)
         skipped = queryset.count() - released
         note = f" ({skipped} not open or not yet expired, left alone)" if skipped else ""

@@ -27,7 +27,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from budgets import selectors, services
+from budgets import selectors
 from budgets.exceptions import UnknownUser
 from budgets.models import APIKey, Budget
 from budgets.serializers import (
@@ -45,6 +45,7 @@ from budgets.serializers import (
     UserResponse,
     UserTopup,
 )
+from budgets.services import accounts, keys
 from otari.exceptions import BadRequest, Conflict, NotFound
 from otari.rest import (
     DEFAULT_WORKSPACE_ID,
@@ -153,7 +154,7 @@ class BudgetListApi(ManagementMixin, APIView):
         data = validated(BudgetSettings, request.data)
         _budget_unsupported_check(data)
         _budget_period_check(data)
-        budget = services.budget_create(
+        budget = accounts.budget_create(
             name=data.get("name") or "",
             max_budget_usd=data.get("max_budget"),
             budget_duration_sec=data.get("budget_duration_sec"),
@@ -201,7 +202,7 @@ class BudgetDetailApi(ManagementMixin, APIView):
                 changes["budget_duration_sec"] = None
         changes.update(_alert_settings(data))
         try:
-            services.budget_update(budget_id=budget_id, **changes)
+            accounts.budget_update(budget_id=budget_id, **changes)
         except Budget.DoesNotExist:
             raise NotFound(
                 f"Budget {quoted_id(budget_id)} not found", code="budget_not_found"
@@ -216,7 +217,7 @@ class BudgetDetailApi(ManagementMixin, APIView):
     )
     def delete(self, request: Request, budget_id: str) -> Response:
         try:
-            services.budget_delete(budget_id=budget_id)
+            accounts.budget_delete(budget_id=budget_id)
         except Budget.DoesNotExist:
             raise NotFound(
                 f"Budget {quoted_id(budget_id)} not found", code="budget_not_found"
@@ -304,7 +305,7 @@ class UserListApi(ManagementMixin, APIView):
                 f"User {quoted_id(user_id)} was deleted; its id stays with its usage history",
                 code="user_deleted",
             )
-        services.user_create(
+        accounts.user_create(
             user_id=user_id,
             alias=data.get("alias") or "",
             budget=_referenced_budget(data.get("budget_id")),
@@ -350,7 +351,7 @@ class UserDetailApi(ManagementMixin, APIView):
         if "budget_id" in data:
             changes["budget"] = _referenced_budget(data["budget_id"])
         try:
-            services.user_update(user_id=user_id, **changes)
+            accounts.user_update(user_id=user_id, **changes)
         except UnknownUser:
             raise NotFound(f"User {quoted_id(user_id)} not found", code="user_not_found") from None
         return Response(UserResponse(_user_or_404(user_id)).data)
@@ -364,7 +365,7 @@ class UserDetailApi(ManagementMixin, APIView):
     )
     def delete(self, request: Request, user_id: str) -> Response:
         _user_or_404(user_id)
-        services.user_delete(user_id=user_id)
+        accounts.user_delete(user_id=user_id)
         return Response(status=204)
 
 
@@ -385,7 +386,7 @@ class UserTopupApi(ManagementMixin, APIView):
         if amount:
             _topup_expiry_check(expires_at)
         try:
-            services.user_topup_set(user_id=user_id, amount_usd=amount, expires_at=expires_at)
+            accounts.user_topup_set(user_id=user_id, amount_usd=amount, expires_at=expires_at)
         except UnknownUser:
             raise NotFound(f"User {quoted_id(user_id)} not found", code="user_not_found") from None
         return Response(UserResponse(_user_or_404(user_id)).data)
@@ -461,12 +462,12 @@ class KeyListApi(ManagementMixin, APIView):
             "tpm_limit": data.get("tpm_limit"),
         }
         if data.get("user_id") is None:
-            key, secret = services.api_key_create_with_user(**settings)
+            key, secret = keys.api_key_create_with_user(**settings)
         else:
             user = selectors.user_get(user_id=data["user_id"])
             if user is None:
                 raise NotFound("The user named by user_id was not found", code="user_not_found")
-            key, secret = services.api_key_create(user=user, **settings)
+            key, secret = keys.api_key_create(user=user, **settings)
         key.secret = secret  # type: ignore[attr-defined]
         return Response(CreateKeyResponse(key).data)
 
@@ -507,7 +508,7 @@ class KeyDetailApi(ManagementMixin, APIView):
             if name in data:
                 changes[name] = data[name]
         try:
-            key = services.api_key_update(key_id=_key_id(key_id), **changes)
+            key = keys.api_key_update(key_id=_key_id(key_id), **changes)
         except APIKey.DoesNotExist:
             raise NotFound(f"API key {quoted_id(key_id)} not found", code="key_not_found") from None
         return Response(KeyInfo(key).data)
@@ -521,7 +522,7 @@ class KeyDetailApi(ManagementMixin, APIView):
     )
     def delete(self, request: Request, key_id: str) -> Response:
         try:
-            services.api_key_revoke(key_id=_key_id(key_id))
+            keys.api_key_revoke(key_id=_key_id(key_id))
         except APIKey.DoesNotExist:
             raise NotFound(f"API key {quoted_id(key_id)} not found", code="key_not_found") from None
         return Response(status=204)
@@ -538,6 +539,6 @@ class KeyRotateApi(ManagementMixin, APIView):
     )
     def post(self, request: Request, key_id: str) -> Response:
         key = _key_or_404(key_id)
-        secret = services.api_key_rotate(key=key)
+        secret = keys.api_key_rotate(key=key)
         key.secret = secret  # type: ignore[attr-defined]
         return Response(CreateKeyResponse(key).data)

@@ -10,7 +10,7 @@ from django.conf import settings
 from otari.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
 
 if TYPE_CHECKING:
-    from budgets.services import BudgetState
+    from budgets.services.holds import BudgetState
 
 
 class UnknownUser(NotFound):

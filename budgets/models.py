@@ -1,6 +1,6 @@
 """Budgets, the users they cap, their API keys, and the reservation ledger.
 
-Schema and tiny derived properties only; every write goes through budgets/services.py.
+Schema and tiny derived properties only; every write goes through budgets/services/.
 Money columns are `MoneyField` (Decimal, docs/SPEC.md §3.1) and the database itself refuses
 negative amounts.
 """
@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from budgets import rules
 from otari.audit import Channel
 from otari.fields import MoneyField
 from otari.history import AuditedHistory
@@ -99,7 +100,9 @@ class Budget(models.Model):
 
     @property
     def alerts_enabled(self) -> bool:
-        return bool(self.alert_thresholds_pct) and bool(self.alert_webhook_url or self.alert_emails)
+        return rules.alerts_enabled(
+            self.alert_thresholds_pct, self.alert_webhook_url, self.alert_emails
+        )
 
 
 class GatewayUser(models.Model):

@@ -29,11 +29,13 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 
+from budgets import rules
 from budgets.models import APIKey, Budget, BudgetAlert, BudgetResetLog, GatewayUser, Hold
 from otari import pgpool
 from otari.fields import MoneyField
-from usage.models import BUDGET_EXCEEDED, ModelPricing, UsageLog
+from usage.models import BUDGET_EXCEEDED, UsageLog
 from usage.pricing import Rates
+from usage.selectors import price_at, price_at_sql
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,32 +90,23 @@ class Caller:
         return self.user_allowed_models
 
     def limit_usd(self, now: datetime) -> Decimal | None:
-        """The cap admission checks against: the budget plus a live top-up; None = uncapped."""
-        if self.max_budget_usd is None:
-            return None
-        if self.topup_expires_at is not None and self.topup_expires_at > now:
-            return self.max_budget_usd + self.topup_usd
-        return self.max_budget_usd
+        """The cap admission checks against (budgets.rules); None = uncapped."""
+        return rules.limit_usd(self.max_budget_usd, self.topup_usd, self.topup_expires_at, now)
 
 
-_CALLER_COLUMNS = """
+_CALLER_COLUMNS = f"""
     u.user_id, u.blocked, u.deleted_at, u.allowed_models AS user_allowed_models,
     u.budget_id, b.max_budget_usd, u.spend_usd, u.reserved_usd, u.next_budget_reset_at,
     u.topup_usd, u.topup_expires_at,
-    CASE WHEN b.alert_webhook_url <> '' OR b.alert_emails <> '[]'::jsonb
-         THEN b.alert_thresholds_pct END AS alert_thresholds_pct,
+    CASE WHEN {rules.ALERTS_ENABLED_SQL} THEN b.alert_thresholds_pct END
+        AS alert_thresholds_pct,
     u.rpm_limit AS user_rpm_limit, u.tpm_limit AS user_tpm_limit,
     p.input_price_per_mtok_usd, p.output_price_per_mtok_usd,
     p.cache_read_price_per_mtok_usd, p.cache_write_price_per_mtok_usd, p.origin AS price_origin
 """
-# The current price: the newest version that is already in effect.
-_PRICE_JOIN = """
+_PRICE_JOIN = f"""
     LEFT JOIN budgets_budget b ON b.budget_id = u.budget_id
-    LEFT JOIN LATERAL (
-        SELECT * FROM usage_modelpricing
-        WHERE model_key = %(model_key)s AND effective_at <= %(now)s
-        ORDER BY effective_at DESC LIMIT 1
-    ) p ON TRUE
+    LEFT JOIN LATERAL ({price_at_sql()}) p ON TRUE
 """
 _CALLER_BY_KEY_SQL = f"""
 SELECT {_CALLER_COLUMNS},
@@ -174,15 +167,6 @@ def _caller_from_row(row: dict[str, Any]) -> Caller:
         user_tpm_limit=row["user_tpm_limit"],
         key_rpm_limit=row.get("key_rpm_limit"),
         key_tpm_limit=row.get("key_tpm_limit"),
-    )
-
-
-def price_at(model_key: str, moment: datetime) -> ModelPricing | None:
-    """The price version in effect for `model_key` at `moment`."""
-    return (
-        ModelPricing.objects.filter(model_key=model_key, effective_at__lte=moment)
-        .order_by("-effective_at")
-        .first()
     )
 
 
@@ -256,12 +240,11 @@ async def caller_load(
     )
 
 
-_RATES_SQL = """
-SELECT DISTINCT ON (model_key) model_key, input_price_per_mtok_usd,
-       output_price_per_mtok_usd, cache_read_price_per_mtok_usd, cache_write_price_per_mtok_usd
-FROM usage_modelpricing
-WHERE model_key = ANY(%(model_keys)s) AND effective_at <= %(now)s
-ORDER BY model_key, effective_at DESC
+_RATES_SQL = f"""
+SELECT k.model_key, p.input_price_per_mtok_usd, p.output_price_per_mtok_usd,
+       p.cache_read_price_per_mtok_usd, p.cache_write_price_per_mtok_usd
+FROM unnest(%(model_keys)s::text[]) AS k(model_key)
+JOIN LATERAL ({price_at_sql("k.model_key")}) p ON TRUE
 """
 
 
@@ -291,6 +274,20 @@ async def rates_current(*, model_keys: list[str], now: datetime) -> dict[str, Ra
 
 # ---------------------------------------------------------------------------------------
 # Operations: what the reset, sweep and audit commands look at (docs/SPEC.md §3.5, §3.6)
+
+
+def user_lock(user_id: str) -> GatewayUser:
+    """The user's row, locked until the transaction ends (call inside one), with its budget.
+
+    no_key: only counters change, so inserts of holds and usage rows referencing this
+    user (which take a key-share lock through the foreign key) are not blocked.
+    of=self: the budget row joined for reading is not locked. Raises DoesNotExist.
+    """
+    return (
+        GatewayUser.objects.select_for_update(no_key=True, of=("self",))
+        .select_related("budget")
+        .get(pk=user_id)
+    )
 
 
 def users_due_for_reset(
@@ -544,17 +541,10 @@ def user_money_annotate(queryset: QuerySet[GatewayUser], *, now: datetime) -> Qu
     uncapped), `committed_usd` (spend + reserved) and `used_ratio` (committed / cap, 1
     for a zero cap), computed in SQL so lists can filter and sort on them.
 
-    The same cap admission checks against (budgets.services._limit_usd).
+    The same cap admission checks against (budgets.rules).
     """
-    live_topup = Case(
-        When(topup_expires_at__gt=now, then=F("topup_usd")),
-        default=Value(Decimal(0)),
-        output_field=MoneyField(),
-    )
     return queryset.annotate(
-        cap_usd=ExpressionWrapper(
-            F("budget__max_budget_usd") + live_topup, output_field=MoneyField(null=True)
-        ),
+        cap_usd=rules.limit_expression(now),
         committed_usd=ExpressionWrapper(
             F("spend_usd") + F("reserved_usd"), output_field=MoneyField()
         ),

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 @shared_task(name="budgets.roll_due_periods", ignore_result=True)
 def budgets_roll_due_periods() -> int:
     """Roll every budget period that has ended (what `manage.py reset_budgets` does)."""
-    from budgets.services import budgets_roll_due
+    from budgets.services.periods import budgets_roll_due
 
     summary = budgets_roll_due()
     if summary.rolled:
@@ -31,7 +31,7 @@ def budgets_roll_due_periods() -> int:
 @shared_task(name="budgets.expire_stale_holds", ignore_result=True)
 def holds_expire_stale() -> int:
     """Release holds past their expiry (what `manage.py release_stale_holds` does)."""
-    from budgets.services import holds_expire_stale as expire
+    from budgets.services.holds import holds_expire_stale as expire
 
     expired = expire()
     if expired:
@@ -42,7 +42,7 @@ def holds_expire_stale() -> int:
 @shared_task(name="budgets.sweep_alerts", ignore_result=True)
 def budget_alerts_sweep() -> int:
     """Raise alerts for thresholds reached without one, and re-drive lost deliveries."""
-    from budgets.services import budget_alerts_sweep as sweep
+    from budgets.services.alerts import budget_alerts_sweep as sweep
 
     return len(sweep().created)
 
@@ -56,7 +56,7 @@ def budget_alert_deliver(alert_id: int) -> str:
     while `enqueue` honours the countdown in both modes. The attempt count and the cap
     live on the alert row.
     """
-    from budgets.services import budget_alert_deliver as deliver
+    from budgets.services.alerts import budget_alert_deliver as deliver
 
     outcome = deliver(alert_id=alert_id)
     if outcome.retry_in_s is not None:

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 
-from budgets import services
 from budgets.exceptions import (
     ExpiredAPIKey,
     InactiveAPIKey,
@@ -16,6 +15,7 @@ from budgets.exceptions import (
     UnknownUser,
 )
 from budgets.selectors import Caller, caller_load
+from budgets.services import accounts, keys, periods
 from llm_proxy import platform
 from otari.exceptions import BadRequest
 
@@ -48,9 +48,9 @@ async def authenticate(
     (400 without one, 404 for an unknown one). Anything else is a 401 whose message says
     what was wrong with the key, never the key.
     """
-    if credential.startswith(services.API_KEY_PREFIX):
+    if credential.startswith(keys.API_KEY_PREFIX):
         caller = await _caller_load(
-            key_hash=services.secret_hash(credential), model_key=model_key, now=now
+            key_hash=keys.secret_hash(credential), model_key=model_key, now=now
         )
         if caller is None:
             raise InvalidAPIKey
@@ -59,7 +59,7 @@ async def authenticate(
         if caller.key_expires_at is not None and caller.key_expires_at <= now:
             raise ExpiredAPIKey
         return caller
-    if await sync_to_async(services.master_key_matches)(credential):
+    if await sync_to_async(keys.master_key_matches)(credential):
         if named_user is None:
             raise BadRequest(
                 "Requests made with the master key must name the user to bill",
@@ -76,9 +76,9 @@ async def authenticate(
 async def is_platform_user_token(credential: str) -> bool:
     """In platform mode (docs/SPEC.md §7), a credential that is neither a `gw-` key nor the
     master key is a platform user token, for the platform to judge."""
-    if not platform.enabled() or credential.startswith(services.API_KEY_PREFIX):
+    if not platform.enabled() or credential.startswith(keys.API_KEY_PREFIX):
         return False
-    return not await sync_to_async(services.master_key_matches)(credential)
+    return not await sync_to_async(keys.master_key_matches)(credential)
 
 
 async def authenticate_platform_user(*, user_id: str, now: datetime) -> Caller:
@@ -86,7 +86,7 @@ async def authenticate_platform_user(*, user_id: str, now: datetime) -> Caller:
     on first sight. A user deleted here stays refused (404): the local operator's word."""
     caller = await _caller_load(user_id=user_id, model_key="", now=now)
     if caller is None:
-        await sync_to_async(services.user_ensure)(user_id=user_id)
+        await sync_to_async(accounts.user_ensure)(user_id=user_id)
         caller = await _caller_load(user_id=user_id, model_key="", now=now)
     if caller is None or caller.deleted:
         raise UnknownUser
@@ -103,7 +103,7 @@ async def _caller_load(
         and (caller.next_budget_reset_at <= now)
     ):
         # The user's period has ended: roll it before anything judges the budget (§3.3).
-        await sync_to_async(services.user_period_roll)(user_id=caller.user_id, now=now)
+        await sync_to_async(periods.user_period_roll)(user_id=caller.user_id, now=now)
         caller = await caller_load(key_hash=key_hash, user_id=user_id, model_key=model_key, now=now)
     return caller
 
@@ -111,9 +111,9 @@ async def _caller_load(
 async def authenticate_listing(*, credential: str, now: datetime) -> Caller | None:
     """For endpoints that bill nobody (`GET /v1/models`): the key's caller, or None for
     the master key."""
-    if credential.startswith(services.API_KEY_PREFIX):
+    if credential.startswith(keys.API_KEY_PREFIX):
         return await authenticate(credential=credential, named_user=None, model_key="", now=now)
-    if await sync_to_async(services.master_key_matches)(credential):
+    if await sync_to_async(keys.master_key_matches)(credential):
         return None
     raise InvalidAPIKey
 

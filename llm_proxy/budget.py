@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 
 from budgets.exceptions import BudgetExceeded
-from budgets.services import BudgetState
+from budgets.services.holds import BudgetState
 from usage.pricing import estimate_usd, output_tokens_within
 
 if TYPE_CHECKING:

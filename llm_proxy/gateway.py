@@ -34,9 +34,10 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.request import RawPostDataException
 from django.utils import timezone
 
-from budgets import alerting, services
+from budgets import alerting
 from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
 from budgets.selectors import Caller, rates_current
+from budgets.services import alerts, holds
 from llm_proxy import budget, platform, prices, ratelimit, upstream
 from llm_proxy.auth import (
     authenticate,
@@ -63,13 +64,14 @@ from otari.celery import embedded_beat_tick
 from otari.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
 from otari.logging import bind_request, log_payload
 from otari.logging import current as current_request
+from usage import ledger
 from usage.models import UsageLog, UsageReport
 from usage.pricing import TokenUsage, cost_usd, prompt_tokens_from_chars
 from usage.reporting import AttemptReport
 from usage.selectors import prices_current
 
 if TYPE_CHECKING:
-    from budgets.services import BudgetState
+    from budgets.services.holds import BudgetState
     from llm_proxy.formats.base import ApiFormat
     from llm_proxy.providers.base import Provider
     from llm_proxy.ratelimit import RateAdmission
@@ -251,8 +253,8 @@ class Exchange:
         error_message: str = "",
         error_class: str = "",
         upstream: ProviderError | None = None,
-    ) -> services.UsageRecord:
-        return services.UsageRecord(
+    ) -> ledger.UsageRecord:
+        return ledger.UsageRecord(
             request_id=self.request_id,
             user_id=self.caller.user_id,
             api_key_id=self.caller.api_key_id,
@@ -275,7 +277,7 @@ class Exchange:
         )
 
     def _close_once(
-        self, close: Callable[[], Awaitable[Any]], record: services.UsageRecord
+        self, close: Callable[[], Awaitable[Any]], record: ledger.UsageRecord
     ) -> asyncio.Future:
         """Run the first close of this request, shielded; later calls await that one.
 
@@ -286,9 +288,7 @@ class Exchange:
             self._closing = _track(self._close(close, record))
         return asyncio.shield(self._closing)
 
-    async def _close(
-        self, close: Callable[[], Awaitable[Any]], record: services.UsageRecord
-    ) -> None:
+    async def _close(self, close: Callable[[], Awaitable[Any]], record: ledger.UsageRecord) -> None:
         """Close the books and, concurrently, correct the rate limiter's token count to
         what the request used (its estimate was counted at admission)."""
         metrics.request_closed(record)
@@ -325,12 +325,12 @@ class Exchange:
         async def close() -> None:
             now = timezone.now()
             if self.held:
-                state = await services.hold_settle_async(record=record, now=now)
+                state = await holds.hold_settle_async(record=record, now=now)
                 if state is not None:
                     self.budget_state = state
                     self._alerts_after_settle(state, record.charge_usd, now)
             else:
-                await services.usage_record_async(record=record, now=now)
+                await holds.usage_record_async(record=record, now=now)
 
         await self._close_once(close, record)
 
@@ -363,9 +363,9 @@ class Exchange:
         async def close() -> None:
             now = timezone.now()
             if self.held:
-                await services.hold_refund_async(record=record, now=now)
+                await holds.hold_refund_async(record=record, now=now)
             else:
-                await services.usage_record_async(record=record, now=now)
+                await holds.usage_record_async(record=record, now=now)
 
         await self._close_once(close, record)
 
@@ -538,7 +538,7 @@ def _refused_for_budget(caller: Caller) -> None:
 
 async def _alerts_check(user_id: str, now) -> None:
     try:
-        await sync_to_async(services.budget_alerts_check)(user_id=user_id, now=now)
+        await sync_to_async(alerts.budget_alerts_check)(user_id=user_id, now=now)
     except Exception:
         # The periodic sweep raises any alert this missed (budgets_alerts_sweep).
         logger.exception("budget alert check for user %s failed", user_id)
@@ -616,7 +616,7 @@ async def _admit(
         return exchange, exchange.body
     except GatewayError as exc:
         # A refusal of a known user leaves a usage row (docs/SPEC.md §3.4, §5).
-        record = services.UsageRecord(
+        record = ledger.UsageRecord(
             request_id=request_id,
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,
@@ -630,7 +630,7 @@ async def _admit(
             error_code=exc.code,
             latency_ms=int((time.perf_counter() - started) * 1000),
         )
-        await services.usage_record_async(record=record, now=timezone.now())
+        await holds.usage_record_async(record=record, now=timezone.now())
         metrics.request_closed(record)
         if isinstance(exc, BudgetExceeded):
             _refused_for_budget(caller)
@@ -728,7 +728,7 @@ async def _hold_open(rate: RateAdmission | None, **hold: Any) -> BudgetState:
     """`hold_open_async`; a refusal gives the rate limiter back the request's tokens
     (it used none) and still shows the caller its rate limits."""
     try:
-        return await services.hold_open_async(**hold)
+        return await holds.hold_open_async(**hold)
     except GatewayError as exc:
         await ratelimit.rate_settle(rate, tokens=0)
         if rate is not None:
@@ -832,7 +832,7 @@ async def _admit_platform(
         return exchange, exchange.body
     except GatewayError as exc:
         first = next((a for a in attempts if a.refusal is None), attempts[-1])
-        record = services.UsageRecord(
+        record = ledger.UsageRecord(
             request_id=request_id,
             user_id=caller.user_id,
             api_key_id=None,
@@ -846,7 +846,7 @@ async def _admit_platform(
             latency_ms=int((time.perf_counter() - started) * 1000),
             reports=_refusal_reports(attempts, exc, resolution.request_id),
         )
-        await services.usage_record_async(record=record, now=timezone.now())
+        await holds.usage_record_async(record=record, now=timezone.now())
         metrics.request_closed(record)
         if isinstance(exc, BudgetExceeded):
             _refused_for_budget(caller)

@@ -49,8 +49,8 @@ from prometheus_client.registry import Collector
 from otari import logging as otari_logging
 
 if TYPE_CHECKING:
-    from budgets.services import UsageRecord
     from otari.exceptions import GatewayError
+    from usage.ledger import UsageRecord
 
 logger = logging.getLogger(__name__)
 

@@ -42,6 +42,12 @@ def _usd_text(rounded: Decimal, *, places: int) -> str:
     return f"{sign}${whole}.{fraction}"
 
 
+def exact_str(amount: Decimal) -> str:
+    """An amount as an exact decimal string without the column's trailing zeros (`0.5`),
+    for machine-read text: webhook payloads and log lines."""
+    return format(amount.normalize(), "f")
+
+
 def format_price(amount: Decimal | None) -> str:
     """A per-million-token rate, to the ten places prices are stored with."""
     if amount is None:

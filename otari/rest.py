@@ -33,8 +33,8 @@ from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from budgets import services
 from budgets.exceptions import MissingAPIKey
+from budgets.services import keys
 from llm_proxy.auth import credential_from_headers
 from otari.exceptions import GatewayError
 from otari.rest_json import STORABLE_MESSAGE, json_number, text_storable
@@ -68,9 +68,9 @@ class MasterKeyAuthentication(BaseAuthentication):
             secret = credential_from_headers(request)
         except MissingAPIKey:
             return None
-        if services.master_key_matches(secret):
+        if keys.master_key_matches(secret):
             return ("master", None)
-        if secret.startswith(services.API_KEY_PREFIX):
+        if secret.startswith(keys.API_KEY_PREFIX):
             raise exceptions.PermissionDenied("The management API requires the master key")
         raise exceptions.AuthenticationFailed("Invalid master key")
 
@@ -170,7 +170,7 @@ def page_not_found(request: Any, exception: Exception | None = None) -> JsonResp
 def quoted_id(value: str) -> str:
     """An identifier from the URL path, fit to quote in an error message: shortened, and
     withheld when it looks like a secret (someone pasting a key into the wrong place)."""
-    if value.startswith((services.API_KEY_PREFIX, services.MASTER_KEY_PREFIX)):
+    if value.startswith((keys.API_KEY_PREFIX, keys.MASTER_KEY_PREFIX)):
         return "(withheld)"
     if len(value) > _MAX_QUOTED_ID:
         value = value[:_MAX_QUOTED_ID] + "…"

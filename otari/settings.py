@@ -192,6 +192,10 @@ OTARI_HOLD_TTL_SECONDS = env.int(
 )
 OTARI_STREAM_KEEPALIVE_SECONDS = env.float("OTARI_STREAM_KEEPALIVE_SECONDS", default=15.0)
 OTARI_HOTPATH_POOL_SIZE = env.int("OTARI_HOTPATH_POOL_SIZE", default=10)
+# On PostgreSQL each money step is first sent as one statement from the event loop (the
+# fast path). Off: every step takes the general path (row locks, then the same statement
+# in a transaction). For comparing the two and for diagnosis; both keep the books exact.
+OTARI_MONEY_FAST_PATH = env.bool("OTARI_MONEY_FAST_PATH", default=True)
 
 # --- Platform mode (docs/SPEC.md §7, docs/PLATFORM.md) -------------------------------------------
 # Both set: platform user tokens are resolved per request and every attempt is reported.

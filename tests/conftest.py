@@ -81,6 +81,27 @@ def calendar_clock(request: pytest.FixtureRequest) -> Iterator[datetime | None]:
         yield CALENDAR_INSTANTS[name]
 
 
+@pytest.fixture(autouse=True)
+def books_balanced(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test that used the database, the audit (`manage.py audit_budgets`)
+    finds every user's books balanced: reserved = open holds, spend = counted usage in
+    the window (docs/SPEC.md §3.5). A test that unbalances them on purpose says so with
+    the `books_unbalanced` marker."""
+    uses_db = request.node.get_closest_marker("django_db") is not None or bool(
+        {"db", "transactional_db"} & set(request.fixturenames)
+    )
+    if not uses_db or request.node.get_closest_marker("books_unbalanced") is not None:
+        yield
+        return
+    # Set up before this fixture, so torn down (rolled back, flushed) after its check.
+    request.getfixturevalue("_django_db_helper")
+    yield
+    from budgets.selectors import books_drift_list
+
+    drifts = books_drift_list()
+    assert not drifts, f"the books do not balance after the test: {drifts}"
+
+
 def is_postgres() -> bool:
     return connections["default"].vendor == "postgresql"
 

@@ -6,8 +6,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from budgets import services
 from budgets.models import APIKey, Budget, GatewayUser
+from budgets.services import accounts, keys
 from usage.models import ModelPricing
 from usage.services import pricing_set
 
@@ -16,17 +16,17 @@ _counter = iter(range(1, 1_000_000))
 
 def make_budget(**kwargs: Any) -> Budget:
     kwargs.setdefault("name", f"budget-{next(_counter)}")
-    return services.budget_create(**kwargs)
+    return accounts.budget_create(**kwargs)
 
 
 def make_user(budget: Budget | None = None, **kwargs: Any) -> GatewayUser:
     kwargs.setdefault("user_id", f"user-{next(_counter)}")
-    return services.user_create(budget=budget, **kwargs)
+    return accounts.user_create(budget=budget, **kwargs)
 
 
 def make_key(user: GatewayUser | None = None, **kwargs: Any) -> tuple[APIKey, str]:
     """A key and its secret."""
-    return services.api_key_create(user=user or make_user(), **kwargs)
+    return keys.api_key_create(user=user or make_user(), **kwargs)
 
 
 def set_price(

@@ -12,7 +12,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from budgets.models import MasterKey
-from budgets.services import MASTER_KEY_RECHECK_SECONDS
+from budgets.services.keys import MASTER_KEY_RECHECK_SECONDS
 from tests.conftest import MASTER_KEY, start_server_process
 from tests.factories import make_key, make_user, set_price
 from usage.models import UsageLog

@@ -17,7 +17,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters, ShowFacets
 from django.contrib.admin.utils import quote
 from django.core.exceptions import PermissionDenied
-from django.db.models import F, OuterRef, QuerySet, Subquery
+from django.db.models import F, QuerySet
 from django.http import HttpRequest, JsonResponse
 from django.urls import path, reverse
 from django.utils import timezone
@@ -44,7 +44,12 @@ from otari.admin_tools import (
     status_badge,
 )
 from usage.models import ModelPricing, UsageLog, UsageReport
-from usage.selectors import TotalsTooSlow, providers_known, usage_totals
+from usage.selectors import (
+    TotalsTooSlow,
+    price_current_effective_at,
+    providers_known,
+    usage_totals,
+)
 from usage.services import pricing_set, usage_reports_redrive_dead
 
 # The generation endpoints a usage row can name (docs/SPEC.md §2); a fixed list, so the
@@ -175,14 +180,11 @@ class ModelPricingAdmin(SettingHistoryMixin, ServiceAdmin):
         return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
-        in_effect = (
-            ModelPricing.objects.filter(
-                model_key=OuterRef("model_key"), effective_at__lte=timezone.now()
-            )
-            .order_by("-effective_at")
-            .values("effective_at")[:1]
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(current_effective_at=price_current_effective_at(timezone.now()))
         )
-        return super().get_queryset(request).annotate(current_effective_at=Subquery(in_effect))
 
     @admin.display(description="Set by", ordering="origin")
     def source(self, obj: ModelPricing) -> str:

@@ -21,7 +21,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from budgets.api import validated
-from budgets.selectors import price_at, user_exists
+from budgets.selectors import user_exists
 from otari.exceptions import NotFound
 from otari.rest import (
     PAGE_PARAMETERS,
@@ -153,7 +153,7 @@ class PricingDetailApi(ManagementMixin, APIView):
     )
     def get(self, request: Request, model_key: str) -> Response:
         query = validated(AsOfQuery, request.query_params)
-        price = price_at(model_key, query.get("as_of") or timezone.now())
+        price = selectors.price_at(model_key, query.get("as_of") or timezone.now())
         if price is None:
             raise NotFound(f"No price for model {quoted_id(model_key)}", code="price_not_found")
         return Response(PricingResponse(price).data)

@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from django.db import OperationalError, connections, transaction
-from django.db.models import CharField, Count, F, Max, OuterRef, Q, QuerySet, Subquery, Sum, Value
+from django.db.models import CharField, Count, F, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, Concat, TruncDate, TruncDay, TruncHour
 
 from budgets.models import APIKey, GatewayUser
@@ -20,30 +20,55 @@ from usage.models import ModelPricing, UsageLog, UsageReport
 ZERO = Decimal(0)
 
 
+# ---------------------------------------------------------------------------------------
+# The current price: of a model's price versions, the newest one already in effect (a
+# version may be scheduled ahead). Written here once in each spelling the code needs;
+# tests/budgets/test_money_rules.py checks that they agree.
+
+
+def _price_versions_in_effect(moment: datetime, model_key: Any) -> QuerySet[ModelPricing]:
+    """`model_key`'s versions in effect at `moment`, newest first (`model_key` may be an
+    OuterRef)."""
+    return ModelPricing.objects.filter(model_key=model_key, effective_at__lte=moment).order_by(
+        "-effective_at"
+    )
+
+
+def price_at(model_key: str, moment: datetime) -> ModelPricing | None:
+    """The price version in effect for `model_key` at `moment`."""
+    return _price_versions_in_effect(moment, model_key).first()
+
+
+def price_current_effective_at(moment: datetime) -> Subquery:
+    """For a ModelPricing queryset: when the version in effect for its row's model began."""
+    return Subquery(
+        _price_versions_in_effect(moment, OuterRef("model_key")).values("effective_at")[:1]
+    )
+
+
+def price_at_sql(model_key: str = "%(model_key)s") -> str:
+    """The price version in effect at `%(now)s` for the SQL expression `model_key`, as a
+    subquery (for a LATERAL join)."""
+    return (
+        f"SELECT * FROM usage_modelpricing WHERE model_key = {model_key}"
+        " AND effective_at <= %(now)s ORDER BY effective_at DESC LIMIT 1"
+    )
+
+
 def prices_current(now: datetime) -> list[ModelPricing]:
     """The price in effect now for every model that has one, by model key."""
-    current: dict[str, ModelPricing] = {}
-    for price in ModelPricing.objects.filter(effective_at__lte=now).order_by(
-        "model_key", "-effective_at"
-    ):
-        current.setdefault(price.model_key, price)
-    return list(current.values())
+    return list(_prices_current(now))
+
+
+def _prices_current(now: datetime) -> QuerySet[ModelPricing]:
+    return ModelPricing.objects.filter(effective_at=price_current_effective_at(now)).order_by(
+        "model_key"
+    )
 
 
 def pricing_list_current(*, now: datetime, skip: int, limit: int) -> list[ModelPricing]:
     """One row per model, the version in effect at `now`, by model key (paginated in SQL)."""
-    newest = (
-        ModelPricing.objects.filter(model_key=OuterRef("model_key"), effective_at__lte=now)
-        .order_by()
-        .values("model_key")
-        .annotate(newest=Max("effective_at"))
-        .values("newest")
-    )
-    return list(
-        ModelPricing.objects.filter(effective_at=Subquery(newest)).order_by("model_key")[
-            skip : skip + limit
-        ]
-    )
+    return list(_prices_current(now)[skip : skip + limit])
 
 
 def pricing_history(*, model_key: str) -> list[ModelPricing]:

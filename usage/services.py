@@ -16,14 +16,13 @@ from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from budgets.selectors import price_at
 from otari.celery import enqueue, enqueue_on_commit
 from otari.config import PriceConfig, gateway_config
 from usage import catalog, reporting
 from usage.catalog import CatalogPrice
 from usage.models import ModelPricing, UsageReport
 from usage.reporting import Verdict
-from usage.selectors import prices_current
+from usage.selectors import price_at, prices_current
 from usage.tasks import usage_report_push as usage_report_push_task
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from budgets import services
 from budgets.models import GatewayUser, Hold
+from budgets.services import holds
+from usage import ledger
 from usage.models import UsageLog
 from usage.pricing import TokenUsage
 
@@ -77,15 +78,15 @@ def charge(
     so a test can push spend past the limit the way a bigger-than-estimated reply does)."""
     now = at or timezone.now()
     request_id = uuid.uuid4()
-    services.hold_open(
+    holds.hold_open(
         user_id=user.pk,
         request_id=request_id,
         amount_usd=Decimal(hold),
         model_key=f"{provider}:{model}",
         now=now,
     )
-    services.hold_settle(
-        record=services.UsageRecord(
+    holds.hold_settle(
+        record=ledger.UsageRecord(
             request_id=request_id,
             user_id=user.pk,
             api_key_id=None,
@@ -116,8 +117,8 @@ def fail(
 ) -> UsageLog:
     """A refused or failed request: a usage row with no cost."""
     request_id = uuid.uuid4()
-    services.usage_record(
-        record=services.UsageRecord(
+    holds.usage_record(
+        record=ledger.UsageRecord(
             request_id=request_id,
             user_id=user.pk,
             api_key_id=None,
@@ -138,7 +139,7 @@ def fail(
 
 def open_hold(user: GatewayUser, amount: str | Decimal, *, at: datetime | None = None) -> Hold:
     request_id = uuid.uuid4()
-    services.hold_open(
+    holds.hold_open(
         user_id=user.pk,
         request_id=request_id,
         amount_usd=Decimal(amount),

@@ -13,10 +13,11 @@ from decimal import Decimal
 
 from django.conf import settings
 
-from budgets import services
 from budgets.exceptions import BudgetExceeded
 from budgets.models import Budget, GatewayUser
+from budgets.services import accounts, holds
 from tests.factories import set_price
+from usage import ledger
 from usage.pricing import Rates, TokenUsage, cost_usd
 
 # (provider, model, input $/Mtok, output $/Mtok, weight)
@@ -59,32 +60,32 @@ def seed_demo_history(*, now: datetime, days: int = 30, seed: int = 7) -> Demo:
         set_price(f"{provider}:{model}", inp, out, effective_at=start - timedelta(days=1))
         rates[(provider, model)] = Rates(input_per_mtok=Decimal(inp), output_per_mtok=Decimal(out))
     budgets = {
-        "Research": services.budget_create(
+        "Research": accounts.budget_create(
             name="Research", max_budget_usd=Decimal("3.50"), reset_alignment="calendar_month"
         ),
-        "Product": services.budget_create(
+        "Product": accounts.budget_create(
             name="Product", max_budget_usd=Decimal("1"), budget_duration_sec=7 * 86400
         ),
         # Rolling and longer than the history, so that where `now` falls in a month does
         # not change who is over budget.
-        "Interns": services.budget_create(
+        "Interns": accounts.budget_create(
             name="Interns", max_budget_usd=Decimal("0.50"), budget_duration_sec=45 * 86400
         ),
-        "Automation": services.budget_create(name="Automation", max_budget_usd=None),
-        "Contractors": services.budget_create(
+        "Automation": accounts.budget_create(name="Automation", max_budget_usd=None),
+        "Contractors": accounts.budget_create(
             name="Contractors", max_budget_usd=Decimal("1"), budget_duration_sec=45 * 86400
         ),
     }
     users = {}
     keys = {}
     for user_id, alias, budget_name, _, _ in USERS:
-        users[user_id] = services.user_create(
+        users[user_id] = accounts.user_create(
             user_id=user_id, alias=alias, budget=budgets[budget_name], now=start
         )
-        keys[user_id], _ = services.api_key_create(user=users[user_id], key_name="laptop")
+        keys[user_id], _ = keys.api_key_create(user=users[user_id], key_name="laptop")
     # Eli had a top-up that ran out two days ago: spent beyond the budget while it lasted,
     # Eli is now over it.
-    services.user_topup_set(
+    accounts.user_topup_set(
         user_id="eli", amount_usd=Decimal("1.50"), expires_at=now - timedelta(days=2)
     )
 
@@ -118,10 +119,10 @@ def seed_demo_history(*, now: datetime, days: int = 30, seed: int = 7) -> Demo:
             fail=rng.random() < 0.03,
         )
     # Gus works steadily towards his limit without reaching it: 85% on any day.
-    users["gus"] = services.user_create(
+    users["gus"] = accounts.user_create(
         user_id="gus", alias="Gus Moreau", budget=budgets["Contractors"], now=start
     )
-    gus_key, _ = services.api_key_create(user=users["gus"], key_name="laptop")
+    gus_key, _ = keys.api_key_create(user=users["gus"], key_name="laptop")
     for day in range(17):
         served += _one_request(
             user_id="gus",
@@ -136,7 +137,7 @@ def seed_demo_history(*, now: datetime, days: int = 30, seed: int = 7) -> Demo:
     ttl = timedelta(seconds=settings.OTARI_HOLD_TTL_SECONDS)
     # On the uncapped user, so that they open whatever the others have left.
     for user_id, opened_at in (("ci-bot", now - timedelta(seconds=20)), ("ci-bot", now - 2 * ttl)):
-        services.hold_open(
+        holds.hold_open(
             user_id=user_id,
             request_id=uuid.uuid4(),
             amount_usd=Decimal("0.042"),
@@ -172,7 +173,7 @@ def _one_request(
         "model": model,
     }
     try:
-        services.hold_open(
+        holds.hold_open(
             user_id=user_id,
             request_id=request_id,
             amount_usd=cost * Decimal("1.5"),
@@ -180,8 +181,8 @@ def _one_request(
             now=at,
         )
     except BudgetExceeded:
-        services.usage_record(
-            record=services.UsageRecord(
+        holds.usage_record(
+            record=ledger.UsageRecord(
                 **record,
                 status="error",
                 status_code=403,
@@ -194,8 +195,8 @@ def _one_request(
         return 1
     done = at + timedelta(milliseconds=400 + usage.output_tokens * 12)
     if fail:
-        services.hold_refund(
-            record=services.UsageRecord(
+        holds.hold_refund(
+            record=ledger.UsageRecord(
                 **record,
                 status="error",
                 status_code=502,
@@ -205,8 +206,8 @@ def _one_request(
             now=done,
         )
         return 1
-    services.hold_settle(
-        record=services.UsageRecord(
+    holds.hold_settle(
+        record=ledger.UsageRecord(
             **record,
             status="success",
             status_code=200,

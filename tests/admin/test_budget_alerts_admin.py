@@ -14,8 +14,9 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from budgets import services
 from budgets.models import Budget, BudgetAlert, GatewayUser
+from budgets.services import accounts
+from budgets.services import alerts as alert_services
 from tests.admin.conftest import admin_url, charge
 from tests.factories import make_budget, make_key, make_user, priced
 
@@ -84,8 +85,8 @@ def test_changing_only_the_alerts_goes_through_budget_update(admin_client, monke
     page = admin_client.get(admin_url(budget, "change")).content.decode()
     assert "ops@example.com</textarea>" in page
     calls = []
-    update = services.budget_update
-    monkeypatch.setattr(services, "budget_update", lambda **kw: calls.append(kw) or update(**kw))
+    update = accounts.budget_update
+    monkeypatch.setattr(accounts, "budget_update", lambda **kw: calls.append(kw) or update(**kw))
 
     response = admin_client.post(
         admin_url(budget, "change"),
@@ -177,19 +178,19 @@ def test_invalid_alert_settings_are_refused_with_the_rule(admin_client, field, v
 def alerts(db, receiver, monkeypatch):
     """Three alerts, as settlement raises them: alice at 80% (delivered) and 100%
     (failed: the receiver answered 404), bob at 80% (pending)."""
-    monkeypatch.setattr(services, "enqueue_on_commit", lambda *a, **k: None)
+    monkeypatch.setattr(alert_services, "enqueue_on_commit", lambda *a, **k: None)
     budget = make_budget(name="Team", max_budget_usd=Decimal("10"), alert_webhook_url=receiver.url)
     alice = make_user(budget=budget, user_id="alice")
     bob = make_user(budget=budget, user_id="bob")
     charge(alice, "8")
-    (at_80,) = services.budget_alerts_check(user_id=alice.pk)
-    assert services.budget_alert_deliver(alert_id=at_80.pk).status == "delivered"
+    (at_80,) = alert_services.budget_alerts_check(user_id=alice.pk)
+    assert alert_services.budget_alert_deliver(alert_id=at_80.pk).status == "delivered"
     charge(alice, "2.5")
-    (at_100,) = services.budget_alerts_check(user_id=alice.pk)
+    (at_100,) = alert_services.budget_alerts_check(user_id=alice.pk)
     receiver.statuses.append(404)
-    assert services.budget_alert_deliver(alert_id=at_100.pk).status == "failed"
+    assert alert_services.budget_alert_deliver(alert_id=at_100.pk).status == "failed"
     charge(bob, "9")
-    (bob_80,) = services.budget_alerts_check(user_id=bob.pk)
+    (bob_80,) = alert_services.budget_alerts_check(user_id=bob.pk)
     return {"budget": budget, "delivered": at_80, "failed": at_100, "pending": bob_80}
 
 
@@ -318,9 +319,9 @@ def test_budget_and_user_pages_link_to_their_alerts(admin_client, alerts):
 
 def test_alerts_of_a_deleted_budget_stay_listed(admin_client, alerts):
     for user_id in ("alice", "bob"):
-        services.user_update(user_id=user_id, budget=None)
+        accounts.user_update(user_id=user_id, budget=None)
     budget_id = alerts["budget"].pk
-    services.budget_delete(budget_id=budget_id)
+    accounts.budget_delete(budget_id=budget_id)
     response = admin_client.get(admin_url(BudgetAlert, "changelist"))
     assert len(_listed(response)) == 3
     assert f"{budget_id} (deleted)" in response.content.decode()
@@ -349,7 +350,7 @@ def test_alert_list_query_count_is_independent_of_rows(admin_client, alerts, mon
     for i in range(30):
         user = make_user(budget=budget, user_id=f"many-{i}")
         charge(user, "1")
-        services.budget_alerts_check(user_id=user.pk)
+        alert_services.budget_alerts_check(user_id=user.pk)
     assert BudgetAlert.objects.count() == 63
     assert queries() == few
 

@@ -12,7 +12,7 @@ from django.db import connection
 from django.utils import timezone
 
 from budgets.models import APIKey
-from budgets.services import API_KEY_PREFIX, secret_hash
+from budgets.services.keys import API_KEY_PREFIX, secret_hash
 from tests.admin.conftest import admin_url
 from tests.factories import make_key, make_user
 

@@ -16,8 +16,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from budgets import services
 from budgets.models import BudgetResetLog, GatewayUser, Hold
+from budgets.services import periods
 from otari import admin_tools
 from tests.admin.conftest import admin_url, charge, fail, open_hold
 from tests.factories import make_budget, make_user
@@ -34,7 +34,7 @@ def history():
     bad = fail(user, message='=HYPERLINK("http://evil")')
     charge(other, "2", provider="anthropic", model="claude-sonnet-4")
     hold = open_hold(user, "0.5")
-    log = services.user_period_reset(user_id=user.pk)
+    log = periods.user_period_reset(user_id=user.pk)
     return {"user": user, "other": other, "ok": ok, "bad": bad, "hold": hold, "reset": log}
 
 

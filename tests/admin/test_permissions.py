@@ -29,7 +29,7 @@ def rows():
     price = set_price()
     usage = charge(user, "0.5")
     hold = open_hold(user, "0.1")
-    from budgets.services import user_period_reset
+    from budgets.services.periods import user_period_reset
 
     reset = user_period_reset(user_id=user.pk)
     return {

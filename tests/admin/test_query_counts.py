@@ -11,8 +11,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from budgets import services
 from budgets.models import APIKey, Budget, BudgetResetLog, GatewayUser, Hold
+from budgets.services import periods
 from tests.admin.conftest import admin_url, charge, fail, open_hold
 from tests.factories import make_budget, make_key, make_user, set_price
 from usage.models import ModelPricing, UsageLog
@@ -30,7 +30,7 @@ def _grow(n: int, offset: int) -> None:
         charge(user, "0.5")
         fail(user)
         open_hold(user, "0.01")
-        services.user_period_reset(user_id=user.pk)
+        periods.user_period_reset(user_id=user.pk)
         set_price(f"openai:model-{i}", effective_at=timezone.now() - timedelta(days=1))
 
 

@@ -97,10 +97,10 @@ def test_a_command_is_recorded_as_the_command(transactional_db):
 def test_keys_prices_and_soft_deletes_are_recorded(admin_client):
     user = make_user(user_id="ana")
     key, _ = make_key(user, key_name="laptop", rpm_limit=60)
-    from budgets import services
+    from budgets.services import accounts, keys
 
-    services.api_key_update(key_id=key.pk, rpm_limit=120)
-    services.user_delete(user_id="ana")
+    keys.api_key_update(key_id=key.pk, rpm_limit=120)
+    accounts.user_delete(user_id="ana")
     set_price("openai:gpt-4o", "2.5", "10")
     ids = [str(key.pk), key.pk.hex]
     key_changes = list(

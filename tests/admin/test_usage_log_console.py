@@ -11,9 +11,10 @@ from decimal import Decimal
 import pytest
 from django.urls import reverse
 
-from budgets import services
+from budgets.services import holds
 from tests.admin.conftest import admin_url, charge, fail
 from tests.factories import make_budget, make_key, make_user, set_price
+from usage import ledger
 from usage.admin import UsageLogAdmin
 from usage.models import UsageLog
 
@@ -121,8 +122,8 @@ def test_filters_by_provider_status_code_key_and_budget(admin_client, history):
     research, _, ben, rows = history
     key, _ = make_key(ben, key_name="ci")
     keyed = uuid.uuid4()
-    services.usage_record(
-        record=services.UsageRecord(
+    holds.usage_record(
+        record=ledger.UsageRecord(
             request_id=keyed,
             user_id=ben.pk,
             api_key_id=key.pk,

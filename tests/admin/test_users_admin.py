@@ -80,9 +80,9 @@ def test_usage_filter_uses_spend_plus_reserved_against_the_limit(
 
 def test_a_live_top_up_raises_the_limit_in_the_list(admin_client, team):
     _, _users = team
-    from budgets import services
+    from budgets.services import accounts
 
-    services.user_topup_set(
+    accounts.user_topup_set(
         user_id="over", amount_usd=Decimal("5"), expires_at=timezone.now() + timedelta(days=1)
     )
     response = admin_client.get(admin_url(GatewayUser, "changelist"), {"usage": "over"})
@@ -241,9 +241,9 @@ def test_bad_top_ups_are_refused(admin_client, team, values, field, message):
 
 def test_clearing_the_top_up_removes_it(admin_client, team):
     _, _users = team
-    from budgets import services
+    from budgets.services import accounts
 
-    services.user_topup_set(
+    accounts.user_topup_set(
         user_id="low", amount_usd=Decimal("2"), expires_at=timezone.now() + timedelta(days=1)
     )
     user = GatewayUser.objects.get(pk="low")

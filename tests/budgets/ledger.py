@@ -7,22 +7,23 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 
-from budgets import services
 from budgets.models import GatewayUser, Hold
+from budgets.services import holds
+from usage import ledger
 from usage.models import UsageLog
 
 
-def open_hold(user_id: str, amount: Decimal, now: datetime) -> services.UsageRecord:
+def open_hold(user_id: str, amount: Decimal, now: datetime) -> ledger.UsageRecord:
     """Admit a request of `amount` (general path) and return the record that closes it."""
     request_id = uuid.uuid4()
-    services.hold_open(
+    holds.hold_open(
         user_id=user_id,
         request_id=request_id,
         amount_usd=amount,
         model_key="openai:gpt-4o-mini",
         now=now,
     )
-    return services.UsageRecord(
+    return ledger.UsageRecord(
         request_id=request_id,
         user_id=user_id,
         api_key_id=None,
@@ -37,7 +38,7 @@ def open_hold(user_id: str, amount: Decimal, now: datetime) -> services.UsageRec
 
 def charge(user_id: str, amount: Decimal, now: datetime) -> None:
     """A request that cost `amount`: held, then settled."""
-    services.hold_settle(record=open_hold(user_id, amount, now), now=now)
+    holds.hold_settle(record=open_hold(user_id, amount, now), now=now)
 
 
 def assert_books_balance(user_id: str) -> None:

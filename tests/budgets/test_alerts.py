@@ -12,9 +12,10 @@ import httpx
 import pytest
 from django.core import mail
 
-from budgets import alerting, services
+from budgets import alerting
 from budgets.exceptions import InvalidAlertSettings
 from budgets.models import BudgetAlert
+from budgets.services import accounts, alerts
 from tests.budgets.ledger import charge
 from tests.factories import make_budget, make_key, make_user, priced
 
@@ -71,10 +72,10 @@ def test_alert_settings_are_validated_without_echoing_them(db):
         {"alert_emails": ["not-an-address-secret"]},
     ):
         with pytest.raises(InvalidAlertSettings) as refused:
-            services.budget_update(budget_id=budget.pk, **bad)
+            accounts.budget_update(budget_id=budget.pk, **bad)
         assert refused.value.status == 422
         assert "secret" not in refused.value.message
-    budget = services.budget_update(
+    budget = accounts.budget_update(
         budget_id=budget.pk,
         alert_thresholds_pct=[100, 50, 50],
         alert_emails=["ops@example.com", "ops@example.com"],
@@ -198,7 +199,7 @@ def test_a_budget_without_alert_targets_raises_no_alert(gateway):
     _, secret = make_key(user)
     for _ in range(3):
         assert gateway.chat(secret, model=model, max_tokens=20).status_code == 200
-    assert services.budget_alerts_sweep().created == []
+    assert alerts.budget_alerts_sweep().created == []
     assert not BudgetAlert.objects.exists()
 
 
@@ -218,8 +219,8 @@ def crossed(db, receiver):
     charge(user.pk, Decimal("9"), datetime.now(UTC))
     with pytest.MonkeyPatch.context() as patch:
         # Deliver by hand in these tests: keep the enqueued task from running.
-        patch.setattr(services, "enqueue_on_commit", lambda *a, **k: None)
-        (alert,) = services.budget_alerts_check(user_id=user.pk)
+        patch.setattr(alerts, "enqueue_on_commit", lambda *a, **k: None)
+        (alert,) = alerts.budget_alerts_check(user_id=user.pk)
     assert alert.threshold_pct == 80
     return alert
 
@@ -227,7 +228,7 @@ def crossed(db, receiver):
 def test_a_transient_failure_is_retried_and_a_delivered_channel_is_not_repeated(crossed, receiver):
     receiver.statuses.extend([503])
     mail.outbox.clear()
-    first = services.budget_alert_deliver(alert_id=crossed.pk)
+    first = alerts.budget_alert_deliver(alert_id=crossed.pk)
     assert first.status == "pending"
     assert 0.5 <= first.retry_in_s <= 1.0
     # The email went out; the webhook did not.
@@ -237,34 +238,34 @@ def test_a_transient_failure_is_retried_and_a_delivered_channel_is_not_repeated(
     assert crossed.email_delivered_at is not None
     assert crossed.webhook_delivered_at is None
 
-    second = services.budget_alert_deliver(alert_id=crossed.pk)
+    second = alerts.budget_alert_deliver(alert_id=crossed.pk)
     assert (second.status, second.retry_in_s) == ("delivered", None)
     assert len(receiver.calls) == 2
     assert len(mail.outbox) == 1  # not sent twice
     # Done is done.
-    assert services.budget_alert_deliver(alert_id=crossed.pk).status == "delivered"
+    assert alerts.budget_alert_deliver(alert_id=crossed.pk).status == "delivered"
     assert len(receiver.calls) == 2
 
 
 def test_retries_stop_after_the_last_attempt(crossed, receiver):
     receiver.statuses.extend([500] * 10)
     delays = []
-    for _ in range(services.ALERT_MAX_ATTEMPTS):
-        outcome = services.budget_alert_deliver(alert_id=crossed.pk)
+    for _ in range(alerts.ALERT_MAX_ATTEMPTS):
+        outcome = alerts.budget_alert_deliver(alert_id=crossed.pk)
         delays.append(outcome.retry_in_s)
     assert outcome.status == "failed"
     # Doubling backoff (with jitter in the upper half), then no more attempts.
     assert delays[-1] is None
     for attempt, delay in enumerate(delays[:-1]):
         assert 2**attempt / 2 <= delay <= 2**attempt
-    assert len(receiver.calls) == services.ALERT_MAX_ATTEMPTS
-    assert services.budget_alert_deliver(alert_id=crossed.pk).status == "failed"
-    assert len(receiver.calls) == services.ALERT_MAX_ATTEMPTS
+    assert len(receiver.calls) == alerts.ALERT_MAX_ATTEMPTS
+    assert alerts.budget_alert_deliver(alert_id=crossed.pk).status == "failed"
+    assert len(receiver.calls) == alerts.ALERT_MAX_ATTEMPTS
 
 
 def test_a_permanent_failure_is_not_retried(crossed, receiver):
     receiver.statuses.extend([404])
-    outcome = services.budget_alert_deliver(alert_id=crossed.pk)
+    outcome = alerts.budget_alert_deliver(alert_id=crossed.pk)
     assert (outcome.status, outcome.retry_in_s) == ("failed", None)
     crossed.refresh_from_db()
     assert crossed.last_error == "webhook: HTTP 404"
@@ -272,7 +273,7 @@ def test_a_permanent_failure_is_not_retried(crossed, receiver):
 
 def test_an_unreachable_webhook_is_retried(crossed):
     type(crossed).objects.filter(pk=crossed.pk).update(webhook_url="http://127.0.0.1:9/hook")
-    outcome = services.budget_alert_deliver(alert_id=crossed.pk)
+    outcome = alerts.budget_alert_deliver(alert_id=crossed.pk)
     assert outcome.status == "pending"
     assert outcome.retry_in_s is not None
     crossed.refresh_from_db()
@@ -285,8 +286,8 @@ def test_two_workers_given_the_same_alert_deliver_it_once(transactional_db, rece
     user = make_user(budget=budget)
     charge(user.pk, Decimal("8"), datetime.now(UTC))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(services, "enqueue_on_commit", lambda *a, **k: None)
-        (alert,) = services.budget_alerts_check(user_id=user.pk)
+        patch.setattr(alerts, "enqueue_on_commit", lambda *a, **k: None)
+        (alert,) = alerts.budget_alerts_check(user_id=user.pk)
     receiver.delay_s = 0.5
     barrier = threading.Barrier(4)
     outcomes = []
@@ -295,7 +296,7 @@ def test_two_workers_given_the_same_alert_deliver_it_once(transactional_db, rece
         from django.db import connection
 
         barrier.wait()
-        outcomes.append(services.budget_alert_deliver(alert_id=alert.pk).status)
+        outcomes.append(alerts.budget_alert_deliver(alert_id=alert.pk).status)
         connection.close()
 
     threads = [threading.Thread(target=deliver) for _ in range(4)]
@@ -318,7 +319,7 @@ def test_without_a_broker_a_retry_is_delivered_in_the_background(transactional_d
     receiver.statuses.extend([502])
     charge(user.pk, Decimal("8.5"), datetime.now(UTC))
     started = time.monotonic()
-    (alert,) = services.budget_alerts_check(user_id=user.pk)
+    (alert,) = alerts.budget_alerts_check(user_id=user.pk)
 
     wait_until(lambda: len(receiver.calls) == 2)
     assert time.monotonic() - started >= 0.5  # the first backoff
@@ -336,21 +337,21 @@ def test_the_sweep_alerts_on_thresholds_reached_without_a_crossing(db, receiver,
     charge(user.pk, Decimal("9"), datetime.now(UTC))
     charge(other.pk, Decimal("1"), datetime.now(UTC))
     # Alerts configured after the spend happened.
-    services.budget_update(budget_id=budget.pk, alert_webhook_url=receiver.url)
+    accounts.budget_update(budget_id=budget.pk, alert_webhook_url=receiver.url)
     with pytest.MonkeyPatch.context() as patch:
         enqueued = []
-        patch.setattr(services, "enqueue_on_commit", lambda task, *a: enqueued.append(a))
-        sweep = services.budget_alerts_sweep()
+        patch.setattr(alerts, "enqueue_on_commit", lambda task, *a: enqueued.append(a))
+        sweep = alerts.budget_alerts_sweep()
         assert [(a.user_id, a.threshold_pct) for a in sweep.created] == [(user.pk, 80)]
-        assert services.budget_alerts_sweep().created == []  # once
+        assert alerts.budget_alerts_sweep().created == []  # once
         # The limit is lowered under the spend: 100% is now reached too.
-        services.budget_update(budget_id=budget.pk, max_budget_usd=Decimal("8.5"))
-        assert [a.threshold_pct for a in services.budget_alerts_sweep().created] == [100]
+        accounts.budget_update(budget_id=budget.pk, max_budget_usd=Decimal("8.5"))
+        assert [a.threshold_pct for a in alerts.budget_alerts_sweep().created] == [100]
         # A top-up raises the limit; already-raised alerts stay raised, none repeat.
-        services.user_topup_set(
+        accounts.user_topup_set(
             user_id=user.pk, amount_usd=Decimal("100"), expires_at=datetime(2026, 1, 1, tzinfo=UTC)
         )
-        assert services.budget_alerts_sweep().created == []
+        assert alerts.budget_alerts_sweep().created == []
     assert len(enqueued) == 2
 
 
@@ -360,13 +361,13 @@ def test_the_sweep_redrives_a_delivery_that_was_lost(db, receiver, time_machine)
     user = make_user(budget=budget)
     charge(user.pk, Decimal("8"), datetime.now(UTC))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(services, "enqueue_on_commit", lambda *a, **k: None)  # lost
-        services.budget_alerts_check(user_id=user.pk)
+        patch.setattr(alerts, "enqueue_on_commit", lambda *a, **k: None)  # lost
+        alerts.budget_alerts_check(user_id=user.pk)
         redriven = []
-        patch.setattr(services, "enqueue", lambda task, *a, **k: redriven.append(a))
-        assert services.budget_alerts_sweep().redriven == 0
+        patch.setattr(alerts, "enqueue", lambda task, *a, **k: redriven.append(a))
+        assert alerts.budget_alerts_sweep().redriven == 0
         time_machine.move_to(datetime(2025, 6, 1, 12, 11, tzinfo=UTC), tick=False)
-        assert services.budget_alerts_sweep().redriven == 1
+        assert alerts.budget_alerts_sweep().redriven == 1
     (alert_id,) = redriven[0]
-    assert services.budget_alert_deliver(alert_id=alert_id).status == "delivered"
+    assert alerts.budget_alert_deliver(alert_id=alert_id).status == "delivered"
     assert len(receiver.calls) == 1

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from budgets.models import Budget, BudgetResetLog, GatewayUser
+from tests.admin.conftest import charge, open_hold
 from tests.conftest import start_server_process
 from tests.factories import make_budget, make_key, make_user, set_price
 
@@ -127,10 +128,11 @@ def test_pagination(admin):
 
 def test_totals_count_live_users_only(admin):
     budget = make_budget(max_budget_usd=Decimal("5"))
-    make_user(budget=budget, user_id="a")
-    make_user(budget=budget, user_id="b")
-    GatewayUser.objects.filter(pk="a").update(spend_usd=Decimal("1.25"))
-    GatewayUser.objects.filter(pk="b").update(spend_usd=Decimal("0.000001"), reserved_usd=2)
+    a = make_user(budget=budget, user_id="a")
+    b = make_user(budget=budget, user_id="b")
+    charge(a, "1.25")
+    charge(b, "0.000001")
+    open_hold(b, "2")
     body = admin.get(f"/v1/budgets/{budget.pk}").json()
     assert (body["user_count"], body["total_spend"], body["total_reserved"]) == (2, 1.250001, 2)
     assert admin.delete("/v1/users/b").status_code == 204

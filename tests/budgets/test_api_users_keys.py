@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from budgets.models import APIKey, GatewayUser
-from budgets.services import secret_hash
+from budgets.services.keys import secret_hash
 from tests.conftest import MASTER_KEY
 from tests.factories import make_budget, make_key, make_user, set_price
 from usage.models import UsageLog

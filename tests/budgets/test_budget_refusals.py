@@ -11,11 +11,12 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
-from budgets import services
 from budgets.models import BudgetAlert
+from budgets.services import alerts, holds
 from tests.admin.conftest import admin_url
 from tests.budgets.ledger import charge
 from tests.factories import make_budget, make_key, make_user, set_price
+from usage import ledger
 
 # PostgreSQL: the alert check a refusal starts writes while the next request does, which
 # the embedded SQLite test database refuses ("table is locked") rather than queues.
@@ -119,8 +120,8 @@ def test_the_alert_sweep_finds_a_refusal_it_missed(db, receiver):
         alert_thresholds_pct=[100],
     )
     user = make_user(budget=budget, user_id="swept", now=now)
-    services.usage_record(
-        record=services.UsageRecord(
+    holds.usage_record(
+        record=ledger.UsageRecord(
             request_id=uuid.uuid4(),
             user_id=user.pk,
             api_key_id=None,
@@ -134,5 +135,5 @@ def test_the_alert_sweep_finds_a_refusal_it_missed(db, receiver):
         ),
         now=now,
     )
-    swept = services.budget_alerts_sweep(now=now + timedelta(minutes=1))
+    swept = alerts.budget_alerts_sweep(now=now + timedelta(minutes=1))
     assert [(a.user_id, a.threshold_pct) for a in swept.created] == [("swept", 100)]

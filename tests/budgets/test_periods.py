@@ -18,9 +18,11 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from budgets import periods, services
+from budgets import periods
 from budgets.models import BudgetResetLog, GatewayUser, Hold
 from budgets.selectors import books_drift_list
+from budgets.services import holds
+from budgets.services import periods as period_services
 from tests.budgets.ledger import assert_books_balance, charge, open_hold
 from tests.conftest import REPO, database_url
 from tests.factories import make_budget, make_user
@@ -312,8 +314,8 @@ def test_holds_open_across_a_reset_settle_into_the_new_period(db, time_machine):
 
     # They finish in the new period and are charged there, at their actual cost.
     now = T0 + timedelta(hours=1, minutes=2)
-    services.hold_settle(record=first, now=now)
-    services.hold_refund(
+    holds.hold_settle(record=first, now=now)
+    holds.hold_refund(
         record=dataclasses.replace(second, status="error", status_code=502, cost_usd=None), now=now
     )
     user.refresh_from_db()
@@ -380,7 +382,7 @@ def test_threads_racing_to_roll_one_user_write_one_reset_log(transactional_db, t
 
         barrier.wait()
         try:
-            results.append(services.user_period_roll(user_id=user.pk, now=now))
+            results.append(period_services.user_period_roll(user_id=user.pk, now=now))
         finally:
             connection.close()
 

@@ -8,8 +8,8 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
-from budgets import services
 from budgets.models import BudgetResetLog, GatewayUser, Hold
+from budgets.services import accounts, keys
 from tests.assertions import assert_books_balance, assert_untouched
 from tests.factories import make_budget, make_key, make_user, set_price
 from usage.models import UsageLog
@@ -129,7 +129,7 @@ def test_model_not_allowed(gateway, priced_model):
 )
 def test_inactive_or_expired_key_is_unauthorized(gateway, priced_model, change, code, message):
     key, secret = make_key()
-    services.api_key_update(key_id=key.id, **change)
+    keys.api_key_update(key_id=key.id, **change)
     response = gateway.chat(secret, model=MODEL)
     refused(response, 401, code)
     assert response.json()["error"]["message"] == message
@@ -165,7 +165,7 @@ def test_every_accepted_key_header(gateway, priced_model, header):
 def test_deleted_users_keys_stop_working(gateway, priced_model):
     user = make_user()
     _, secret = make_key(user)
-    services.user_delete(user_id=user.user_id)
+    accounts.user_delete(user_id=user.user_id)
     refused(gateway.chat(secret, model=MODEL), 401, "api_key_inactive")
 
 

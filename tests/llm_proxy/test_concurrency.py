@@ -16,8 +16,8 @@ import pytest
 from django.db import connections
 from django.db.models import Sum
 
-from budgets import services
-from budgets.models import GatewayUser, Hold
+from budgets.models import APIKey, GatewayUser, Hold
+from budgets.services import holds
 from tests.assertions import assert_books_balance
 from tests.conftest import start_server_process
 from tests.factories import make_budget, make_key, make_user, set_price
@@ -75,9 +75,15 @@ async def _fire(urls: list[str], secret: str, n: int) -> list[httpx.Response]:
         )
 
 
-@pytest.fixture
-def two_gateways(gateway, gateway_config_file):
-    servers = [start_server_process(gateway_config_file) for _ in range(2)]
+# The money steps' two paths (budgets/services/holds.py): the statement alone, or row locks
+# and then the same statement in a transaction.
+GENERAL_PATH = {"OTARI_MONEY_FAST_PATH": "false"}
+
+
+@pytest.fixture(params=["fast", "general"])
+def two_gateways(request, gateway, gateway_config_file):
+    env = GENERAL_PATH if request.param == "general" else {}
+    servers = [start_server_process(gateway_config_file, **env) for _ in range(2)]
     yield [server.url for server in servers]
     for server in servers:
         server.kill()
@@ -144,14 +150,81 @@ def test_hold_of_a_killed_process_is_expired_by_the_sweeper(gateway, gateway_con
     user.refresh_from_db()
     assert user.reserved_usd == hold.amount_usd > 0
     # Not yet expired: the sweeper leaves it alone.
-    assert services.holds_expire_stale(now=hold.created_at) == 0
+    assert holds.holds_expire_stale(now=hold.created_at) == 0
 
     time.sleep(1.1)
-    assert services.holds_expire_stale() == 1
+    assert holds.holds_expire_stale() == 1
     hold.refresh_from_db()
     assert hold.status == Hold.Status.EXPIRED
     user.refresh_from_db()
     assert user.reserved_usd == 0
     assert user.spend_usd == 0
     assert not UsageLog.objects.exists()
-    assert services.holds_expire_stale() == 0
+    assert holds.holds_expire_stale() == 0
+
+
+def test_fast_and_general_path_settles_of_one_key_race_for_30_s_without_deadlock(
+    gateway, gateway_config_file
+):
+    """One key's requests settle on both paths at once, in two processes, for 30 s, while
+    its last_used_at is kept due, so that every settle also wants the key's row. Before
+    the money core was one, the general path waited for the key's row while holding the
+    user's, and the fast path the other way round: a deadlock, a 5xx and a lost charge."""
+    model = "openai:gpt-4o-mini"
+    set_price(model, "10", "10")
+    user = make_user(budget=make_budget(max_budget_usd=Decimal("1000")))
+    key, secret = make_key(user)
+    servers = [
+        start_server_process(gateway_config_file),
+        start_server_process(gateway_config_file, **GENERAL_PATH),
+    ]
+    stop = threading.Event()
+
+    def keep_touch_due() -> None:
+        try:
+            while not stop.is_set():
+                APIKey.objects.filter(pk=key.pk).update(last_used_at=None)
+                time.sleep(0.005)
+        finally:
+            connections.close_all()
+
+    async def hammer(url: str, deadline: float) -> list[int]:
+        statuses = []
+        body = {"model": model, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+        async with httpx.AsyncClient(timeout=30) as client:
+            while time.monotonic() < deadline:
+                response = await client.post(
+                    f"{url}/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {secret}"},
+                )
+                statuses.append(response.status_code)
+        return statuses
+
+    async def race() -> list[int]:
+        deadline = time.monotonic() + 30
+        per_server = 4
+        results = await asyncio.gather(
+            *(hammer(server.url, deadline) for server in servers for _ in range(per_server))
+        )
+        return [status for statuses in results for status in statuses]
+
+    toucher = threading.Thread(target=keep_touch_due, daemon=True)
+    toucher.start()
+    try:
+        statuses = asyncio.run(race())
+    finally:
+        stop.set()
+        toucher.join()
+        for server in servers:
+            server.kill()
+
+    assert len(statuses) > 200
+    assert set(statuses) == {200}
+    assert UsageLog.objects.filter(user=user).count() == len(statuses)
+    assert Hold.objects.filter(user=user, status=Hold.Status.SETTLED).count() == len(statuses)
+    assert not Hold.objects.filter(user=user).exclude(status=Hold.Status.SETTLED).exists()
+    user.refresh_from_db()
+    assert user.reserved_usd == 0
+    assert user.spend_usd == UsageLog.objects.filter(user=user).aggregate(t=Sum("cost_usd"))["t"]
+    assert_books_balance(user)

@@ -13,12 +13,13 @@ import pytest
 from django.db.models import Sum
 from django.utils import timezone
 
-from budgets import services
+from budgets.services import holds
 from tests.conftest import start_server_process
 from tests.factories import make_budget, make_key, make_user, priced, set_price
 from tests.fake_platform import GATEWAY_TOKEN, FakePlatform, Reply
 from tests.fake_provider import prompt_tokens
 from tests.observability.conftest import scrape, value
+from usage import ledger
 from usage.models import UsageLog, UsageReport
 from usage.pricing import Rates, TokenUsage, cost_usd
 from usage.reporting import AttemptReport
@@ -207,7 +208,7 @@ def test_metrics_can_be_turned_off_and_can_require_a_token(gateway, settings):
 def test_open_holds_and_reserved_money_are_read_at_scrape_time(gateway, settings):
     settings.OTARI_ENABLE_METRICS = True
     user = make_user(budget=make_budget(max_budget_usd=Decimal("5")))
-    services.hold_open(
+    holds.hold_open(
         user_id=user.user_id,
         request_id=uuid.uuid4(),
         amount_usd=Decimal("1.234567"),
@@ -287,8 +288,8 @@ def test_the_outbox_backlog_and_dead_letters_are_read_at_scrape_time(gateway, se
     )
     # Platform mode off while they are written: delivery leaves them pending.
     settings.OTARI_PLATFORM_URL = settings.OTARI_PLATFORM_TOKEN = ""
-    services.usage_record(
-        record=services.UsageRecord(
+    holds.usage_record(
+        record=ledger.UsageRecord(
             request_id=uuid.uuid4(),
             user_id=user.user_id,
             api_key_id=None,

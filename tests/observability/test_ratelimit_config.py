@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from budgets import services
 from budgets.exceptions import InvalidRateLimit
 from budgets.models import APIKey, GatewayUser
+from budgets.services import accounts, keys
 from tests.factories import make_key, make_user, set_price
 from usage.models import UsageLog
 
@@ -123,11 +123,11 @@ def test_the_services_refuse_the_same_values(field, value):
     user = make_user(user_id="xena")
     key, _ = make_key(user)
     for write in (
-        lambda: services.user_create(user_id="yuri", **{field: value}),
-        lambda: services.user_update(user_id="xena", **{field: value}),
-        lambda: services.api_key_create(user=user, **{field: value}),
-        lambda: services.api_key_create_with_user(**{field: value}),
-        lambda: services.api_key_update(key_id=key.pk, **{field: value}),
+        lambda: accounts.user_create(user_id="yuri", **{field: value}),
+        lambda: accounts.user_update(user_id="xena", **{field: value}),
+        lambda: keys.api_key_create(user=user, **{field: value}),
+        lambda: keys.api_key_create_with_user(**{field: value}),
+        lambda: keys.api_key_update(key_id=key.pk, **{field: value}),
     ):
         with pytest.raises(InvalidRateLimit) as refused:
             write()

@@ -434,13 +434,13 @@ def test_without_a_broker_the_embedded_beat_redrives_a_lost_report(
 
     from django.utils import timezone
 
-    from budgets import services
     from otari.celery import embedded_beat_reset
+    from usage import ledger
 
     platform.attempts = [attempt("l-1", "openai", "gpt-4o-mini", api_base=gateway.fake.base_url)]
     platform.fresh_ids = True
     with monkeypatch.context() as lost:
-        lost.setattr(services, "enqueue_detached", lambda *args: None)
+        lost.setattr(ledger, "enqueue_detached", lambda *args: None)
         response = post(gateway, "chat", body_for("chat", "openai:gpt-4o-mini"))
     assert response.status_code == 200
     time.sleep(0.5)

@@ -12,12 +12,12 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from budgets import services
 from budgets.models import GatewayUser, Hold
+from budgets.services import holds
 from tests.budgets.test_holds import open_hold, path  # noqa: F401 - the path fixture
 from tests.conftest import run_async
 from tests.factories import make_budget, make_user
-from usage import reporting
+from usage import ledger, reporting
 from usage.models import UsageLog, UsageReport
 from usage.pricing import TokenUsage
 from usage.reporting import AttemptReport, Verdict
@@ -30,12 +30,12 @@ def enqueued(monkeypatch) -> list[str]:
     """The correlation ids handed to the delivery task (instead of a broker)."""
     sent: list[str] = []
     monkeypatch.setattr(
-        services, "enqueue_detached", lambda task, correlation_id: sent.append(correlation_id)
+        ledger, "enqueue_detached", lambda task, correlation_id: sent.append(correlation_id)
     )
     return sent
 
 
-def reported_record(user, request_id, *, status="success", cost="0.25") -> services.UsageRecord:
+def reported_record(user, request_id, *, status="success", cost="0.25") -> ledger.UsageRecord:
     reports = (
         AttemptReport(
             correlation_id=f"{request_id}-a",
@@ -59,7 +59,7 @@ def reported_record(user, request_id, *, status="success", cost="0.25") -> servi
             error_class="" if status == "success" else "provider_timeout",
         ),
     )
-    return services.UsageRecord(
+    return ledger.UsageRecord(
         request_id=request_id,
         user_id=user.user_id,
         api_key_id=None,
@@ -89,7 +89,7 @@ def test_settle_writes_the_reports_with_the_usage_row_once(path, enqueued):  # n
     user = make_user(budget=make_budget(max_budget_usd=Decimal("1")))
     request_id = open_hold(user, "0.5")
     record = reported_record(user, request_id)
-    run_async(services.hold_settle_async(record=record, now=timezone.now()))
+    run_async(holds.hold_settle_async(record=record, now=timezone.now()))
 
     assert UsageLog.objects.get().cost_usd == Decimal("0.25")
     assert_reported(request_id, enqueued)
@@ -98,7 +98,7 @@ def test_settle_writes_the_reports_with_the_usage_row_once(path, enqueued):  # n
     assert served.cache_read_tokens == 2
     assert served.user_id == user.user_id
     # A second close writes nothing and enqueues nothing more.
-    assert run_async(services.hold_settle_async(record=record, now=timezone.now())) is None
+    assert run_async(holds.hold_settle_async(record=record, now=timezone.now())) is None
     assert UsageReport.objects.count() == 2
     assert len(enqueued) == 2
 
@@ -108,7 +108,7 @@ def test_refund_and_refusal_write_their_reports(path, enqueued):  # noqa: F811
     user = make_user(budget=make_budget(max_budget_usd=Decimal("1")))
     request_id = open_hold(user, "0.5")
     run_async(
-        services.hold_refund_async(
+        holds.hold_refund_async(
             record=reported_record(user, request_id, status="error"), now=timezone.now()
         )
     )
@@ -118,7 +118,7 @@ def test_refund_and_refusal_write_their_reports(path, enqueued):  # noqa: F811
 
     refused = uuid.uuid4()
     run_async(
-        services.usage_record_async(
+        holds.usage_record_async(
             record=reported_record(user, refused, status="error"), now=timezone.now()
         )
     )
@@ -136,9 +136,7 @@ def test_a_settle_that_rolls_the_period_writes_the_reports_on_the_general_path(e
     GatewayUser.objects.filter(pk=user.pk).update(
         next_budget_reset_at=timezone.now() - timedelta(seconds=1)
     )
-    run_async(
-        services.hold_settle_async(record=reported_record(user, request_id), now=timezone.now())
-    )
+    run_async(holds.hold_settle_async(record=reported_record(user, request_id), now=timezone.now()))
     assert Hold.objects.get().status == Hold.Status.SETTLED
     assert_reported(request_id, enqueued)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from budgets.services import budgets_audit
+from budgets.services.audit import budgets_audit
 
 
 def _usd(amount) -> str:

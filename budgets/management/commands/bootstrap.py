@@ -7,7 +7,7 @@ secret once; then makes the YAML file's prices current. Safe to run at every sta
 
 from django.core.management.base import BaseCommand
 
-from budgets.services import credentials_bootstrap
+from budgets.services.keys import credentials_bootstrap
 from usage.services import pricing_sync_from_config
 
 

@@ -17,7 +17,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from budgets.selectors import holds_stale
-from budgets.services import holds_expire_stale
+from budgets.services.holds import holds_expire_stale
 
 
 class Command(BaseCommand):

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from budgets.management.commands._args import iso_datetime
 from budgets.models import Budget, GatewayUser
-from budgets.services import budgets_roll_due
+from budgets.services.periods import budgets_roll_due
 
 
 class Command(BaseCommand):

@@ -8,7 +8,7 @@ Refused when OTARI_MASTER_KEY is set: change that variable instead.
 
 from django.core.management.base import BaseCommand, CommandError
 
-from budgets.services import master_key_rotate
+from budgets.services.keys import master_key_rotate
 from otari.exceptions import GatewayError
 
 

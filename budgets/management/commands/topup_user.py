@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from budgets.exceptions import UnknownUser
 from budgets.management.commands._args import iso_datetime, usd_amount
-from budgets.services import user_topup_set
+from budgets.services.accounts import user_topup_set
 
 
 class Command(BaseCommand):

@@ -1,0 +1,192 @@
+"""The ledger: how a request ended becomes its usage row (and, in platform mode, its attempt
+reports), written once, in the same transaction as the money it moves (docs/SPEC.md §5).
+
+The money core (budgets/services/holds.py) closes a request in one statement: the hold,
+the user's counters and the ledger rows together. This module owns the ledger's part of
+those statements, in its two spellings: the SQL that the PostgreSQL statements embed, and
+the ORM writes that run on SQLite. The columns are listed once (`COLUMNS`) and both
+spellings are built from that list.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.db import transaction
+from psycopg.types.json import Jsonb
+
+from otari.celery import enqueue_detached
+from usage.models import UsageLog, UsageReport
+from usage.pricing import TokenUsage
+from usage.reporting import AttemptReport
+from usage.tasks import usage_report_push as usage_report_push_task
+
+ZERO = Decimal("0")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """How a request ended: becomes its usage row, and its charge when it had a hold."""
+
+    request_id: uuid.UUID
+    user_id: str
+    api_key_id: uuid.UUID | None
+    endpoint: str
+    provider: str
+    model: str
+    status: str
+    status_code: int | None
+    usage: TokenUsage | None = None
+    cost_usd: Decimal | None = None
+    counts_toward_budget: bool = True
+    error_message: str = ""
+    error_code: str = ""
+    upstream_status_code: int | None = None
+    upstream_error: str = ""
+    latency_ms: int | None = None
+    # Platform mode: one report per resolved attempt, written with the usage row (§7).
+    reports: tuple[AttemptReport, ...] = ()
+
+    @property
+    def charge_usd(self) -> Decimal:
+        """What this request adds to the user's spend."""
+        if not self.counts_toward_budget or self.cost_usd is None:
+            return ZERO
+        return self.cost_usd
+
+    def params(self, now: datetime) -> dict[str, Any]:
+        """The statement parameters of this record: one per ledger column, and the
+        reports as one JSON array."""
+        u = self.usage
+        params = {
+            "request_id": self.request_id,
+            "user_id": self.user_id,
+            "api_key_id": self.api_key_id,
+            "now": now,
+            "endpoint": self.endpoint,
+            "provider": self.provider,
+            "model": self.model,
+            "prompt_tokens": u.prompt_tokens if u else None,
+            "completion_tokens": u.output_tokens if u else None,
+            "total_tokens": u.total_tokens if u else None,
+            "cache_read_tokens": u.cache_read_tokens if u else None,
+            "cache_write_tokens": u.cache_write_tokens if u else None,
+            "cost_usd": self.cost_usd,
+            "charge_usd": self.charge_usd,
+            "status": self.status,
+            "status_code": self.status_code,
+            "error_message": self.error_message,
+            "error_code": self.error_code,
+            "upstream_status_code": self.upstream_status_code,
+            "upstream_error": self.upstream_error,
+            "latency_ms": self.latency_ms,
+            "counts_toward_budget": self.counts_toward_budget,
+        }
+        if self.reports:
+            params["reports"] = Jsonb([r.row() for r in self.reports])
+        return params
+
+
+# The usage row's columns, each filled from the statement parameter of the same name;
+# `id` is the request id and `timestamp` is given by the statement (see `insert_sql`).
+COLUMNS = (
+    "user_id",
+    "api_key_id",
+    "endpoint",
+    "provider",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_usd",
+    "status",
+    "status_code",
+    "error_message",
+    "error_code",
+    "upstream_status_code",
+    "upstream_error",
+    "latency_ms",
+    "counts_toward_budget",
+)
+
+
+def insert_sql(*, timestamp: str, source: str = "") -> str:
+    """The usage row's INSERT, for a statement's CTE: stamped with the SQL expression
+    `timestamp`, once per row of `source` ("FROM charged") or once when no source is
+    given. A second write of the same request is a no-op."""
+    columns = ", ".join(("id", "timestamp", *COLUMNS))
+    values = ", ".join(("%(request_id)s", timestamp, *(f"%({c})s" for c in COLUMNS)))
+    return (
+        f"INSERT INTO usage_usagelog ({columns}) SELECT {values} {source}"
+        " ON CONFLICT (id) DO NOTHING"
+    )
+
+
+def row_create(record: UsageRecord, params: dict[str, Any], timestamp: datetime) -> None:
+    """The ORM spelling of `insert_sql` and `REPORTS_INSERT_SQL`, inside the caller's
+    transaction."""
+    UsageLog.objects.bulk_create(
+        [
+            UsageLog(
+                id=record.request_id,
+                timestamp=timestamp,
+                **{column: params[column] for column in COLUMNS},
+            )
+        ],
+        ignore_conflicts=True,
+    )
+    if record.reports:
+        UsageReport.objects.bulk_create(
+            [
+                UsageReport(
+                    request_id=record.request_id,
+                    user_id=record.user_id,
+                    next_attempt_at=timestamp,
+                    created_at=timestamp,
+                    **report.row(),
+                )
+                for report in record.reports
+            ],
+            ignore_conflicts=True,
+        )
+        transaction.on_commit(lambda: reports_enqueue(record))
+
+
+# Platform mode (§7): the request's attempt reports, inserted by the statement that writes
+# its usage row, so both commit together. `{condition}` ties them to that row's insert.
+_REPORTS_INSERT_SQL = """
+    INSERT INTO usage_usagereport
+        (correlation_id, request_id, platform_request_id, user_id, position, provider, model,
+         status, is_final_attempt, prompt_tokens, completion_tokens, total_tokens,
+         cache_read_tokens, cache_write_tokens, error_class, delivery_status, attempts,
+         next_attempt_at, last_error, created_at)
+    SELECT r.correlation_id, %(request_id)s, r.platform_request_id, %(user_id)s, r.position,
+           r.provider, r.model, r.status, r.is_final_attempt, r.prompt_tokens,
+           r.completion_tokens, r.total_tokens, r.cache_read_tokens, r.cache_write_tokens,
+           r.error_class, 'pending', 0, %(now)s, '', %(now)s
+    FROM jsonb_to_recordset(%(reports)s) AS r(
+        correlation_id text, platform_request_id text, position int, provider text,
+        model text, status text, is_final_attempt boolean, prompt_tokens int,
+        completion_tokens int, total_tokens int, cache_read_tokens int,
+        cache_write_tokens int, error_class text)
+    {condition}
+    ON CONFLICT (correlation_id) DO NOTHING"""
+
+
+def reports_insert_sql(condition: str = "") -> str:
+    """The reports' INSERT for a statement's CTE; `condition` (a WHERE clause) ties them
+    to the usage row's insert when that is conditional."""
+    return _REPORTS_INSERT_SQL.format(condition=condition)
+
+
+def reports_enqueue(record: UsageRecord) -> None:
+    """Hand the reports to the delivery task, without waiting for the broker: the rows
+    are committed, and the periodic re-drive finds any report whose message was lost."""
+    for report in record.reports:
+        enqueue_detached(usage_report_push_task, report.correlation_id)
