@@ -33,7 +33,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
-from budgets import alerting
+from budgets import alerting, rules
 from budgets.admin_history import SettingHistoryMixin
 from budgets.models import (
     MAX_RPM_LIMIT,
@@ -768,8 +768,7 @@ class GatewayUserAdmin(SettingHistoryMixin, ServiceAdmin):
     def limit(self, obj: GatewayUser) -> SafeString:
         if obj.cap_usd is None:
             return format_html('<span class="otari-muted">{}</span>', "uncapped")
-        topped = obj.topup_expires_at is not None and obj.topup_expires_at > timezone.now()
-        if topped and obj.topup_usd:
+        if obj.topup_usd and rules.topup_live(obj.topup_expires_at, timezone.now()):
             return format_html(
                 '<span class="otari-money" title="Includes a top-up of {} until {}">{} *</span>',
                 format_usd(obj.topup_usd),
@@ -831,7 +830,7 @@ class GatewayUserAdmin(SettingHistoryMixin, ServiceAdmin):
     def topup_state(self, obj: GatewayUser) -> SafeString:
         if not obj.topup_usd or obj.topup_expires_at is None:
             return format_html('<span class="otari-muted">{}</span>', "none")
-        if obj.topup_expires_at <= timezone.now():
+        if not rules.topup_live(obj.topup_expires_at, timezone.now()):
             return format_html(
                 '{} <span class="otari-muted">of {}, expired {}</span>',
                 badge("muted", "expired"),

@@ -56,6 +56,8 @@ from otari.rest import (
     page_params,
     quoted_id,
 )
+from usage import selectors as usage_selectors
+from usage.serializers import UsageEntry
 
 
 def validated(serializer_class: type[serializers.Serializer], data: Any, **kwargs: Any) -> Any:
@@ -542,3 +544,21 @@ class KeyRotateApi(ManagementMixin, APIView):
         secret = keys.api_key_rotate(key=key)
         key.secret = secret  # type: ignore[attr-defined]
         return Response(CreateKeyResponse(key).data)
+
+
+class UserUsageApi(ManagementMixin, APIView):
+    @extend_schema(
+        operation_id="users_usage",
+        tags=["users"],
+        parameters=PAGE_PARAMETERS,
+        description="The user's usage rows, newest first (also for a deleted user: usage is kept).",
+        responses={200: UsageEntry(many=True), **error_responses(404, 422)},
+    )
+    def get(self, request: Request, user_id: str) -> Response:
+        skip, limit = page_params(request)
+        if not selectors.user_exists(user_id=user_id, include_deleted=True):
+            raise NotFound(f"User {quoted_id(user_id)} not found", code="user_not_found")
+        rows = usage_selectors.usage_list(
+            filters=usage_selectors.UsageFilters(user_ids=[user_id]), skip=skip, limit=limit
+        )
+        return Response(UsageEntry(rows, many=True).data)

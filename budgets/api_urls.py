@@ -12,6 +12,7 @@ urlpatterns = [
     path("users", api.UserListApi.as_view()),
     path("users/<str:user_id>", api.UserDetailApi.as_view()),
     path("users/<str:user_id>/topup", api.UserTopupApi.as_view()),
+    path("users/<str:user_id>/usage", api.UserUsageApi.as_view()),
     path("keys", api.KeyListApi.as_view()),
     path("keys/<str:key_id>", api.KeyDetailApi.as_view()),
     path("keys/<str:key_id>/rotate", api.KeyRotateApi.as_view()),

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 
 from otari.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
+from usage.models import BUDGET_EXCEEDED
 
 if TYPE_CHECKING:
     from budgets.services.holds import BudgetState
@@ -32,7 +33,7 @@ class BudgetExceeded(PermissionDenied):
     """A hold that does not fit. `state` is the user's money when it was refused and
     `needed_usd` the hold asked for, so that the refusal can explain itself."""
 
-    code = "budget_exceeded"
+    code = BUDGET_EXCEEDED
     message = "Budget exceeded"
 
     def __init__(

@@ -28,6 +28,10 @@ ZERO = Decimal("0")
 # max or the user no budget. A top-up counts while its expiry is in the future.
 
 
+def topup_live(topup_expires_at: datetime | None, now: datetime) -> bool:
+    return topup_expires_at is not None and topup_expires_at > now
+
+
 def limit_usd(
     max_budget_usd: Decimal | None,
     topup_usd: Decimal,
@@ -36,7 +40,7 @@ def limit_usd(
 ) -> Decimal | None:
     if max_budget_usd is None:
         return None
-    if topup_expires_at is not None and topup_expires_at > now:
+    if topup_live(topup_expires_at, now):
         return max_budget_usd + topup_usd
     return max_budget_usd
 

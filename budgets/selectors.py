@@ -30,6 +30,7 @@ from django.db.models import (
 from django.db.models.functions import Coalesce
 
 from budgets import rules
+from budgets.exceptions import UnknownUser
 from budgets.models import APIKey, Budget, BudgetAlert, BudgetResetLog, GatewayUser, Hold
 from otari import pgpool
 from otari.fields import MoneyField
@@ -281,13 +282,16 @@ def user_lock(user_id: str) -> GatewayUser:
 
     no_key: only counters change, so inserts of holds and usage rows referencing this
     user (which take a key-share lock through the foreign key) are not blocked.
-    of=self: the budget row joined for reading is not locked. Raises DoesNotExist.
+    of=self: the budget row joined for reading is not locked. Raises UnknownUser.
     """
-    return (
-        GatewayUser.objects.select_for_update(no_key=True, of=("self",))
-        .select_related("budget")
-        .get(pk=user_id)
-    )
+    try:
+        return (
+            GatewayUser.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("budget")
+            .get(pk=user_id)
+        )
+    except GatewayUser.DoesNotExist:
+        raise UnknownUser from None
 
 
 def users_due_for_reset(

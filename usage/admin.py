@@ -25,7 +25,6 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from budgets.admin_history import SettingHistoryMixin
-from budgets.models import APIKey, Budget, GatewayUser
 from otari.admin_tools import (
     CsvExportMixin,
     DateRangeFilter,
@@ -43,7 +42,14 @@ from otari.admin_tools import (
     money,
     status_badge,
 )
-from usage.models import ModelPricing, UsageLog, UsageReport
+from usage.models import (
+    ModelPricing,
+    UsageLog,
+    UsageReport,
+    api_key_model,
+    budget_model,
+    user_model,
+)
 from usage.selectors import (
     TotalsTooSlow,
     price_current_effective_at,
@@ -295,7 +301,7 @@ class KeyFilter(InputFilter):
         try:
             return queryset.filter(api_key_id=uuid.UUID(value))
         except ValueError:
-            keys = APIKey.objects.filter(key_prefix=value.rstrip("…")).values("pk")
+            keys = api_key_model().objects.filter(key_prefix=value.rstrip("…")).values("pk")
             return queryset.filter(api_key_id__in=keys)
 
 
@@ -348,12 +354,12 @@ class BudgetFilter(admin.SimpleListFilter):
     parameter_name = "budget"
 
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
-        return [(b.pk, str(b)) for b in Budget.objects.order_by("name", "created_at")]
+        return [(b.pk, str(b)) for b in budget_model().objects.order_by("name", "created_at")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         if not self.value():
             return queryset
-        users = GatewayUser.objects.filter(budget_id=self.value()).values("pk")
+        users = user_model().objects.filter(budget_id=self.value()).values("pk")
         return queryset.filter(user_id__in=users)
 
 

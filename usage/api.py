@@ -21,7 +21,6 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from budgets.api import validated
-from budgets.selectors import user_exists
 from otari.exceptions import NotFound
 from otari.rest import (
     PAGE_PARAMETERS,
@@ -321,21 +320,3 @@ class UsageSummaryCsvApi(ManagementMixin, APIView):
             f'attachment; filename="usage-{start:%Y%m%d}-{end:%Y%m%d}.csv"'
         )
         return response
-
-
-class UserUsageApi(ManagementMixin, APIView):
-    @extend_schema(
-        operation_id="users_usage",
-        tags=["users"],
-        parameters=PAGE_PARAMETERS,
-        description="The user's usage rows, newest first (also for a deleted user: usage is kept).",
-        responses={200: UsageEntry(many=True), **error_responses(404, 422)},
-    )
-    def get(self, request: Request, user_id: str) -> Response:
-        skip, limit = page_params(request)
-        if not user_exists(user_id=user_id, include_deleted=True):
-            raise NotFound(f"User {quoted_id(user_id)} not found", code="user_not_found")
-        rows = selectors.usage_list(
-            filters=selectors.UsageFilters(user_ids=[user_id]), skip=skip, limit=limit
-        )
-        return Response(UsageEntry(rows, many=True).data)

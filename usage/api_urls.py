@@ -14,5 +14,4 @@ urlpatterns = [
     path("usage/count", api.UsageCountApi.as_view()),
     path("usage/summary", api.UsageSummaryApi.as_view()),
     path("usage/summary.csv", api.UsageSummaryCsvApi.as_view()),
-    path("users/<str:user_id>/usage", api.UserUsageApi.as_view()),
 ]

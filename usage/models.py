@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import uuid
 
+from django.apps import apps
 from django.db import models
 from django.db.models import Q
 
-from budgets.exceptions import BudgetExceeded
-from budgets.models import APIKey, GatewayUser
 from otari.fields import MoneyField
 from otari.history import AuditedHistory
 from usage.pricing import Rates
@@ -91,8 +90,27 @@ class ModelPricing(models.Model):
         return f"operator ({self.origin})"
 
 
-# The error code of a refusal for budget.
-BUDGET_EXCEEDED = BudgetExceeded.code
+# The error code of a refusal for budget (budgets.exceptions.BudgetExceeded.code).
+BUDGET_EXCEEDED = "budget_exceeded"
+
+# Budgets' models, by name: usage rows refer to users and keys by foreign key only, so that
+# this app imports nothing from budgets (budgets imports usage: it writes the ledger in the
+# statements that move money).
+USER_MODEL = "budgets.GatewayUser"
+API_KEY_MODEL = "budgets.APIKey"
+BUDGET_MODEL = "budgets.Budget"
+
+
+def user_model() -> type[models.Model]:
+    return apps.get_model(USER_MODEL)
+
+
+def api_key_model() -> type[models.Model]:
+    return apps.get_model(API_KEY_MODEL)
+
+
+def budget_model() -> type[models.Model]:
+    return apps.get_model(BUDGET_MODEL)
 
 
 class UsageLog(models.Model):
@@ -105,9 +123,9 @@ class UsageLog(models.Model):
 
     # Also the request id (X-Otari-Request-Id) and the id of its hold.
     id = models.UUIDField(primary_key=True, default=uuid.uuid4)
-    user = models.ForeignKey(GatewayUser, on_delete=models.PROTECT, related_name="usage_logs")
+    user = models.ForeignKey(USER_MODEL, on_delete=models.PROTECT, related_name="usage_logs")
     api_key = models.ForeignKey(
-        APIKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_logs"
+        API_KEY_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_logs"
     )
     # When the request was settled (a hold open across a reset counts in the new period).
     timestamp = models.DateTimeField()
@@ -192,7 +210,7 @@ class UsageReport(models.Model):
     # The gateway request (the usage row's id, X-Otari-Request-Id) and the platform's.
     request_id = models.UUIDField(db_index=True)
     platform_request_id = models.CharField(max_length=255, blank=True, default="")
-    user = models.ForeignKey(GatewayUser, on_delete=models.PROTECT, related_name="usage_reports")
+    user = models.ForeignKey(USER_MODEL, on_delete=models.PROTECT, related_name="usage_reports")
     position = models.IntegerField(default=0)
     provider = models.CharField(max_length=100, blank=True, default="")
     model = models.CharField(max_length=255, blank=True, default="")

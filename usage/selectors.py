@@ -13,9 +13,15 @@ from django.db import OperationalError, connections, transaction
 from django.db.models import CharField, Count, F, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, Concat, TruncDate, TruncDay, TruncHour
 
-from budgets.models import APIKey, GatewayUser
 from otari.fields import MoneyField
-from usage.models import ModelPricing, UsageLog, UsageReport
+from usage.models import (
+    ModelPricing,
+    UsageLog,
+    UsageReport,
+    api_key_model,
+    budget_model,
+    user_model,
+)
 
 ZERO = Decimal(0)
 
@@ -174,11 +180,13 @@ def _labels(dimension: str, keys: list[Any]) -> dict[Any, str]:
     """Display names: a user's alias, a key's name."""
     present = [key for key in keys if key is not None]
     if dimension == "user":
-        return dict(GatewayUser.objects.filter(pk__in=present).values_list("user_id", "alias"))
+        return dict(user_model().objects.filter(pk__in=present).values_list("user_id", "alias"))
     if dimension == "api_key":
         return {
             str(key): name
-            for key, name in APIKey.objects.filter(pk__in=present).values_list("id", "key_name")
+            for key, name in api_key_model()
+            .objects.filter(pk__in=present)
+            .values_list("id", "key_name")
         }
     return {}
 
@@ -484,9 +492,9 @@ def spend_top_users(*, now: datetime, days: int = 30, limit: int = 8) -> list[Sp
     # Aliases for the few winners only: joining users to every row of the window doubled
     # the query's time on a million-row log.
     aliases = dict(
-        GatewayUser.objects.filter(pk__in=[row["user_id"] for row in rows]).values_list(
-            "user_id", "alias"
-        )
+        user_model()
+        .objects.filter(pk__in=[row["user_id"] for row in rows])
+        .values_list("user_id", "alias")
     )
     return [
         SpendShare(
@@ -611,7 +619,7 @@ SUGGESTIONS = 20
 def suggest_users(term: str) -> list[Suggestion]:
     """Users whose id starts with, or whose alias contains, `term` (the users table, never
     the usage log)."""
-    users = GatewayUser.objects.all()
+    users = user_model().objects.all()
     if term:
         users = users.filter(Q(user_id__istartswith=term) | Q(alias__icontains=term))
     return [
@@ -631,7 +639,7 @@ def suggest_models(term: str) -> list[Suggestion]:
 
 def suggest_keys(term: str) -> list[Suggestion]:
     """Keys whose shown prefix starts with, or whose name or user contains, `term`."""
-    keys = APIKey.objects.all()
+    keys = api_key_model().objects.all()
     if term:
         keys = keys.filter(
             Q(key_prefix__istartswith=term)
@@ -692,12 +700,10 @@ def spend_report(*, by: str, start: datetime, end: datetime) -> list[ReportRow]:
     labels: dict[Any, str] = {}
     if by == "user":
         ids = [g[column] for g in groups]
-        labels = dict(GatewayUser.objects.filter(pk__in=ids).values_list("user_id", "alias"))
+        labels = dict(user_model().objects.filter(pk__in=ids).values_list("user_id", "alias"))
     elif by == "budget":
-        from budgets.models import Budget
-
         ids = [g[column] for g in groups if g[column]]
-        labels = {b.pk: str(b) for b in Budget.objects.filter(pk__in=ids)}
+        labels = {b.pk: str(b) for b in budget_model().objects.filter(pk__in=ids)}
     out = []
     for g in groups:
         key = g[column] or ""

@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from budgets import alerting, periods, selectors
-from budgets.exceptions import InvalidAlertSettings, InvalidRateLimit, UnknownUser
+from budgets.exceptions import InvalidAlertSettings, InvalidRateLimit
 from budgets.models import MAX_RPM_LIMIT, MAX_TPM_LIMIT, APIKey, Budget, GatewayUser
 from budgets.services.periods import start_fresh_window
 from otari.exceptions import Conflict
@@ -219,10 +219,7 @@ def user_update(
     rate_limits_check(rpm_limit=rpm_limit, tpm_limit=tpm_limit)
     now = now or timezone.now()
     with transaction.atomic(durable=True):
-        try:
-            user = selectors.user_lock(user_id)
-        except GatewayUser.DoesNotExist:
-            raise UnknownUser from None
+        user = selectors.user_lock(user_id)
         changes = {
             name: value
             for name, value in (
@@ -258,10 +255,7 @@ def user_delete(*, user_id: str, now: datetime | None = None) -> GatewayUser:
     usage history stays."""
     now = now or timezone.now()
     with transaction.atomic(durable=True):
-        try:
-            user = selectors.user_lock(user_id)
-        except GatewayUser.DoesNotExist:
-            raise UnknownUser from None
+        user = selectors.user_lock(user_id)
         GatewayUser.objects.filter(pk=user.pk).update(deleted_at=now, updated_at=now)
         live_keys = list(APIKey.objects.filter(user=user, is_active=True).order_by("pk"))
         APIKey.objects.filter(pk__in=[k.pk for k in live_keys]).update(
@@ -286,10 +280,7 @@ def user_topup_set(
     A top-up replaces any previous one; it is added to the budget's max at admission.
     """
     with transaction.atomic(durable=True):
-        try:
-            user = selectors.user_lock(user_id)
-        except GatewayUser.DoesNotExist:
-            raise UnknownUser from None
+        user = selectors.user_lock(user_id)
         if not amount_usd or expires_at is None:
             amount_usd, expires_at = ZERO, None
         GatewayUser.objects.filter(pk=user.pk).update(

@@ -14,7 +14,6 @@ from django.db import transaction
 from django.utils import timezone
 
 from budgets import selectors
-from budgets.exceptions import UnknownUser
 from budgets.models import GatewayUser
 from budgets.services.holds import holds_expire_stale
 from otari.money import exact_str
@@ -42,10 +41,7 @@ def user_books_repair(*, user_id: str) -> BookRepair | None:
     because of a request in flight. Returns None when the books already balance.
     """
     with transaction.atomic(durable=True):
-        try:
-            user = selectors.user_lock(user_id)
-        except GatewayUser.DoesNotExist:
-            raise UnknownUser from None
+        user = selectors.user_lock(user_id)
         (book,) = selectors.books_for_users(user_id=user_id)
         if book.balanced:
             return None

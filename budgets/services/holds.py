@@ -253,10 +253,7 @@ def hold_open(
     money does not fit (budgets.rules.admits).
     """
     with transaction.atomic(durable=True):
-        try:
-            user = selectors.user_lock(user_id)
-        except GatewayUser.DoesNotExist:
-            raise UnknownUser from None
+        user = selectors.user_lock(user_id)
         if user.is_deleted:
             raise UnknownUser
         period_roll_locked(user, now)
@@ -292,17 +289,15 @@ async def hold_open_async(
     (user blocked or gone, period due, money does not fit: the general path rolls the
     period or names the refusal)."""
     if _fast_path():
-        row = await pgpool.fetchone(
-            ADMIT.sql,
-            _admit_params(
-                user_id=user_id,
-                request_id=request_id,
-                amount_usd=amount_usd,
-                limit_usd=limit_usd,
-                model_key=model_key,
-                now=now,
-            ),
+        params = _admit_params(
+            user_id=user_id,
+            request_id=request_id,
+            amount_usd=amount_usd,
+            limit_usd=limit_usd,
+            model_key=model_key,
+            now=now,
         )
+        row = await pgpool.fetchone(ADMIT.sql, params)
         if row is not None:
             return _state(row, limit_usd)
     return await sync_to_async(hold_open)(

@@ -23,6 +23,19 @@ from budgets.models import Budget, BudgetResetLog, GatewayUser
 ZERO = Decimal("0")
 
 
+def _reset_log_create(
+    user: GatewayUser, budget: Budget | None, start: datetime, next_reset: datetime | None
+) -> BudgetResetLog:
+    """Keep the spend of the window that ends: nothing disappears from the books."""
+    return BudgetResetLog.objects.create(
+        user=user,
+        budget=budget,
+        previous_spend_usd=user.spend_usd,
+        reset_at=start,
+        next_reset_at=next_reset,
+    )
+
+
 def period_roll_locked(user: GatewayUser, now: datetime) -> BudgetResetLog | None:
     """Start the user's current window if the previous one has ended.
 
@@ -49,13 +62,7 @@ def period_roll_locked(user: GatewayUser, now: datetime) -> BudgetResetLog | Non
     )
     if not rolled:
         return None
-    log = BudgetResetLog.objects.create(
-        user=user,
-        budget=budget,
-        previous_spend_usd=user.spend_usd,
-        reset_at=start,
-        next_reset_at=next_reset,
-    )
+    log = _reset_log_create(user, budget, start, next_reset)
     user.spend_usd, user.budget_started_at, user.next_budget_reset_at = ZERO, start, next_reset
     return log
 
@@ -66,7 +73,7 @@ def user_period_roll(*, user_id: str, now: datetime | None = None) -> BudgetRese
     with transaction.atomic(durable=True):
         try:
             user = selectors.user_lock(user_id)
-        except GatewayUser.DoesNotExist:
+        except UnknownUser:
             return None
         return period_roll_locked(user, now)
 
@@ -81,10 +88,7 @@ def user_period_reset(*, user_id: str, now: datetime | None = None) -> BudgetRes
     """
     now = now or timezone.now()
     with transaction.atomic(durable=True):
-        try:
-            user = selectors.user_lock(user_id)
-        except GatewayUser.DoesNotExist:
-            raise UnknownUser from None
+        user = selectors.user_lock(user_id)
         # Under the row lock: a second reset at the same instant (a double-submitted
         # form) finds the first one's log instead of violating its uniqueness.
         existing = BudgetResetLog.objects.filter(user=user, reset_at=now).first()
@@ -110,13 +114,7 @@ def start_fresh_window(
         )
     log = None
     if always_log or user.spend_usd or user.budget_started_at is not None:
-        log = BudgetResetLog.objects.create(
-            user=user,
-            budget=budget,
-            previous_spend_usd=user.spend_usd,
-            reset_at=start,
-            next_reset_at=next_reset,
-        )
+        log = _reset_log_create(user, budget, start, next_reset)
     GatewayUser.objects.filter(pk=user.pk).update(
         budget=budget,
         spend_usd=ZERO,

@@ -8,6 +8,9 @@ console) are never touched, past usage rows keep the cost they were charged, and
 the installed catalog no longer prices keeps its frozen price (listed as such). Running
 it twice, or on two hosts, adds nothing the second time: a price equal to the catalog's is
 not a change.
+
+Lives in llm_proxy because a catalog price belongs to a provider instance: the command asks
+each configured provider which catalog provider it is.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from llm_proxy.providers import providers
 from usage.catalog import catalog_version
 from usage.services import CatalogPriceChange, pricing_catalog_sync
 
@@ -54,8 +58,6 @@ def _describe(change: CatalogPriceChange) -> str:
 
 
 def _catalog_provider_of(provider_name: str) -> str | None:
-    from llm_proxy.providers import providers
-
     provider = providers().get(provider_name)
     return provider.catalog_provider_id() if provider is not None else None
 
