@@ -29,6 +29,8 @@ def refused(response, status: int, code: str) -> None:
     assert set(error) == {"message", "type", "param", "code"}
 
 
+# Stages a full budget by writing spend directly: its books cannot balance afterwards.
+@pytest.mark.books_unbalanced
 def test_over_budget_is_refused_without_calling_the_provider(gateway, priced_model):
     user = make_user(budget=make_budget(max_budget_usd=Decimal("1")))
     GatewayUser.objects.filter(pk=user.pk).update(spend_usd=Decimal("1"))
@@ -58,6 +60,8 @@ def test_a_request_whose_estimate_does_not_fit_is_refused(gateway, priced_model,
     assert_books_balance(user)
 
 
+# Stages a full budget by writing spend directly: its books cannot balance afterwards.
+@pytest.mark.books_unbalanced
 def test_free_model_works_over_budget(gateway):
     set_price("openai:gpt-4o-mini", "0", "0")
     user = make_user(budget=make_budget(max_budget_usd=Decimal("1")))
@@ -92,6 +96,8 @@ def test_unpriced_model_runs_uncharged_when_pricing_is_not_required(gateway, set
     assert_untouched(user)
 
 
+# Stages a full budget by writing spend directly: its books cannot balance afterwards.
+@pytest.mark.books_unbalanced
 def test_over_budget_wins_over_missing_price(gateway):
     user = make_user(budget=make_budget(max_budget_usd=Decimal("1")))
     GatewayUser.objects.filter(pk=user.pk).update(spend_usd=Decimal("1"))
@@ -195,6 +201,8 @@ def test_master_key_bills_the_named_user(gateway, priced_model, settings):
     assert (row.user_id, row.api_key_id) == (user.user_id, None)
 
 
+# Stages a full budget by writing spend directly: its books cannot balance afterwards.
+@pytest.mark.books_unbalanced
 def test_excluded_key_logs_cost_but_is_never_held_or_charged(gateway, priced_model):
     user = make_user(budget=make_budget(max_budget_usd=Decimal("1")))
     GatewayUser.objects.filter(pk=user.pk).update(spend_usd=Decimal("1"))
@@ -207,6 +215,8 @@ def test_excluded_key_logs_cost_but_is_never_held_or_charged(gateway, priced_mod
     assert_untouched(user, spend=Decimal("1"))
 
 
+# Stages a full budget by writing spend directly: its books cannot balance afterwards.
+@pytest.mark.books_unbalanced
 def test_an_ended_period_is_rolled_at_admission(gateway, priced_model):
     budget = make_budget(max_budget_usd=Decimal("1"), budget_duration_sec=3600)
     user = make_user(budget=budget)

@@ -67,6 +67,8 @@ def test_sdk_create_and_stream(gateway, sdk_user):
     assert user.reserved_usd == 0
 
 
+# Stages a full budget by writing spend directly: its books cannot balance afterwards.
+@pytest.mark.books_unbalanced
 def test_sdk_typed_errors(gateway, sdk_user):
     user, secret = sdk_user
     with pytest.raises(openai.AuthenticationError):
