@@ -47,7 +47,7 @@ from budgets.models import (
     ResetAlignment,
 )
 from budgets.selectors import user_money_annotate
-from otari.admin_tools import (
+from common.admin_tools import (
     ZERO,
     CsvExportMixin,
     EstimatedCountPaginator,
@@ -61,8 +61,8 @@ from otari.admin_tools import (
     key_state,
     usage_bar,
 )
-from otari.charts import daily_spend_chart
-from otari.exceptions import Conflict
+from common.charts import daily_spend_chart
+from common.exceptions import Conflict
 from usage.selectors import spend_by_day
 
 # How many users a budget's page lists (fullest first); the rest are one click away.

@@ -1,6 +1,6 @@
 """Management API for budgets, users and API keys (docs/SPEC.md §6), master key only.
 
-Thin views: authenticate (otari.rest), validate (budgets.serializers), call a service in
+Thin views: authenticate (budgets.rest), validate (budgets.serializers), call a service in
 budgets.services (which owns the transaction) or a selector, render. Served under both
 `/v1/` and `/api/v1/` (otari/urls.py).
 
@@ -22,7 +22,6 @@ from typing import Any
 
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -30,6 +29,7 @@ from rest_framework.views import APIView
 from budgets import selectors, services
 from budgets.exceptions import UnknownUser
 from budgets.models import APIKey, Budget
+from budgets.rest import DEFAULT_WORKSPACE_ID, ManagementMixin, quoted_id
 from budgets.serializers import (
     ALERT_SETTINGS,
     BudgetAlertResponse,
@@ -45,23 +45,14 @@ from budgets.serializers import (
     UserResponse,
     UserTopup,
 )
-from otari.exceptions import BadRequest, Conflict, NotFound
-from otari.rest import (
-    DEFAULT_WORKSPACE_ID,
+from common.exceptions import BadRequest, Conflict, NotFound
+from common.rest import (
     PAGE_PARAMETERS,
-    ManagementMixin,
     Unprocessable,
     error_responses,
     page_params,
-    quoted_id,
+    validated,
 )
-
-
-def validated(serializer_class: type[serializers.Serializer], data: Any, **kwargs: Any) -> Any:
-    """The request body through `serializer_class`, or a 422 naming the fields."""
-    serializer = serializer_class(data=data, **kwargs)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
 
 
 def _budget_or_404(budget_id: str) -> Budget:

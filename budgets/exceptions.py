@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from otari.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
+from common.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
 
 if TYPE_CHECKING:
     from budgets.services import BudgetState

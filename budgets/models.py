@@ -13,10 +13,10 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from otari.audit import Channel
-from otari.fields import MoneyField
-from otari.history import AuditedHistory
-from otari.money import format_usd
+from common.audit import Channel
+from common.fields import MoneyField
+from common.history import AuditedHistory
+from common.money import format_usd
 
 
 def _new_id() -> str:
@@ -64,7 +64,7 @@ class Budget(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    # Every version of its settings (otari/history.py).
+    # Every version of its settings (common/history.py).
     history = AuditedHistory(excluded_fields=["updated_at"])
 
     class Meta:
@@ -133,7 +133,7 @@ class GatewayUser(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
 
-    # Every version of the user's settings (otari/history.py). Money the gateway moves on
+    # Every version of the user's settings (common/history.py). Money the gateway moves on
     # every request, and the period's clock, are not settings: not versioned.
     history = AuditedHistory(
         excluded_fields=[
@@ -344,7 +344,7 @@ class APIKey(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
 
-    # Every version of the key's settings (otari/history.py); never its hash.
+    # Every version of the key's settings (common/history.py); never its hash.
     history = AuditedHistory(excluded_fields=["key_hash", "last_used_at", "updated_at"])
 
     class Meta:
@@ -368,7 +368,7 @@ class MasterKey(models.Model):
 class SettingChange(models.Model):
     """One version of a money setting (a budget, user, key or price), from any of their
     history tables: a read-only database view (migration 0002), so one list can search
-    and page them all. Written only by otari.history, never edited or deleted."""
+    and page them all. Written only by common.history, never edited or deleted."""
 
     class ObjectType(models.TextChoices):
         BUDGET = "budget"

@@ -30,8 +30,8 @@ from django.db.models import (
 from django.db.models.functions import Coalesce
 
 from budgets.models import APIKey, Budget, BudgetAlert, BudgetResetLog, GatewayUser, Hold
-from otari import pgpool
-from otari.fields import MoneyField
+from common import pgpool
+from common.fields import MoneyField
 from usage.models import BUDGET_EXCEEDED, ModelPricing, UsageLog
 from usage.pricing import Rates
 

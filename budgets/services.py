@@ -74,10 +74,10 @@ from budgets.models import (
     MasterKey,
 )
 from budgets.tasks import budget_alert_deliver as budget_alert_deliver_task
-from otari import pgpool
+from common import pgpool
+from common.exceptions import Conflict
+from common.history import history_record
 from otari.celery import enqueue, enqueue_detached, enqueue_on_commit
-from otari.exceptions import Conflict
-from otari.history import history_record
 from usage.models import UsageLog, UsageReport
 from usage.pricing import TokenUsage
 from usage.reporting import AttemptReport

@@ -16,8 +16,8 @@ from budgets.exceptions import (
     UnknownUser,
 )
 from budgets.selectors import Caller, caller_load
+from common.exceptions import BadRequest
 from llm_proxy import platform
-from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
     from django.http import HttpRequest

@@ -37,6 +37,7 @@ from django.utils import timezone
 from budgets import alerting, services
 from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
 from budgets.selectors import Caller, rates_current
+from common.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
 from llm_proxy import budget, platform, prices, ratelimit, upstream
 from llm_proxy.auth import (
     authenticate,
@@ -60,7 +61,6 @@ from llm_proxy.streaming import EventSplitter, relay
 from llm_proxy.translate import TranslationError, route_for
 from otari import metrics
 from otari.celery import embedded_beat_tick
-from otari.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
 from otari.logging import bind_request, log_payload
 from otari.logging import current as current_request
 from usage.models import UsageLog, UsageReport

@@ -50,7 +50,7 @@ from otari import logging as otari_logging
 
 if TYPE_CHECKING:
     from budgets.services import UsageRecord
-    from otari.exceptions import GatewayError
+    from common.exceptions import GatewayError
 
 logger = logging.getLogger(__name__)
 

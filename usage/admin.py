@@ -26,7 +26,7 @@ from django.utils.safestring import SafeString
 
 from budgets.admin_history import SettingHistoryMixin
 from budgets.models import APIKey, Budget, GatewayUser
-from otari.admin_tools import (
+from common.admin_tools import (
     CsvExportMixin,
     DateRangeFilter,
     EstimatedCountPaginator,

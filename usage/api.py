@@ -20,20 +20,19 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from budgets.api import validated
+from budgets.rest import ManagementMixin, quoted_id
 from budgets.selectors import price_at, user_exists
-from otari.exceptions import NotFound
-from otari.rest import (
+from common.exceptions import NotFound
+from common.exports import csv_lines
+from common.rest import (
     PAGE_PARAMETERS,
-    ManagementMixin,
     Unprocessable,
     error_responses,
     json_number,
     page_params,
-    quoted_id,
+    validated,
 )
 from usage import selectors, services
-from usage.exports import csv_lines
 from usage.serializers import (
     AsOfQuery,
     EffectiveAtQuery,

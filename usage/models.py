@@ -9,8 +9,8 @@ from django.db.models import Q
 
 from budgets.exceptions import BudgetExceeded
 from budgets.models import APIKey, GatewayUser
-from otari.fields import MoneyField
-from otari.history import AuditedHistory
+from common.fields import MoneyField
+from common.history import AuditedHistory
 from usage.pricing import Rates
 
 

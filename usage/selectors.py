@@ -14,7 +14,7 @@ from django.db.models import CharField, Count, F, Max, OuterRef, Q, QuerySet, Su
 from django.db.models.functions import Coalesce, Concat, TruncDate, TruncDay, TruncHour
 
 from budgets.models import APIKey, GatewayUser
-from otari.fields import MoneyField
+from common.fields import MoneyField
 from usage.models import ModelPricing, UsageLog, UsageReport
 
 ZERO = Decimal(0)

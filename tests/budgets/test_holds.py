@@ -15,7 +15,7 @@ from django.utils import timezone
 from budgets import services
 from budgets.exceptions import BudgetExceeded, UnknownUser, UserBlocked
 from budgets.models import BudgetResetLog, GatewayUser, Hold
-from otari import pgpool
+from common import pgpool
 from tests.assertions import assert_books_balance
 from tests.conftest import is_postgres, run_async
 from tests.factories import make_budget, make_user
