@@ -33,7 +33,11 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
-from budgets import alerting, rules
+from budgets import (
+    admin_pricing,  # noqa: F401 - registers the price page
+    alerting,
+    rules,
+)
 from budgets.admin_history import SettingHistoryMixin
 from budgets.models import (
     MAX_RPM_LIMIT,
@@ -48,7 +52,7 @@ from budgets.models import (
 )
 from budgets.selectors import user_money_annotate
 from budgets.services import accounts, holds, keys, periods
-from otari.admin_tools import (
+from common.admin_tools import (
     ZERO,
     CsvExportMixin,
     EstimatedCountPaginator,
@@ -62,8 +66,8 @@ from otari.admin_tools import (
     key_state,
     usage_bar,
 )
-from otari.charts import daily_spend_chart
-from otari.exceptions import Conflict
+from common.charts import daily_spend_chart
+from common.exceptions import Conflict
 from usage.selectors import spend_by_day
 
 # How many users a budget's page lists (fullest first); the rest are one click away.

@@ -1,4 +1,4 @@
-"""The history of money settings in the console (otari/history.py): one searchable,
+"""The history of money settings in the console (common/history.py): one searchable,
 read-only list of every change, and the latest changes on each object's own page."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
 from budgets.models import APIKey, Budget, GatewayUser, SettingChange
-from otari.admin_tools import DateRangeFilter, LedgerAdmin, as_utc
-from otari.money import format_usd
+from common.admin_tools import DateRangeFilter, LedgerAdmin, as_utc
+from common.money import format_usd
 
 # How many changes an object's page shows; the rest are one click away.
 CHANGES_SHOWN = 10

@@ -30,6 +30,7 @@ from rest_framework.views import APIView
 from budgets import selectors
 from budgets.exceptions import UnknownUser
 from budgets.models import APIKey, Budget
+from budgets.rest import DEFAULT_WORKSPACE_ID
 from budgets.serializers import (
     ALERT_SETTINGS,
     BudgetAlertResponse,
@@ -46,9 +47,8 @@ from budgets.serializers import (
     UserTopup,
 )
 from budgets.services import accounts, keys
-from otari.exceptions import BadRequest, Conflict, NotFound
-from otari.rest import (
-    DEFAULT_WORKSPACE_ID,
+from common.exceptions import BadRequest, Conflict, NotFound
+from common.rest import (
     PAGE_PARAMETERS,
     ManagementMixin,
     Unprocessable,

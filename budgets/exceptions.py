@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from otari.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
+from common.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
 from usage.models import BUDGET_EXCEEDED
 
 if TYPE_CHECKING:

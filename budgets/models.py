@@ -14,10 +14,10 @@ from django.db import models
 from django.db.models import Q
 
 from budgets import rules
-from otari.audit import Channel
-from otari.fields import MoneyField
-from otari.history import AuditedHistory
-from otari.money import format_usd
+from common.audit import Channel
+from common.fields import MoneyField
+from common.history import AuditedHistory
+from common.money import format_usd
 
 
 def _new_id() -> str:
@@ -371,7 +371,7 @@ class MasterKey(models.Model):
 class SettingChange(models.Model):
     """One version of a money setting (a budget, user, key or price), from any of their
     history tables: a read-only database view (migration 0002), so one list can search
-    and page them all. Written only by otari.history, never edited or deleted."""
+    and page them all. Written only by common.history, never edited or deleted."""
 
     class ObjectType(models.TextChoices):
         BUDGET = "budget"

@@ -19,7 +19,7 @@ from decimal import Decimal
 from django.db.models import Case, ExpressionWrapper, F, Q, Value, When
 from django.db.models.lookups import LessThan, LessThanOrEqual
 
-from otari.fields import MoneyField
+from common.fields import MoneyField
 
 ZERO = Decimal("0")
 

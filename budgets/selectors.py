@@ -32,8 +32,8 @@ from django.db.models.functions import Coalesce
 from budgets import rules
 from budgets.exceptions import UnknownUser
 from budgets.models import APIKey, Budget, BudgetAlert, BudgetResetLog, GatewayUser, Hold
-from otari import pgpool
-from otari.fields import MoneyField
+from common import pgpool
+from common.fields import MoneyField
 from usage.models import BUDGET_EXCEEDED, UsageLog
 from usage.pricing import Rates
 from usage.selectors import price_at, price_at_sql

@@ -17,13 +17,15 @@ from rest_framework import serializers
 
 from budgets import alerting
 from budgets.models import MAX_RPM_LIMIT, MAX_TPM_LIMIT, BudgetAlert, ResetAlignment
-from otari.rest import (
-    DEFAULT_WORKSPACE_ID,
+from budgets.rest import DEFAULT_WORKSPACE_ID
+from common.rest import (
     ChoiceField,
+    ConstantField,
     DateTimeField,
     JSONObjectField,
     MoneyField,
     MoneyOutField,
+    NullIntegerField,
     StrictBooleanField,
     StrictCharField,
     StrictIntegerField,
@@ -35,45 +37,23 @@ MAX_DURATION_SEC = 100 * 365 * 86400
 _ALIGNMENTS = [choice.value for choice in ResetAlignment]
 
 
-class _Constant(serializers.Field):
-    """An output field with a fixed value: settings this gateway does not have, reported
-    as the SDK's models require them."""
-
-    value: Any = None
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs["read_only"] = True
-        super().__init__(**kwargs)
-
-    def get_attribute(self, instance: Any) -> Any:
-        return self.value
-
-    def to_representation(self, value: Any) -> Any:
-        return value
-
-
-@extend_schema_field({"type": "integer", "nullable": True})
-class NullIntegerField(_Constant):
-    """Always null: e.g. request/token limits, which this gateway does not enforce."""
-
-
 @extend_schema_field({"type": "boolean", "nullable": True})
-class NullBooleanField(_Constant):
+class NullBooleanField(ConstantField):
     """Always null: a per-key override of a deployment-wide behaviour (it inherits)."""
 
 
 @extend_schema_field({"type": "string", "format": "uuid", "nullable": True})
-class NullUUIDField(_Constant):
+class NullUUIDField(ConstantField):
     """Always null: a standalone gateway has no organizations."""
 
 
 @extend_schema_field({"type": "integer", "description": "Always 0."})
-class ZeroField(_Constant):
+class ZeroField(ConstantField):
     value = 0
 
 
 @extend_schema_field({"type": "string", "format": "uuid"})
-class WorkspaceField(_Constant):
+class WorkspaceField(ConstantField):
     value = DEFAULT_WORKSPACE_ID
 
 

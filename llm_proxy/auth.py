@@ -11,32 +11,15 @@ from budgets.exceptions import (
     ExpiredAPIKey,
     InactiveAPIKey,
     InvalidAPIKey,
-    MissingAPIKey,
     UnknownUser,
 )
 from budgets.selectors import Caller, caller_load
 from budgets.services import accounts, keys, periods
+from common.exceptions import BadRequest
 from llm_proxy import platform
-from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
-    from django.http import HttpRequest
-
-
-def credential_from_headers(request: HttpRequest) -> str:
-    """The presented secret: `Otari-Key` (optionally `Bearer ...`), then
-    `Authorization: Bearer ...`, then `x-api-key` (what the Anthropic SDK sends)."""
-    headers = request.headers
-    otari_key = headers.get("Otari-Key", "").strip()
-    if otari_key:
-        return otari_key[7:].strip() if otari_key[:7].lower() == "bearer " else otari_key
-    authorization = headers.get("Authorization", "").strip()
-    if authorization[:7].lower() == "bearer " and authorization[7:].strip():
-        return authorization[7:].strip()
-    api_key = headers.get("x-api-key", "").strip()
-    if api_key:
-        return api_key
-    raise MissingAPIKey
+    pass
 
 
 async def authenticate(

@@ -15,7 +15,7 @@ from typing import Literal
 
 from django.http import HttpResponse
 
-from otari.exceptions import GatewayError
+from common.exceptions import GatewayError
 
 ErrorStyle = Literal["openai", "anthropic"]
 
@@ -194,6 +194,23 @@ def error_body(exc: GatewayError, style: ErrorStyle) -> dict:
         },
         "detail": exc.message,
     }
+
+
+# The generation routes (otari/asgi.py serves them without Django's middleware), and the
+# one among them that speaks Anthropic's wire format.
+_GENERATION_PATHS = re.compile(
+    r"^/(?:api/)?v1/(?:chat/completions|messages|responses|embeddings|models)(?:/|$)"
+)
+_ANTHROPIC_PATHS = re.compile(r"^/(?:api/)?v1/messages(?:/|$)")
+
+
+def error_body_for_path(exc: GatewayError, path: str) -> dict | None:
+    """`error_body` in the shape of the generation API at `path`; None for any other
+    path. The allowed-hosts middleware (common/hosts.py) refuses requests before they
+    reach a view, and answers generation routes in their own shape through this."""
+    if not _GENERATION_PATHS.match(path):
+        return None
+    return error_body(exc, "anthropic" if _ANTHROPIC_PATHS.match(path) else "openai")
 
 
 def error_response(

@@ -36,14 +36,15 @@ from django.utils import timezone
 
 from budgets import alerting
 from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
+from budgets.rest import credential_from_headers
 from budgets.selectors import Caller, rates_current
 from budgets.services import alerts, holds
+from common.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
 from llm_proxy import budget, platform, prices, ratelimit, upstream
 from llm_proxy.auth import (
     authenticate,
     authenticate_listing,
     authenticate_platform_user,
-    credential_from_headers,
     is_platform_user_token,
     model_allowed,
 )
@@ -61,7 +62,6 @@ from llm_proxy.streaming import EventSplitter, relay
 from llm_proxy.translate import TranslationError, route_for
 from otari import metrics
 from otari.celery import embedded_beat_tick
-from otari.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
 from otari.logging import bind_request, log_payload
 from otari.logging import current as current_request
 from usage import ledger

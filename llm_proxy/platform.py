@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 from django.conf import settings
 
+from common.config import ProviderConfig
+from common.exceptions import GatewayError
 from llm_proxy import upstream
 from llm_proxy.errors import provider_error_message
 from llm_proxy.providers.anthropic import AnthropicProvider
 from llm_proxy.providers.base import Provider
 from llm_proxy.providers.openai import OpenAIProvider
-from otari.config import ProviderConfig
-from otari.exceptions import GatewayError
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +274,14 @@ def reachable() -> bool:
         ok = False
     _health = (now, ok)
     return ok
+
+
+def health_details() -> dict[str, str]:
+    """What `/health` adds in platform mode (common/health.py): whether the platform
+    answers. Nothing otherwise."""
+    if not enabled():
+        return {}
+    return {"platform": "reachable" if reachable() else "unreachable"}
 
 
 def reachable_forget() -> None:

@@ -45,8 +45,8 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import RedisError
 
+from common.exceptions import GatewayError
 from otari import metrics
-from otari.exceptions import GatewayError
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript

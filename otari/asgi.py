@@ -23,9 +23,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
 # Django must be set up before anything imports models.
 django_http = get_asgi_application()
 
+from common.hosts import AllowedHostsMiddleware  # noqa: E402
 from llm_proxy import ratelimit  # noqa: E402 - needs Django set up
+from llm_proxy.errors import error_body_for_path  # noqa: E402
 from otari import metrics  # noqa: E402
-from otari.hosts import AllowedHostsMiddleware  # noqa: E402
 from otari.metrics import ObservabilityMiddleware  # noqa: E402
 
 
@@ -36,7 +37,7 @@ class GatewayASGIHandler(ASGIHandler):
         # Django runs each request in a ThreadSensitiveContext, i.e. on a new thread for
         # its synchronous parts (the request_started/finished signal receivers and
         # response.close). A generation request does its work on the event loop (the
-        # hot path's SQL goes through otari.pgpool), so it shares one long-lived thread
+        # hot path's SQL goes through common.pgpool), so it shares one long-lived thread
         # for those few synchronous calls instead of starting a thread per request.
         await self.handle(scope, receive, send)
 
@@ -55,7 +56,7 @@ ratelimit.warn_if_per_process()
 metrics.warn_if_per_process()
 
 # Outermost: every request's log context (request id), metrics and access log line; then
-# the allowed-hosts policy, for every route (otari/hosts.py).
+# the allowed-hosts policy, for every route (common/hosts.py).
 application = ObservabilityMiddleware(
     AllowedHostsMiddleware(
         ProtocolTypeRouter(
@@ -67,6 +68,7 @@ application = ObservabilityMiddleware(
                     ]
                 ),
             }
-        )
+        ),
+        error_body=error_body_for_path,
     )
 )

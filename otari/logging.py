@@ -145,7 +145,7 @@ def _configured_secrets() -> list[str]:
     try:
         from django.conf import settings
 
-        from otari.config import gateway_config
+        from common.config import gateway_config
 
         config = gateway_config()
         key = (

@@ -49,7 +49,7 @@ from prometheus_client.registry import Collector
 from otari import logging as otari_logging
 
 if TYPE_CHECKING:
-    from otari.exceptions import GatewayError
+    from common.exceptions import GatewayError
     from usage.ledger import UsageRecord
 
 logger = logging.getLogger(__name__)

@@ -7,6 +7,9 @@
   each route the URLconf actually serves.
 - Every management operation may answer 401/403 (master key) and, with a body, 400
   (malformed JSON): those responses are added in one place instead of on every view.
+
+Wiring, like urls.py: it joins the apps' schemas into the project's one document, so it
+stays in the project package (settings.SPECTACULAR_SETTINGS names these hooks).
 """
 
 from __future__ import annotations

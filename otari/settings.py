@@ -43,7 +43,7 @@ def _secret_key() -> str:
 
 SECRET_KEY = _secret_key()
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
-# The host names the gateway answers to. otari/hosts.py applies them to every request,
+# The host names the gateway answers to. common/hosts.py applies them to every request,
 # before Django, with JSON errors; health probes answer any Host, and the APIs do too with
 # OTARI_API_ANY_HOST. Django's own check is therefore off: it ran only where something
 # called get_host() (never on generation routes) and answered with an HTML 400 and a
@@ -57,7 +57,7 @@ INSTALLED_APPS = [
     # Daphne first: it makes `manage.py runserver` serve ASGI (development only; production
     # runs uvicorn, chosen by measurement, see docs/PERFORMANCE.md).
     "daphne",
-    # The admin with Otari's site: the spend dashboard as its index (otari/admin_site.py).
+    # The admin with Otari's site: the spend dashboard as its index (budgets/admin_site.py).
     "otari.apps.OtariAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -69,7 +69,7 @@ INSTALLED_APPS = [
     # Swagger UI's files, bundled: /docs works with no network access.
     "drf_spectacular_sidecar",
     "channels",
-    # Versions of every money setting (otari/history.py).
+    # Versions of every money setting (common/history.py).
     "simple_history",
     "budgets",
     "usage",
@@ -87,8 +87,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
-    # Who changed a money setting, and through what (otari/history.py).
-    "otari.audit.AuditContextMiddleware",
+    # Who changed a money setting, and through what (common/history.py).
+    "common.audit.AuditContextMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
@@ -304,14 +304,16 @@ OTARI_RATELIMIT_WINDOW_SECONDS = env.int("OTARI_RATELIMIT_WINDOW_SECONDS", defau
 OTARI_RATELIMIT_KEY_PREFIX = env.str("OTARI_RATELIMIT_KEY_PREFIX", default="otari:rl:")
 
 # --- REST framework (management API) --------------------------------------------------------
-# Master-key auth, JSON with exact Decimals and `{"detail": ...}` errors: otari/rest.py.
+# JSON with exact Decimals and `{"detail": ...}` errors: common/rest.py (master-key auth:
+# budgets/rest.py).
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": [],
+    # Every management view is master-key only unless it says otherwise (health is public).
+    "DEFAULT_AUTHENTICATION_CLASSES": ["budgets.rest.MasterKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["budgets.rest.IsMaster"],
     "UNAUTHENTICATED_USER": None,
-    "DEFAULT_RENDERER_CLASSES": ["otari.rest_json.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["otari.rest_json.JSONParser"],
-    "EXCEPTION_HANDLER": "otari.rest.exception_handler",
+    "DEFAULT_RENDERER_CLASSES": ["common.rest_json.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["common.rest_json.JSONParser"],
+    "EXCEPTION_HANDLER": "common.rest.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "COERCE_DECIMAL_TO_STRING": False,
 }

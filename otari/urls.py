@@ -9,12 +9,13 @@ from drf_spectacular.views import (
     SpectacularSwaggerView,
 )
 
-from otari import health
-from otari.home import home
+from common import health
+from common.home import home
+from llm_proxy import platform
 from otari.metrics import metrics_view
 
 health_urls = [
-    path("health", health.HealthApi.as_view()),
+    path("health", health.HealthApi.as_view(details=platform.health_details)),
     path("health/liveness", health.LivenessApi.as_view()),
     path("health/readiness", health.ReadinessApi.as_view()),
 ]
@@ -41,4 +42,4 @@ urlpatterns = [
     path("", home, name="home"),
 ]
 
-handler404 = "otari.rest.page_not_found"
+handler404 = "common.rest.page_not_found"

@@ -28,9 +28,9 @@ django.setup()
 
 import httpx  # noqa: E402
 
+from common.config import ProviderConfig  # noqa: E402
 from llm_proxy.providers.azure import AzureProvider  # noqa: E402
 from llm_proxy.providers.openai import OpenAIProvider  # noqa: E402
-from otari.config import ProviderConfig  # noqa: E402
 from usage import catalog  # noqa: E402
 
 # What the benchmark's load generator sends, as the chat format hands it to the provider.

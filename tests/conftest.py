@@ -186,8 +186,8 @@ pricing:
 def gateway_config_file(
     fake_provider: FakeProvider, fake_azure: FakeAzure, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
+    from common.config import gateway_config
     from llm_proxy.providers import providers
-    from otari.config import gateway_config
 
     path = write_config(tmp_path_factory.mktemp("config") / "otari.yaml", fake_provider, fake_azure)
     previous = settings.OTARI_CONFIG

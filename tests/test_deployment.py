@@ -67,7 +67,7 @@ def test_a_refused_host_gets_json_and_one_log_line(gateway, hosts_log, method, p
     assert "DJANGO_ALLOWED_HOSTS" in response.json()["detail"]
     assert response.headers["x-otari-request-id"]
     lines = _refusal_lines(hosts_log)
-    assert [(r.name, r.exc_info) for r in lines] == [("otari.hosts", None)]
+    assert [(r.name, r.exc_info) for r in lines] == [("common.hosts", None)]
     assert "'evil.example'" in lines[0].getMessage()
 
 
@@ -96,7 +96,7 @@ def test_generation_routes_follow_the_same_policy(gateway, hosts_log, path, body
     assert "DJANGO_ALLOWED_HOSTS" in payload["detail"]
     assert gateway.fake.hits == 0
     assert not UsageLog.objects.exists()
-    assert [r.name for r in _refusal_lines(hosts_log)] == ["otari.hosts"]
+    assert [r.name for r in _refusal_lines(hosts_log)] == ["common.hosts"]
 
 
 def test_api_any_host_opens_the_apis_only(gateway, settings, hosts_log):

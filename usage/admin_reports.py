@@ -1,5 +1,5 @@
 """The console's spend reports: spend per user, per model or per budget for a month or
-a range of UTC days, as a table with totals and as CSV (otari.admin_site routes it)."""
+a range of UTC days, as a table with totals and as CSV (budgets.admin_site routes it)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.utils import timezone
 
-from usage.exports import csv_lines
+from common.exports import csv_lines
 from usage.selectors import REPORT_DIMENSIONS, ReportRow, spend_report
 
 

@@ -20,9 +20,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from budgets.api import validated
-from otari.exceptions import NotFound
-from otari.rest import (
+from common.exceptions import NotFound
+from common.exports import csv_lines
+from common.rest import (
     PAGE_PARAMETERS,
     ManagementMixin,
     Unprocessable,
@@ -30,9 +30,9 @@ from otari.rest import (
     json_number,
     page_params,
     quoted_id,
+    validated,
 )
 from usage import selectors, services
-from usage.exports import csv_lines
 from usage.serializers import (
     AsOfQuery,
     EffectiveAtQuery,

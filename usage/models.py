@@ -8,8 +8,8 @@ from django.apps import apps
 from django.db import models
 from django.db.models import Q
 
-from otari.fields import MoneyField
-from otari.history import AuditedHistory
+from common.fields import MoneyField
+from common.history import AuditedHistory
 from usage.pricing import Rates
 
 

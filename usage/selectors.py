@@ -13,7 +13,7 @@ from django.db import OperationalError, connections, transaction
 from django.db.models import CharField, Count, F, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, Concat, TruncDate, TruncDay, TruncHour
 
-from otari.fields import MoneyField
+from common.fields import MoneyField
 from usage.models import (
     ModelPricing,
     UsageLog,

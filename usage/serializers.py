@@ -11,12 +11,13 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from budgets.serializers import NullIntegerField, _Constant
-from otari.rest import (
+from common.rest import (
     ChoiceField,
+    ConstantField,
     DateTimeField,
     MoneyField,
     MoneyOutField,
+    NullIntegerField,
     QueryDateTimeField,
     StrictCharField,
 )
@@ -74,12 +75,12 @@ class SetPricing(serializers.Serializer):
 
 
 @extend_schema_field({"type": "number", "nullable": True})
-class NullNumberField(_Constant):
+class NullNumberField(ConstantField):
     """Always null."""
 
 
 @extend_schema_field({"type": "array", "items": {"type": "object"}})
-class EmptyListField(_Constant):
+class EmptyListField(ConstantField):
     """Always []: tiered prices are not supported."""
 
     def get_attribute(self, instance: Any) -> list[Any]:

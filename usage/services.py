@@ -16,8 +16,8 @@ from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from common.config import PriceConfig, gateway_config
 from otari.celery import enqueue, enqueue_on_commit
-from otari.config import PriceConfig, gateway_config
 from usage import catalog, reporting
 from usage.catalog import CatalogPrice
 from usage.models import ModelPricing, UsageReport

@@ -2,7 +2,7 @@
 
 import budgets.models
 import django.db.models.deletion
-import otari.fields
+import common.fields
 import uuid
 from decimal import Decimal
 from django.db import migrations, models
@@ -29,7 +29,7 @@ class Migration(migrations.Migration):
             fields=[
                 ('budget_id', models.CharField(default=budgets.models._new_id, max_length=64, primary_key=True, serialize=False)),
                 ('name', models.CharField(blank=True, default='', max_length=200)),
-                ('max_budget_usd', otari.fields.MoneyField(blank=True, decimal_places=10, max_digits=22, null=True)),
+                ('max_budget_usd', common.fields.MoneyField(blank=True, decimal_places=10, max_digits=22, null=True)),
                 ('budget_duration_sec', models.PositiveBigIntegerField(blank=True, null=True)),
                 ('reset_alignment', models.CharField(blank=True, choices=[('calendar_day', 'Calendar day (UTC)'), ('calendar_week', 'Calendar week (UTC, from Monday)'), ('calendar_month', 'Calendar month (UTC)')], max_length=20, null=True)),
                 ('alert_thresholds_pct', models.JSONField(blank=True, default=budgets.models.default_alert_thresholds)),
@@ -51,12 +51,12 @@ class Migration(migrations.Migration):
                 ('blocked', models.BooleanField(default=False)),
                 ('allowed_models', models.JSONField(blank=True, null=True)),
                 ('metadata', models.JSONField(blank=True, default=dict)),
-                ('spend_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
-                ('reserved_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
-                ('lifetime_spend_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('spend_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('reserved_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('lifetime_spend_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
                 ('budget_started_at', models.DateTimeField(blank=True, null=True)),
                 ('next_budget_reset_at', models.DateTimeField(blank=True, null=True)),
-                ('topup_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('topup_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
                 ('topup_expires_at', models.DateTimeField(blank=True, null=True)),
                 ('rpm_limit', models.PositiveIntegerField(blank=True, null=True)),
                 ('tpm_limit', models.PositiveBigIntegerField(blank=True, null=True)),
@@ -74,7 +74,7 @@ class Migration(migrations.Migration):
             name='BudgetResetLog',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('previous_spend_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('previous_spend_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
                 ('reset_at', models.DateTimeField()),
                 ('next_reset_at', models.DateTimeField(null=True)),
                 ('created_at', models.DateTimeField(auto_now_add=True)),
@@ -93,8 +93,8 @@ class Migration(migrations.Migration):
                 ('threshold_pct', models.PositiveSmallIntegerField()),
                 ('period_started_at', models.DateTimeField()),
                 ('period_ends_at', models.DateTimeField(blank=True, null=True)),
-                ('spend_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
-                ('limit_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('spend_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('limit_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
                 ('webhook_url', models.URLField(blank=True, default='', max_length=2000)),
                 ('emails', models.JSONField(blank=True, default=list)),
                 ('status', models.CharField(choices=[('pending', 'Pending'), ('delivered', 'Delivered'), ('failed', 'Failed')], default='pending', max_length=10)),
@@ -142,7 +142,7 @@ class Migration(migrations.Migration):
             name='Hold',
             fields=[
                 ('request_id', models.UUIDField(primary_key=True, serialize=False)),
-                ('amount_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('amount_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
                 ('status', models.CharField(choices=[('open', 'Open'), ('settled', 'Settled'), ('refunded', 'Refunded'), ('expired', 'Expired')], default='open', max_length=10)),
                 ('model_key', models.CharField(blank=True, default='', max_length=255)),
                 ('created_at', models.DateTimeField()),

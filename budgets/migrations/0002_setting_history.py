@@ -3,7 +3,7 @@
 import budgets.models
 import django.core.serializers.json
 import django.db.models.deletion
-import otari.fields
+import common.fields
 import simple_history.models
 import uuid
 from decimal import Decimal
@@ -80,7 +80,7 @@ class Migration(migrations.Migration):
                 ('history_changes', models.JSONField(default=list, encoder=django.core.serializers.json.DjangoJSONEncoder)),
                 ('budget_id', models.CharField(db_index=True, default=budgets.models._new_id, max_length=64)),
                 ('name', models.CharField(blank=True, default='', max_length=200)),
-                ('max_budget_usd', otari.fields.MoneyField(blank=True, decimal_places=10, max_digits=22, null=True)),
+                ('max_budget_usd', common.fields.MoneyField(blank=True, decimal_places=10, max_digits=22, null=True)),
                 ('budget_duration_sec', models.PositiveBigIntegerField(blank=True, null=True)),
                 ('reset_alignment', models.CharField(blank=True, choices=[('calendar_day', 'Calendar day (UTC)'), ('calendar_week', 'Calendar week (UTC, from Monday)'), ('calendar_month', 'Calendar month (UTC)')], max_length=20, null=True)),
                 ('alert_thresholds_pct', models.JSONField(blank=True, default=budgets.models.default_alert_thresholds)),
@@ -112,7 +112,7 @@ class Migration(migrations.Migration):
                 ('blocked', models.BooleanField(default=False)),
                 ('allowed_models', models.JSONField(blank=True, null=True)),
                 ('metadata', models.JSONField(blank=True, default=dict)),
-                ('topup_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('topup_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
                 ('topup_expires_at', models.DateTimeField(blank=True, null=True)),
                 ('rpm_limit', models.PositiveIntegerField(blank=True, null=True)),
                 ('tpm_limit', models.PositiveBigIntegerField(blank=True, null=True)),

@@ -15,8 +15,8 @@ from budgets import alerting, periods, selectors
 from budgets.exceptions import InvalidAlertSettings, InvalidRateLimit
 from budgets.models import MAX_RPM_LIMIT, MAX_TPM_LIMIT, APIKey, Budget, GatewayUser
 from budgets.services.periods import start_fresh_window
-from otari.exceptions import Conflict
-from otari.history import history_record
+from common.exceptions import Conflict
+from common.history import history_record
 
 ZERO = Decimal("0")
 

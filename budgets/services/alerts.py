@@ -21,8 +21,8 @@ from budgets import alerting, rules, selectors
 from budgets.models import Budget, BudgetAlert, GatewayUser
 from budgets.services.holds import BudgetState
 from budgets.tasks import budget_alert_deliver as budget_alert_deliver_task
+from common.money import exact_str
 from otari.celery import enqueue, enqueue_on_commit
-from otari.money import exact_str
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from django.utils import timezone
 from budgets import selectors
 from budgets.models import GatewayUser
 from budgets.services.holds import holds_expire_stale
-from otari.money import exact_str
+from common.money import exact_str
 
 logger = logging.getLogger(__name__)
 

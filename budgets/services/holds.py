@@ -45,7 +45,7 @@ from budgets import rules, selectors
 from budgets.exceptions import BudgetExceeded, UnknownUser, UserBlocked
 from budgets.models import APIKey, GatewayUser, Hold
 from budgets.services.periods import period_roll_locked
-from otari import pgpool
+from common import pgpool
 from usage import ledger
 from usage.ledger import UsageRecord
 

@@ -18,11 +18,9 @@ from django.utils import timezone
 
 from budgets.models import APIKey, GatewayUser, MasterKey
 from budgets.services.accounts import UNSET, rate_limits_check
-from otari.exceptions import Conflict
-from otari.history import history_record
-
-API_KEY_PREFIX = "gw-"
-MASTER_KEY_PREFIX = "otari-mk-"
+from common.credentials import API_KEY_PREFIX, MASTER_KEY_PREFIX
+from common.exceptions import Conflict
+from common.history import history_record
 
 
 def secret_hash(secret: str) -> str:

@@ -13,26 +13,26 @@ from django.utils import formats, timezone
 from django.utils.safestring import SafeString
 from django.utils.text import capfirst
 
-from otari import admin_tools
+from common import admin_tools
 
 register = template.Library()
 
 
 @register.filter
 def usd(amount: Decimal | None) -> str:
-    """`$1,234.50`; `$0.000021` (see otari.admin_tools.format_usd)."""
+    """`$1,234.50`; `$0.000021` (see common.admin_tools.format_usd)."""
     return admin_tools.format_usd(amount)
 
 
 @register.filter
 def usd_exact(amount: Decimal | None) -> str:
-    """To the micro-dollar (see otari.admin_tools.format_usd_exact)."""
+    """To the micro-dollar (see common.admin_tools.format_usd_exact)."""
     return admin_tools.format_usd_exact(amount)
 
 
 @register.filter
 def money(amount: Decimal | None) -> SafeString:
-    """`usd`, with the exact amount on hover when rounded (otari.admin_tools.money)."""
+    """`usd`, with the exact amount on hover when rounded (common.admin_tools.money)."""
     return admin_tools.money(amount)
 
 

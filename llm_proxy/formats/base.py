@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.conf import settings
 
-from otari.exceptions import BadRequest
+from common.exceptions import BadRequest
 
 if TYPE_CHECKING:
     from llm_proxy.errors import ErrorStyle

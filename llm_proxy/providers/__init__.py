@@ -1,9 +1,11 @@
-"""Provider instances by name, built once per process from otari.config (§2, §9)."""
+"""Provider instances by name, built once per process from common.config (§2, §9)."""
 
 from __future__ import annotations
 
 import functools
 
+from common.config import gateway_config
+from common.exceptions import BadRequest
 from llm_proxy.providers.anthropic import AnthropicProvider
 from llm_proxy.providers.azure import AzureProvider
 from llm_proxy.providers.base import Provider
@@ -11,8 +13,6 @@ from llm_proxy.providers.bedrock import BedrockProvider
 from llm_proxy.providers.gemini import GeminiProvider
 from llm_proxy.providers.openai import OpenAIProvider
 from llm_proxy.providers.vertex import VertexProvider
-from otari.config import gateway_config
-from otari.exceptions import BadRequest
 
 PROVIDER_CLASSES: dict[str, type[Provider]] = {
     OpenAIProvider.kind: OpenAIProvider,

@@ -42,7 +42,7 @@ from django.core.exceptions import ImproperlyConfigured
 from llm_proxy.providers.base import Provider
 
 if TYPE_CHECKING:
-    from otari.config import ProviderConfig
+    from common.config import ProviderConfig
 
 V1 = "v1"
 _PATHS = {

@@ -18,7 +18,7 @@ from usage import catalog
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
 
-    from otari.config import ProviderConfig
+    from common.config import ProviderConfig
 
 
 class Provider:

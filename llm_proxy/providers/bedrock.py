@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from botocore.credentials import ReadOnlyCredentials
 
-    from otari.config import ProviderConfig
+    from common.config import ProviderConfig
 
 # Temporary credentials are replaced this long before they expire (botocore's own
 # advisory refresh starts 15 minutes ahead; its mandatory one 10 minutes ahead).

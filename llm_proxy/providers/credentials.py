@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
-from otari.exceptions import GatewayError
+from common.exceptions import GatewayError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from llm_proxy.providers.base import Provider
 if TYPE_CHECKING:
     import httpx
 
-    from otari.config import ProviderConfig
+    from common.config import ProviderConfig
 
 _PATHS = {
     "chat": "/chat/completions",

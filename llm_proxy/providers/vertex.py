@@ -42,7 +42,7 @@ from llm_proxy.providers.gemini import GoogleProvider
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials
 
-    from otari.config import ProviderConfig
+    from common.config import ProviderConfig
 
 _SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 # Access tokens live an hour; a new one is fetched this long before the old one expires

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
+from common.exceptions import BadRequest
 from llm_proxy.formats import FORMATS
 from llm_proxy.formats.chat import usage_requested
 from llm_proxy.translate import chat, converse, gemini, messages, responses
 from llm_proxy.translate.ir import API_TITLES, TranslationError
-from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
     from llm_proxy.formats.base import ApiFormat

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from common.exceptions import BadRequest
 from llm_proxy.formats.chat import usage_from_chat, usage_requested
 from llm_proxy.streaming import IncompleteStream, format_event
 from llm_proxy.translate.ir import (
@@ -31,7 +32,6 @@ from llm_proxy.translate.ir import (
     expect_strings,
     untranslatable,
 )
-from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
     from llm_proxy.streaming import SSEEvent

@@ -15,6 +15,7 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from common.exceptions import BadRequest
 from llm_proxy.formats.base import as_int
 from llm_proxy.translate.ir import (
     Completion,
@@ -29,7 +30,6 @@ from llm_proxy.translate.ir import (
     UpstreamOnlyFormat,
 )
 from llm_proxy.translate.messages import tool_input
-from otari.exceptions import BadRequest
 from usage.pricing import TokenUsage
 
 if TYPE_CHECKING:

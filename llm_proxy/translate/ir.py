@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
+from common.exceptions import BadRequest
 from llm_proxy.formats.base import ApiFormat
-from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from common.exceptions import BadRequest
 from llm_proxy.formats.responses import KEEPALIVE, error_event
 from llm_proxy.streaming import format_event
 from llm_proxy.translate.ir import (
@@ -27,7 +28,6 @@ from llm_proxy.translate.ir import (
     expect_number,
     untranslatable,
 )
-from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
     from usage.pricing import TokenUsage

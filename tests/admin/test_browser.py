@@ -23,7 +23,7 @@ from django.utils import timezone
 from budgets.models import APIKey, BudgetResetLog, GatewayUser
 from budgets.selectors import user_money_annotate, users_refused_for_budget
 from budgets.services.keys import secret_hash
-from otari.admin_tools import format_usd
+from common.admin_tools import format_usd
 from tests.admin.conftest import CHROMIUM
 from tests.conftest import REPO
 from tests.factories import set_price

@@ -11,7 +11,7 @@ from django.contrib import admin
 from django.urls import reverse
 from django.utils import timezone
 
-from otari.money import format_usd
+from common.money import format_usd
 from tests.admin.test_browser import ADMIN_PASSWORD, ARTIFACTS, browser  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -11,7 +11,7 @@ import time_machine
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from otari.charts import nice_ceiling
+from common.charts import nice_ceiling
 from tests.admin.conftest import charge, fail, open_hold
 from tests.factories import make_budget, make_user
 

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from budgets.models import BudgetResetLog, GatewayUser, Hold
 from budgets.services import periods
-from otari import admin_tools
+from common import admin_tools
 from tests.admin.conftest import admin_url, charge, fail, open_hold
 from tests.factories import make_budget, make_user
 from usage.models import UsageLog

@@ -17,8 +17,8 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from budgets.models import Hold
+from common.config import ProviderConfig
 from llm_proxy.providers.azure import AzureProvider
-from otari.config import ProviderConfig
 from tests.assertions import assert_books_balance
 from tests.factories import make_budget, make_key, make_user, set_price
 from tests.fake_azure import AD_TOKEN, API_KEY, RETRY_AFTER_S, FakeAzure

@@ -77,8 +77,8 @@ MODELS = {
 def cloud(gateway_config_file: Path, tmp_path_factory: pytest.TempPathFactory):
     """The fake cloud, and the gateway's configuration extended with one instance of
     each kind on it; AWS credentials in the environment (the chain's first link)."""
+    from common.config import gateway_config
     from llm_proxy.providers import providers
-    from otari.config import gateway_config
 
     directory = tmp_path_factory.mktemp("cloud")
     env = {
@@ -531,8 +531,8 @@ def test_bedrock_role_credentials_are_refreshed_ahead_of_expiry(gateway, dana, c
 def test_a_kind_refuses_options_it_does_not_know(kind, options, complaint):
     from django.core.exceptions import ImproperlyConfigured
 
+    from common.config import ProviderConfig
     from llm_proxy.providers import PROVIDER_CLASSES
-    from otari.config import ProviderConfig
 
     with pytest.raises(ImproperlyConfigured, match=complaint):
         PROVIDER_CLASSES[kind](ProviderConfig(name="x", kind=kind, options=options))
@@ -541,8 +541,8 @@ def test_a_kind_refuses_options_it_does_not_know(kind, options, complaint):
 def test_bedrock_needs_a_region(monkeypatch, tmp_path):
     from django.core.exceptions import ImproperlyConfigured
 
+    from common.config import ProviderConfig
     from llm_proxy.providers.bedrock import BedrockProvider
-    from otari.config import ProviderConfig
 
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)

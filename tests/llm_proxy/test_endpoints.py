@@ -376,8 +376,8 @@ def test_anthropic_provider_headers_and_path(gateway, erin):
 
 
 def test_anthropic_api_base_with_or_without_v1():
+    from common.config import ProviderConfig
     from llm_proxy.providers.anthropic import AnthropicProvider
-    from otari.config import ProviderConfig
 
     root = AnthropicProvider(ProviderConfig(name="a", kind="anthropic", api_base="http://h:1/"))
     v1 = AnthropicProvider(ProviderConfig(name="b", kind="anthropic", api_base="http://h:1/v1"))
@@ -499,8 +499,8 @@ def test_malformed_fields_are_refused_in_shape_never_a_500(gateway, erin, api):
 def test_an_instance_serves_only_apis_its_kind_speaks():
     from django.core.exceptions import ImproperlyConfigured
 
+    from common.config import ProviderConfig
     from llm_proxy.providers.openai import OpenAIProvider
-    from otari.config import ProviderConfig
 
     chat_only = OpenAIProvider(ProviderConfig(name="v", kind="openai", apis=("chat",)))
     assert chat_only.apis == {"chat"}

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.config import _parse_provider, gateway_config
 from llm_proxy.providers import providers
 from llm_proxy.providers.openai import OpenAIProvider
-from otari.config import _parse_provider, gateway_config
 from tests.conftest import REPO
 from tests.factories import make_budget, make_key, make_user
 from usage.catalog import catalog_price

@@ -2,7 +2,7 @@
 
 import django.core.serializers.json
 import django.db.models.deletion
-import otari.fields
+import common.fields
 import simple_history.models
 from decimal import Decimal
 from django.conf import settings
@@ -26,10 +26,10 @@ class Migration(migrations.Migration):
                 ('history_changes', models.JSONField(default=list, encoder=django.core.serializers.json.DjangoJSONEncoder)),
                 ('model_key', models.CharField(max_length=255)),
                 ('effective_at', models.DateTimeField()),
-                ('input_price_per_mtok_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
-                ('output_price_per_mtok_usd', otari.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
-                ('cache_read_price_per_mtok_usd', otari.fields.MoneyField(blank=True, decimal_places=10, max_digits=22, null=True)),
-                ('cache_write_price_per_mtok_usd', otari.fields.MoneyField(blank=True, decimal_places=10, max_digits=22, null=True)),
+                ('input_price_per_mtok_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('output_price_per_mtok_usd', common.fields.MoneyField(decimal_places=10, default=Decimal('0'), max_digits=22)),
+                ('cache_read_price_per_mtok_usd', common.fields.MoneyField(blank=True, decimal_places=10, max_digits=22, null=True)),
+                ('cache_write_price_per_mtok_usd', common.fields.MoneyField(blank=True, decimal_places=10, max_digits=22, null=True)),
                 ('unit', models.CharField(default='tokens', max_length=16)),
                 ('origin', models.CharField(choices=[('config', 'Config'), ('api', 'Api'), ('admin', 'Admin'), ('catalog', 'Catalog')], default='api', max_length=10)),
                 ('catalog_version', models.CharField(blank=True, default='', max_length=32)),

@@ -16,7 +16,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import IntegrityError
 
-from otari.accounts import admin_user_ensure
+from common.accounts import admin_user_ensure
 
 
 class Command(BaseCommand):

@@ -9,7 +9,7 @@ Refused when OTARI_MASTER_KEY is set: change that variable instead.
 from django.core.management.base import BaseCommand, CommandError
 
 from budgets.services.keys import master_key_rotate
-from otari.exceptions import GatewayError
+from common.exceptions import GatewayError
 
 
 class Command(BaseCommand):

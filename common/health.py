@@ -1,9 +1,15 @@
 """Health probes (docs/SPEC.md §6): unauthenticated, served at `/health...` (what otari-cli's
-`health` command calls) and under `/v1/` and `/api/v1/`."""
+`health` command calls) and under `/v1/` and `/api/v1/`.
+
+What else `/health` reports (in platform mode, whether the platform answers) is the
+gateway's business: otari/urls.py hands HealthApi a `details` function
+(llm_proxy.platform.health_details), so this package imports no app.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from django.db import connection
 from drf_spectacular.utils import extend_schema, inline_serializer
@@ -21,6 +27,9 @@ class _Public(APIView):
 
 
 class HealthApi(_Public):
+    # Extra fields of the body, read on each call; set with as_view(details=...).
+    details: Callable[[], dict[str, str]] | None = None
+
     @extend_schema(
         operation_id="health",
         tags=["health"],
@@ -41,11 +50,9 @@ class HealthApi(_Public):
         },
     )
     def get(self, request: Request) -> Response:
-        from llm_proxy import platform
-
         body = {"status": "healthy"}
-        if platform.enabled():
-            body["platform"] = "reachable" if platform.reachable() else "unreachable"
+        if self.details is not None:
+            body.update(self.details())
         return Response(body)
 
 

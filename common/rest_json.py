@@ -2,7 +2,7 @@
 
 Money is parsed from the JSON text as Decimal (never via float) and written back as a
 JSON number with every digit (simplejson's use_decimal), so `spend` reads 0.000123, not
-a string and not 0.00012299999. Kept apart from otari/rest.py because DRF imports the
+a string and not 0.00012299999. Kept apart from common/rest.py because DRF imports the
 renderer and parser classes named in settings while it is itself being imported.
 """
 

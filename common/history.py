@@ -9,7 +9,7 @@ Budgets, users, keys and prices keep their versions in django-simple-history tab
 - `history_changes`: the fields that changed, old -> new, computed when the version is
   written, so a list of changes costs no query per row.
 
-The actor comes from otari/audit.py: set per request by `AuditContextMiddleware` (the
+The actor comes from common/audit.py: set per request by `AuditContextMiddleware` (the
 console and the management API; generation routes never pass through it), and for a
 whole process by manage.py for commands. Writes through a queryset's `update()` send no
 signal, so the services call `history_record` after the settings they change that way.
@@ -29,7 +29,7 @@ from django.dispatch import receiver
 from simple_history.models import HistoricalRecords
 from simple_history.signals import pre_create_historical_record
 
-from otari.audit import Channel, current_actor
+from common.audit import Channel, current_actor
 
 # ---------------------------------------------------------------------------------------
 # Versions

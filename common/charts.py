@@ -2,6 +2,9 @@
 
 No JavaScript and nothing fetched: the dashboard works offline and prints. Coordinates
 are floats (pixels); the amounts they stand for stay Decimal and are shown formatted.
+
+The rows charted are described by the two Protocols below rather than imported from
+usage.selectors (which returns them), so this package imports no app.
 """
 
 from __future__ import annotations
@@ -10,9 +13,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
+from typing import Protocol
 
-from otari.admin_tools import format_usd
-from usage.selectors import DaySpend, SpendShare
+from common.money import format_usd
+
+
+class DaySpend(Protocol):
+    """One day's totals (usage.selectors.DaySpend)."""
+
+    day: date
+    spend_usd: Decimal
+    requests: int
+    errors: int
+
+
+class SpendShare(Protocol):
+    """One row of a top-N spend table (usage.selectors.SpendShare)."""
+
+    spend_usd: Decimal
+
 
 _NICE_STEPS = (Decimal(1), Decimal(2), Decimal("2.5"), Decimal(5), Decimal(10))
 

@@ -1,5 +1,5 @@
 """Who is changing money settings right now, and through what: the console, the
-management API, a command, or the gateway itself (otari/history.py records it).
+management API, a command, or the gateway itself (common/history.py records it).
 
 Kept free of models so that manage.py can set it before Django starts.
 """

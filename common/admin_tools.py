@@ -28,12 +28,12 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from otari.fields import MoneyField
+from common.exports import csv_lines
+from common.fields import MoneyField
 
 # Re-exported: the console modules import their display helpers from here.
-from otari.money import format_price as format_price
-from otari.money import format_usd, format_usd_exact
-from usage.exports import csv_lines
+from common.money import format_price as format_price
+from common.money import format_usd, format_usd_exact
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -273,7 +273,7 @@ class InputFilter(admin.SimpleListFilter):
     distinct values to list, such as the users or models of a million usage rows."""
 
     template = "admin/otari/input_filter.html"
-    # A source of suggestions while typing (otari.admin_site.OtariAdminSite.suggest_view):
+    # A source of suggestions while typing (budgets.admin_site.OtariAdminSite.suggest_view):
     # "users", "models" or "keys"; empty for none.
     suggest = ""
     placeholder = ""
@@ -385,7 +385,7 @@ class CsvExportMixin:
 
     Subclasses set `csv_columns`: (header, field path for values_list) pairs. Rows are
     read with a server-side cursor (`iterator(chunk_size=...)`) and written line by line
-    through usage.exports.csv_lines (formula prefixes escaped), so a million rows never
+    through common.exports.csv_lines (formula prefixes escaped), so a million rows never
     sit in memory. Under ASGI the lines are produced by an async generator, since Django
     would otherwise read a sync iterator to the end before sending anything.
     """

@@ -1,6 +1,6 @@
 """The console's one rule for showing an amount of money (docs/ADMIN.md, "Money").
 
-Display only: amounts are stored and computed exactly (Decimal, otari.fields.MoneyField).
+Display only: amounts are stored and computed exactly (Decimal, common.fields.MoneyField).
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 The dashboard is a fixed number of aggregate queries (one per panel), whatever the size
 of the usage table, and shows each panel only to staff allowed to view what it is made
 of.
+
+It lives in budgets, not in the project package, because it reads both apps' selectors:
+budgets may import usage, never the reverse. otari/apps.py names it as the admin's
+default site.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from budgets.selectors import (
     users_near_budget,
     users_refused_for_budget,
 )
-from otari.admin_tools import format_usd
-from otari.charts import BarChart, ShareRow, daily_spend_chart, share_rows
+from common.charts import BarChart, ShareRow, daily_spend_chart, share_rows
+from common.money import format_usd
 from usage.models import UsageLog
 from usage.selectors import (
     spend_by_day,

@@ -2,6 +2,9 @@
 
 A browser gets a small HTML page; a client that prefers JSON (`Accept: application/json`)
 gets the same links as JSON.
+
+It links to routes, it imports nothing from them, so it sits with the shared code
+rather than in one app; otari/urls.py serves it.
 """
 
 from __future__ import annotations

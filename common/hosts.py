@@ -15,6 +15,10 @@ otari/settings.py):
   the list like the rest;
 - every other request needs a Host in the list, or gets a JSON 400 in the shape of the API
   it called, and one warning line in the log (no traceback).
+
+The refusal is `{"detail": ...}` unless the `error_body` hook, given by otari/asgi.py
+(llm_proxy.errors.error_body_for_path), writes it in a generation API's own shape: this
+package imports no app.
 """
 
 from __future__ import annotations
@@ -28,17 +32,16 @@ from collections.abc import Callable
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from llm_proxy.errors import error_body
-from otari.exceptions import BadRequest
+from common.exceptions import BadRequest, GatewayError
 
-logger = logging.getLogger(__name__)
+# Named for the project, not for this module's path: operators filter the log on it.
+logger = logging.getLogger("common.hosts")
+
+# The body of an error for a request path, in that API's shape; None for `{"detail": ...}`.
+ErrorBodyHook = Callable[[GatewayError, str], dict | None]
 
 HEALTH_PATHS = re.compile(r"^/(?:(?:api/)?v1/)?health(?:/liveness|/readiness)?/?$")
 _API_PATHS = re.compile(r"^/(?:api/)?v1/")
-_GENERATION_PATHS = re.compile(
-    r"^/(?:api/)?v1/(?:chat/completions|messages|responses|embeddings|models)(?:/|$)"
-)
-_ANTHROPIC_PATHS = re.compile(r"^/(?:api/)?v1/messages(?:/|$)")
 
 
 class HostNotAllowed(BadRequest):
@@ -66,19 +69,18 @@ def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return bool(domain) and validate_host(domain, allowed)
 
 
-def _refusal(path: str) -> bytes:
-    """The 400 body in the shape of the API the request called."""
-    if _GENERATION_PATHS.match(path):
-        style = "anthropic" if _ANTHROPIC_PATHS.match(path) else "openai"
-        return json.dumps(error_body(HostNotAllowed(), style)).encode()
-    return json.dumps({"detail": HostNotAllowed.message}).encode()
-
-
 class AllowedHostsMiddleware:
     """ASGI middleware applying the policy above."""
 
-    def __init__(self, app: Callable) -> None:
+    def __init__(self, app: Callable, *, error_body: ErrorBodyHook | None = None) -> None:
         self.app = app
+        self.error_body = error_body
+
+    def _refusal(self, path: str) -> bytes:
+        """The 400 body in the shape of the API the request called."""
+        exc = HostNotAllowed()
+        body = self.error_body(exc, path) if self.error_body else None
+        return json.dumps(body if body is not None else {"detail": exc.message}).encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -102,7 +104,7 @@ class AllowedHostsMiddleware:
             scope["method"],
             path,
         )
-        body = _refusal(path)
+        body = self._refusal(path)
         await send(
             {
                 "type": "http.response.start",

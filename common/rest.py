@@ -1,8 +1,9 @@
-"""The management API's plumbing: master-key auth, JSON with exact Decimals, the error
-shape, strict fields and query parsing (docs/SPEC.md §6).
+"""The management API's generic plumbing: JSON with exact Decimals, the error shape,
+strict fields and query parsing (docs/SPEC.md §6).
 
-Shared by budgets/api.py and usage/api.py, so every management route authenticates,
-validates, fails and renders the same way:
+Shared by budgets/api.py and usage/api.py, so every management route validates, fails
+and renders the same way. Who may call the API is not decided here: the master key is
+the budgets app's (budgets/rest.py), and this package imports no app.
 
 - Errors are `{"detail": "..."}`. Validation errors are 422 and name the field, never
   the value that was rejected (it may be a pasted secret, and echoing input is how
@@ -24,96 +25,23 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError
 from django.http import Http404, JsonResponse
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema_field
 from rest_framework import exceptions, serializers
-from rest_framework.authentication import BaseAuthentication
-from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from budgets.exceptions import MissingAPIKey
-from budgets.services import keys
-from llm_proxy.auth import credential_from_headers
-from otari.exceptions import GatewayError
-from otari.rest_json import STORABLE_MESSAGE, json_number, text_storable
+from common.credentials import API_KEY_PREFIX, MASTER_KEY_PREFIX
+from common.exceptions import GatewayError
+from common.rest_json import STORABLE_MESSAGE, json_number, text_storable
 
 logger = logging.getLogger(__name__)
 
-# The one workspace of a standalone gateway; keys report it because the SDK requires it.
-DEFAULT_WORKSPACE_ID = "00000000-0000-4000-8000-000000000000"
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 # Offsets past this are refused (422) rather than passed to SQL, where an out-of-range
 # integer would be a database error.
 MAX_SKIP = 2_147_483_647
-# Longest identifier quoted back in a 404 message.
-_MAX_QUOTED_ID = 80
-
-
-# ---------------------------------------------------------------------------------------
-# Authentication: the master key, in any of the headers docs/SPEC.md §1 accepts
-
-
-class MasterKeyAuthentication(BaseAuthentication):
-    """`Otari-Key`, `Authorization: Bearer` or `x-api-key` carrying the master key.
-
-    No credential: the permission check answers 401. A `gw-` API key is a valid
-    credential for the wrong door: 403. Anything else: 401.
-    """
-
-    def authenticate(self, request: Request) -> tuple[str, None] | None:
-        try:
-            secret = credential_from_headers(request)
-        except MissingAPIKey:
-            return None
-        if keys.master_key_matches(secret):
-            return ("master", None)
-        if secret.startswith(keys.API_KEY_PREFIX):
-            raise exceptions.PermissionDenied("The management API requires the master key")
-        raise exceptions.AuthenticationFailed("Invalid master key")
-
-    def authenticate_header(self, request: Request) -> str:
-        # Present, so DRF answers a missing credential with 401 (not 403).
-        return 'Bearer realm="otari"'
-
-
-class IsMaster(BasePermission):
-    message = "Missing master key: send Authorization: Bearer <master key>"
-
-    def has_permission(self, request: Request, view: Any) -> bool:
-        return request.user == "master"
-
-
-class MasterKeyScheme(OpenApiAuthenticationExtension):
-    target_class = "otari.rest.MasterKeyAuthentication"
-    name = "MasterKey"
-
-    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
-        return {
-            "type": "http",
-            "scheme": "bearer",
-            "description": "The master key (OTARI_MASTER_KEY). Also accepted as "
-            "`Otari-Key: <key>` or `x-api-key: <key>`.",
-        }
-
-
-class ManagementMixin:
-    # Master-key auth for every management view, and a check that the ids in the path
-    # and the query string can be stored and compared (no NUL, no lone surrogate).
-    # (A comment, not a docstring: the schema generator would show a docstring as
-    # each operation's description.)
-
-    authentication_classes = [MasterKeyAuthentication]
-    permission_classes = [IsMaster]
-
-    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        super().initial(request, *args, **kwargs)  # type: ignore[misc]
-        values = [value for value in kwargs.values() if isinstance(value, str)]
-        values.extend(value for _, items in request.query_params.lists() for value in items)
-        if not all(text_storable(value) for value in values):
-            raise Unprocessable(STORABLE_MESSAGE)
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +80,7 @@ def exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response | 
         # A concurrent write won a uniqueness race the view had checked for.
         return Response({"detail": "Conflicts with an existing record"}, status=409)
     # Imported here: rest_framework.views reads the renderer settings at import time,
-    # and they name otari.rest_json, so a module-level import would be circular.
+    # and they name common.rest_json, so a module-level import would be circular.
     from rest_framework.views import exception_handler as drf_exception_handler
 
     response = drf_exception_handler(exc, context)
@@ -167,14 +95,11 @@ def page_not_found(request: Any, exception: Exception | None = None) -> JsonResp
     return JsonResponse({"detail": "Not found"}, status=404)
 
 
-def quoted_id(value: str) -> str:
-    """An identifier from the URL path, fit to quote in an error message: shortened, and
-    withheld when it looks like a secret (someone pasting a key into the wrong place)."""
-    if value.startswith((keys.API_KEY_PREFIX, keys.MASTER_KEY_PREFIX)):
-        return "(withheld)"
-    if len(value) > _MAX_QUOTED_ID:
-        value = value[:_MAX_QUOTED_ID] + "…"
-    return repr(value)
+def validated(serializer_class: type[serializers.Serializer], data: Any, **kwargs: Any) -> Any:
+    """The request body through `serializer_class`, or a 422 naming the fields."""
+    serializer = serializer_class(data=data, **kwargs)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
 
 
 class Unprocessable(GatewayError):
@@ -314,6 +239,28 @@ class JSONObjectField(serializers.DictField):
             # Beyond what jsonb can compare and clients can read back exactly.
             self.fail("number")
         return value
+
+
+class ConstantField(serializers.Field):
+    """An output field with a fixed value: settings this gateway does not have, reported
+    as the SDK's models require them."""
+
+    value: Any = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["read_only"] = True
+        super().__init__(**kwargs)
+
+    def get_attribute(self, instance: Any) -> Any:
+        return self.value
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+@extend_schema_field({"type": "integer", "nullable": True})
+class NullIntegerField(ConstantField):
+    """Always null: e.g. request/token limits, which this gateway does not enforce."""
 
 
 @extend_schema_field(OpenApiTypes.DATETIME)
@@ -458,3 +405,35 @@ _STATUS_TEXT = {
     422: "Validation error",
     503: "Unavailable",
 }
+
+
+# ---------------------------------------------------------------------------------------
+# Management views
+
+
+class ManagementMixin:
+    # A check that the ids in the path and the query string can be stored and compared
+    # (no NUL, no lone surrogate). Who may call is settings' default (REST_FRAMEWORK:
+    # the master key, budgets/rest.py). (A comment, not a docstring: the schema
+    # generator would show a docstring as each operation's description.)
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # type: ignore[misc]
+        values = [value for value in kwargs.values() if isinstance(value, str)]
+        values.extend(value for _, items in request.query_params.lists() for value in items)
+        if not all(text_storable(value) for value in values):
+            raise Unprocessable(STORABLE_MESSAGE)
+
+
+# Longest identifier quoted back in a 404 message.
+_MAX_QUOTED_ID = 80
+
+
+def quoted_id(value: str) -> str:
+    """An identifier from the URL path, fit to quote in an error message: shortened, and
+    withheld when it looks like a secret (someone pasting a key into the wrong place)."""
+    if value.startswith((API_KEY_PREFIX, MASTER_KEY_PREFIX)):
+        return "(withheld)"
+    if len(value) > _MAX_QUOTED_ID:
+        value = value[:_MAX_QUOTED_ID] + "…"
+    return repr(value)
