@@ -10,7 +10,7 @@ from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
     from llm_proxy.errors import ErrorStyle
-    from llm_proxy.streaming import SSEEvent, StreamCodec
+    from llm_proxy.pipeline.sse import SSEEvent, StreamCodec
     from usage.pricing import TokenUsage
 
 

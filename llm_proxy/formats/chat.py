@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from llm_proxy.formats.base import ApiFormat, as_int, require, text_length
-from llm_proxy.streaming import SSEEvent, format_event
+from llm_proxy.pipeline.sse import SSEEvent, format_event
 from usage.pricing import TokenUsage
 
 # Cheap byte-level checks, so that only the chunks that matter are parsed as JSON.

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from llm_proxy.formats.base import ApiFormat, as_int, require
-from llm_proxy.streaming import SSEEvent, format_event
+from llm_proxy.pipeline.sse import SSEEvent, format_event
 from usage.pricing import TokenUsage
 
 # Content block types of the Messages API. Anything else is refused here rather than

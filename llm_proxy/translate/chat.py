@@ -11,7 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from llm_proxy.formats.chat import usage_from_chat, usage_requested
-from llm_proxy.streaming import IncompleteStream, format_event
+from llm_proxy.pipeline.sse import IncompleteStream, format_event
 from llm_proxy.translate.ir import (
     Completion,
     Conversation,
@@ -34,7 +34,7 @@ from llm_proxy.translate.ir import (
 from otari.exceptions import BadRequest
 
 if TYPE_CHECKING:
-    from llm_proxy.streaming import SSEEvent
+    from llm_proxy.pipeline.sse import SSEEvent
     from usage.pricing import TokenUsage
 
 API = "chat"

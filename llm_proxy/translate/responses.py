@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from llm_proxy.formats.responses import KEEPALIVE, error_event
-from llm_proxy.streaming import format_event
+from llm_proxy.pipeline.sse import format_event
 from llm_proxy.translate.ir import (
     Completion,
     Conversation,
