@@ -37,13 +37,8 @@ from llm_proxy.auth import (
     model_allowed,
 )
 from llm_proxy.pipeline import budget, pricing
-from llm_proxy.pipeline.exchange import (
-    Attempt,
-    Exchange,
-    Target,
-    refusal_close,
-    refusal_reports,
-)
+from llm_proxy.pipeline.attempts import Attempt, Target, refusal_reports
+from llm_proxy.pipeline.exchange import Exchange, refusal_close
 from llm_proxy.providers import resolve_model
 from otari.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
 from usage.pricing import prompt_tokens_from_chars
@@ -158,17 +153,9 @@ async def _admit_local(
         )
         return await _admit_caller(caller, fmt, body, [attempt], request_id, started, now)
     except GatewayError as exc:
-        await refusal_close(
-            exc,
-            request_id=request_id,
-            caller=caller,
-            fmt=fmt,
-            started=started,
-            provider=provider.name if provider else "",
-            model=model or str(body.get("model") or "")[:255],
-            api_key_id=caller.api_key_id,
-            counts_toward_budget=not caller.exclude_from_budget,
-        )
+        provider_name = provider.name if provider else ""
+        model = model or str(body.get("model") or "")[:255]
+        await refusal_close(exc, caller, fmt, request_id, started, provider_name, model)
         raise
 
 
@@ -204,17 +191,11 @@ async def _admit_platform(
             caller, fmt, body, attempts, request_id, started, now, resolution.request_id
         )
     except GatewayError as exc:
+        # Recorded against the first attempt that could have been tried (else the last).
         first = next((a for a in attempts if a.refusal is None), attempts[-1])
+        reports = refusal_reports(attempts, exc, resolution.request_id)
         await refusal_close(
-            exc,
-            request_id=request_id,
-            caller=caller,
-            fmt=fmt,
-            started=started,
-            provider=first.provider_name,
-            model=first.model,
-            api_key_id=None,
-            reports=refusal_reports(attempts, exc, resolution.request_id),
+            exc, caller, fmt, request_id, started, first.provider_name, first.model, reports
         )
         raise
 

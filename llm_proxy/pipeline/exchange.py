@@ -13,8 +13,8 @@ exactly once, here:
   usage row too (docs/SPEC.md §3.4, §5).
 
 The close runs shielded from cancellation, once; a second close is a no-op that waits
-for the first. Every call into the money core (hold settle/refund, usage rows, budget
-alerts) is in this module; only the hold itself is opened by admission.
+for the first. Every call that closes a hold or writes a usage row, and the budget
+alert checks that follow, is in this module; the hold is opened by admission.
 """
 
 from __future__ import annotations
@@ -37,28 +37,25 @@ from budgets.exceptions import BudgetExceeded
 from llm_proxy import ratelimit
 from llm_proxy.errors import ProviderError, error_response
 from llm_proxy.pipeline.budget import budget_headers
-from llm_proxy.translate import route_for
 from otari import metrics
 from otari.exceptions import GatewayError
-from usage.models import UsageLog, UsageReport
+from usage.models import UsageLog
 from usage.pricing import TokenUsage, cost_usd, prompt_tokens_from_chars
-from usage.reporting import AttemptReport
 
 if TYPE_CHECKING:
     from datetime import datetime
 
     from django.http import HttpResponse
-    from django.http.request import HttpHeaders
 
     from budgets.selectors import Caller
     from budgets.services import BudgetState
-    from llm_proxy import platform
     from llm_proxy.formats.base import ApiFormat
+    from llm_proxy.pipeline.attempts import Attempt, Target
     from llm_proxy.pipeline.sse import StreamCodec
     from llm_proxy.providers.base import Provider
     from llm_proxy.ratelimit import RateAdmission
-    from llm_proxy.translate import Route
     from usage.pricing import Rates
+    from usage.reporting import AttemptReport
 
 logger = logging.getLogger(__name__)
 
@@ -77,87 +74,6 @@ def track(coro: Awaitable[Any]) -> asyncio.Task:
     _closing_tasks.add(task)
     task.add_done_callback(_closing_tasks.discard)
     return task
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """How a request reaches its provider: the route (native or translated), and the
-    body and extra headers it sends. Decided before admission, so that what cannot be
-    translated is refused before anything is held."""
-
-    route: Route
-    body: dict[str, Any]
-    headers: dict[str, str]
-
-    @classmethod
-    def build(
-        cls,
-        fmt: ApiFormat,
-        provider: Provider,
-        body: dict[str, Any],
-        model: str,
-        request_headers: HttpHeaders,
-    ) -> Target:
-        """The target of `body` at `provider`; raises the refusal of what has no route."""
-        route = route_for(fmt, provider)
-        return cls(
-            route=route,
-            body=route.upstream_body(body, model, stream=body.get("stream") is True),
-            headers={} if route.translated else provider.forwarded_headers(request_headers),
-        )
-
-
-@dataclass(eq=False)
-class Attempt:
-    """One place a request may be sent: a provider, its model, price and route.
-
-    A local request has one. A platform request has one per resolved attempt; an attempt
-    the gateway cannot use (no route to it, a model the user may not use) carries its
-    `refusal` and is skipped, and reported like a failed one.
-    """
-
-    provider: Provider | None
-    provider_name: str
-    model: str
-    model_key: str
-    rates: Rates | None
-    target: Target | None = field(default=None, repr=False)
-    refusal: GatewayError | None = None
-    resolved: platform.ResolvedAttempt | None = field(default=None, repr=False)
-    # Why it failed, once tried.
-    failure: GatewayError | None = None
-
-    def retarget(self, body: dict[str, Any]) -> None:
-        """Send `body` instead of the one the target was built from (a request whose
-        output maximum admission changed)."""
-        if self.target is not None:
-            route = self.target.route
-            upstream_body = route.upstream_body(body, self.model, stream=body.get("stream") is True)
-            self.target = Target(route=route, body=upstream_body, headers=self.target.headers)
-
-    def report(
-        self,
-        *,
-        platform_request_id: str,
-        success: bool,
-        final: bool,
-        usage: TokenUsage | None = None,
-        error_class: str = "",
-    ) -> AttemptReport:
-        """Platform mode: what the platform is told of this attempt."""
-        resolved = self.resolved
-        assert resolved is not None  # noqa: S101
-        return AttemptReport(
-            correlation_id=resolved.attempt_id,
-            platform_request_id=platform_request_id,
-            position=resolved.position,
-            provider=resolved.provider,
-            model=resolved.model,
-            status=UsageReport.Outcome.SUCCESS if success else UsageReport.Outcome.ERROR,
-            is_final_attempt=final,
-            usage=usage,
-            error_class=error_class[:100],
-        )
 
 
 @dataclass(eq=False)
@@ -518,38 +434,14 @@ def _settled_error_class(status: str, status_code: int) -> str:
 # --- refusals at admission ---------------------------------------------------------------------
 
 
-def refusal_reports(
-    attempts: list[Attempt], exc: GatewayError, platform_request_id: str
-) -> tuple[AttemptReport, ...]:
-    """A platform request refused at admission: the attempts up to the first one that
-    could have been tried (all, when none could), each with its reason; the last final."""
-    reports = []
-    for index, attempt in enumerate(attempts):
-        final = attempt.refusal is None or index == len(attempts) - 1
-        reports.append(
-            attempt.report(
-                platform_request_id=platform_request_id,
-                success=False,
-                final=final,
-                error_class=(attempt.refusal or exc).code,
-            )
-        )
-        if final:
-            break
-    return tuple(reports)
-
-
 async def refusal_close(
     exc: GatewayError,
-    *,
-    request_id: uuid.UUID,
     caller: Caller,
     fmt: ApiFormat,
+    request_id: uuid.UUID,
     started: float,
     provider: str,
     model: str,
-    api_key_id: uuid.UUID | None,
-    counts_toward_budget: bool = True,
     reports: tuple[AttemptReport, ...] = (),
 ) -> None:
     """A known caller's request refused at admission, before any hold: its usage row
@@ -557,13 +449,13 @@ async def refusal_close(
     record = services.UsageRecord(
         request_id=request_id,
         user_id=caller.user_id,
-        api_key_id=api_key_id,
+        api_key_id=caller.api_key_id,
         endpoint=fmt.endpoint,
         provider=provider,
         model=model,
         status=UsageLog.Status.ERROR,
         status_code=exc.status,
-        counts_toward_budget=counts_toward_budget,
+        counts_toward_budget=not caller.exclude_from_budget,
         error_message=exc.message,
         error_code=exc.code,
         latency_ms=int((time.perf_counter() - started) * 1000),

@@ -73,39 +73,6 @@ def event_stream_response(
     return result
 
 
-class _Tick:
-    """Marker: the provider has been silent for the keepalive interval."""
-
-
-KEEPALIVE_TICK = _Tick()
-
-
-async def with_keepalive(
-    chunks: AsyncIterator[bytes], interval_s: float
-) -> AsyncIterator[bytes | _Tick]:
-    """Yield the upstream's chunks, and a tick whenever it is silent for `interval_s`.
-
-    The pending read is never cancelled by a tick (that would break the upstream
-    stream); it is awaited again. Interval 0 turns keepalives off.
-    """
-    if interval_s <= 0:
-        async for chunk in chunks:
-            yield chunk
-        return
-    while True:
-        step = asyncio.ensure_future(anext(chunks))
-        try:
-            while not (await asyncio.wait({step}, timeout=interval_s))[0]:
-                yield KEEPALIVE_TICK
-        finally:
-            if not step.done():
-                step.cancel()
-        try:
-            yield step.result()
-        except StopAsyncIteration:
-            return
-
-
 async def relay(
     *,
     exchange: Exchange,
@@ -153,3 +120,36 @@ async def relay(
         raise
     finally:
         await upstream.aclose()
+
+
+class _Tick:
+    """Marker: the provider has been silent for the keepalive interval."""
+
+
+KEEPALIVE_TICK = _Tick()
+
+
+async def with_keepalive(
+    chunks: AsyncIterator[bytes], interval_s: float
+) -> AsyncIterator[bytes | _Tick]:
+    """Yield the upstream's chunks, and a tick whenever it is silent for `interval_s`.
+
+    The pending read is never cancelled by a tick (that would break the upstream
+    stream); it is awaited again. Interval 0 turns keepalives off.
+    """
+    if interval_s <= 0:
+        async for chunk in chunks:
+            yield chunk
+        return
+    while True:
+        step = asyncio.ensure_future(anext(chunks))
+        try:
+            while not (await asyncio.wait({step}, timeout=interval_s))[0]:
+                yield KEEPALIVE_TICK
+        finally:
+            if not step.done():
+                step.cancel()
+        try:
+            yield step.result()
+        except StopAsyncIteration:
+            return
