@@ -3,7 +3,7 @@
 With OTARI_PLATFORM_URL and OTARI_PLATFORM_TOKEN set, a caller may present a platform user
 token instead of a `gw-` key. The gateway forwards it to the platform's resolve endpoint,
 which answers with the user to bill and an ordered list of attempts (provider, model and
-credentials); llm_proxy.gateway walks them in order. This module speaks the resolve
+credentials); llm_proxy.pipeline walks them in order. This module speaks the resolve
 protocol and turns an attempt into a Provider; it knows nothing of money.
 """
 

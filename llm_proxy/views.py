@@ -1,44 +1,40 @@
-"""Generation endpoints: async views, thin (llm_proxy.gateway does the work)."""
+"""Generation endpoints: async views, thin (llm_proxy.pipeline does the work)."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from llm_proxy import gateway
-from llm_proxy.formats import CHAT, EMBEDDINGS, MESSAGES, RESPONSES
+from llm_proxy import local_endpoints
+from llm_proxy.formats import CHAT, EMBEDDINGS, MESSAGES, RESPONSES, ApiFormat
+from llm_proxy.pipeline.request import handle
 
 
-@csrf_exempt
-@require_POST
-async def chat_completions(request: HttpRequest) -> HttpResponse:
-    return await gateway.handle(request, CHAT)
+def _generation(fmt: ApiFormat) -> Callable[[HttpRequest], Awaitable[HttpResponse]]:
+    """The view of a generation endpoint of API `fmt`."""
+
+    @csrf_exempt
+    @require_POST
+    async def view(request: HttpRequest) -> HttpResponse:
+        return await handle(request, fmt)
+
+    return view
 
 
-@csrf_exempt
-@require_POST
-async def messages(request: HttpRequest) -> HttpResponse:
-    return await gateway.handle(request, MESSAGES)
+chat_completions = _generation(CHAT)
+messages = _generation(MESSAGES)
+responses = _generation(RESPONSES)
+embeddings = _generation(EMBEDDINGS)
 
 
 @csrf_exempt
 @require_POST
 async def messages_count_tokens(request: HttpRequest) -> HttpResponse:
-    return await gateway.count_tokens(request)
-
-
-@csrf_exempt
-@require_POST
-async def responses(request: HttpRequest) -> HttpResponse:
-    return await gateway.handle(request, RESPONSES)
-
-
-@csrf_exempt
-@require_POST
-async def embeddings(request: HttpRequest) -> HttpResponse:
-    return await gateway.handle(request, EMBEDDINGS)
+    return await local_endpoints.count_tokens(request)
 
 
 async def models(request: HttpRequest) -> HttpResponse:
-    return await gateway.list_models(request)
+    return await local_endpoints.list_models(request)

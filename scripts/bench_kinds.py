@@ -37,9 +37,9 @@ import httpx  # noqa: E402
 
 from common.config import ProviderConfig  # noqa: E402
 from llm_proxy.formats import CHAT  # noqa: E402
+from llm_proxy.pipeline.sse import EventSplitter  # noqa: E402
 from llm_proxy.providers import PROVIDER_CLASSES  # noqa: E402
 from llm_proxy.providers.bedrock import _events_as_sse  # noqa: E402
-from llm_proxy.streaming import EventSplitter  # noqa: E402
 from llm_proxy.translate import route_for  # noqa: E402
 from tests.fake_cloud import bedrock_event  # noqa: E402
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.conf import settings
 
 from common.exceptions import BadRequest
+from usage.pricing import TokenUsage
 
 if TYPE_CHECKING:
     from llm_proxy.errors import ErrorStyle
-    from llm_proxy.streaming import SSEEvent, StreamCodec
-    from usage.pricing import TokenUsage
+    from llm_proxy.pipeline.sse import SSEEvent, StreamCodec
 
 
 def as_int(value: Any) -> int:
@@ -19,6 +21,54 @@ def as_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
     return max(0, int(value))
+
+
+def usage_cached_inside(usage: Any, *, input_field: str, output_field: str) -> TokenUsage | None:
+    """Usage of OpenAI's APIs, which count cached prompt tokens inside the input count
+    (`<input_field>_details.cached_tokens`): split them out, so that the input and the
+    cache reads are priced each at their own rate."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = as_int(usage.get(input_field))
+    details = usage.get(f"{input_field}_details")
+    cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = min(cached, prompt)
+    return TokenUsage(
+        input_tokens=prompt - cached,
+        output_tokens=as_int(usage.get(output_field)),
+        cache_read_tokens=cached,
+    )
+
+
+class CodecState:
+    """The state a stream codec keeps for the relay (pipeline.sse.StreamCodec), and what
+    an error event from the upstream does to it."""
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.finished = False
+        self.failed = False
+        # The data of the content events delivered, as bytes: parsed only if the stream
+        # breaks and what it delivered must be priced.
+        self._deltas: list[bytes] = []
+
+    def _upstream_failed(self) -> bytes:
+        """The upstream reported a failure inside its stream: the stream broke, whatever
+        follows. The provider's own message is not passed on (it may echo the prompt or
+        name internals); error_event() tells the client in its API's shape."""
+        self.failed = self.finished = True
+        return b""
+
+
+def delta_members(events_data: list[bytes]) -> Iterator[Any]:
+    """The `delta` member of each kept event (its data); data that is not a JSON object
+    is skipped. Codecs keep content deltas as bytes and parse them only here, when a
+    stream broke and what it delivered must be priced."""
+    for data in events_data:
+        try:
+            yield json.loads(data).get("delta")
+        except (ValueError, AttributeError):
+            continue
 
 
 def text_length(content: Any) -> int:

@@ -6,8 +6,14 @@ import json
 import re
 from typing import Any
 
-from llm_proxy.formats.base import ApiFormat, as_int, require, text_length
-from llm_proxy.streaming import SSEEvent, format_event
+from llm_proxy.formats.base import (
+    ApiFormat,
+    CodecState,
+    require,
+    text_length,
+    usage_cached_inside,
+)
+from llm_proxy.pipeline.sse import SSEEvent, format_event
 from usage.pricing import TokenUsage
 
 # Cheap byte-level checks, so that only the chunks that matter are parsed as JSON.
@@ -19,18 +25,7 @@ _ERROR = re.compile(rb'\s*\{\s*"error"\s*:')
 
 
 def usage_from_chat(usage: Any) -> TokenUsage | None:
-    """OpenAI counts cached prompt tokens inside prompt_tokens; split them out."""
-    if not isinstance(usage, dict):
-        return None
-    prompt = as_int(usage.get("prompt_tokens"))
-    details = usage.get("prompt_tokens_details")
-    cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    cached = min(cached, prompt)
-    return TokenUsage(
-        input_tokens=prompt - cached,
-        output_tokens=as_int(usage.get("completion_tokens")),
-        cache_read_tokens=cached,
-    )
+    return usage_cached_inside(usage, input_field="prompt_tokens", output_field="completion_tokens")
 
 
 def usage_requested(body: dict[str, Any]) -> bool:
@@ -158,7 +153,7 @@ class ChatFormat(ApiFormat):
         return bool(_ERROR.match(event.data))
 
 
-class ChatStreamCodec:
+class ChatStreamCodec(CodecState):
     """Chat chunks pass through unchanged; `data: [DONE]` is held back for settlement.
 
     The usage-only chunk (`choices: []`) is held back too, and sent before `[DONE]` only
@@ -169,13 +164,10 @@ class ChatStreamCodec:
     keepalive = b": keepalive\n\n"
 
     def __init__(self, *, include_usage: bool) -> None:
+        super().__init__()
         self.include_usage = include_usage
         self._usage_chunk = b""
-        self.usage: TokenUsage | None = None
-        self.finished = False
-        self.failed = False
         self._saw_finish_reason = False
-        self._delivered: list[bytes] = []
 
     @property
     def complete(self) -> bool:
@@ -190,10 +182,8 @@ class ChatStreamCodec:
             return b""
         if _ERROR.match(data):
             # OpenAI reports a failure inside the stream as an error object (then
-            # [DONE]): the stream broke, whatever follows. error_event() tells the
-            # client, without the provider's own message.
-            self.failed = self.finished = True
-            return b""
+            # [DONE]).
+            return self._upstream_failed()
         if _FINISH.search(data):
             self._saw_finish_reason = True
         if _USAGE.search(data):
@@ -203,7 +193,7 @@ class ChatStreamCodec:
                 if chunk.get("choices") == []:
                     self._usage_chunk = event.raw
                     return b""
-        self._delivered.append(data)
+        self._deltas.append(data)
         return event.raw
 
     def closing(self) -> bytes:
@@ -219,7 +209,7 @@ class ChatStreamCodec:
 
     def output_chars(self) -> int:
         total = 0
-        for data in self._delivered:
+        for data in self._deltas:
             try:
                 chunk = json.loads(data)
             except ValueError:

@@ -7,8 +7,8 @@ import math
 import re
 from typing import Any
 
-from llm_proxy.formats.base import ApiFormat, as_int, require
-from llm_proxy.streaming import SSEEvent, format_event
+from llm_proxy.formats.base import ApiFormat, CodecState, as_int, delta_members, require
+from llm_proxy.pipeline.sse import SSEEvent, event_type, format_event
 from usage.pricing import TokenUsage
 
 # Content block types of the Messages API. Anything else is refused here rather than
@@ -46,14 +46,6 @@ ERROR_EVENT = format_event(
 PING = format_event({"type": "ping"}, "ping")
 MESSAGE_STOP = format_event({"type": "message_stop"}, "message_stop")
 _TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
-
-
-def _event_name(event: SSEEvent) -> str | None:
-    """An event's type: its `event:` field, or the `type` in its data."""
-    if event.name is not None:
-        return event.name
-    match = _TYPE.search(event.data)
-    return match.group(1).decode() if match else None
 
 
 def usage_from_messages(usage: Any) -> TokenUsage | None:
@@ -116,6 +108,17 @@ def _block_texts(block: dict[str, Any]) -> list[str]:
                 if isinstance(item, dict) and isinstance(item.get("text"), str)
             ]
     return []
+
+
+def _add_texts(texts: list[str], content: Any) -> None:
+    """Append the text of a system prompt or message content (a string, or a list of
+    blocks) to `texts`."""
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for block in content:
+            if isinstance(block, dict):
+                texts.extend(_block_texts(block))
 
 
 def _validate_blocks(content: Any, role: str, tool_use_ids: set[str]) -> None:
@@ -239,21 +242,9 @@ class MessagesFormat(ApiFormat):
 
     def prompt_texts(self, body: dict[str, Any]) -> list[str]:
         texts: list[str] = []
-        system = body.get("system")
-        if isinstance(system, str):
-            texts.append(system)
-        elif isinstance(system, list):
-            for block in system:
-                if isinstance(block, dict):
-                    texts.extend(_block_texts(block))
+        _add_texts(texts, body.get("system"))
         for message in body.get("messages") or ():
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                texts.append(content)
-            elif isinstance(content, list):
-                for block in content:
-                    if isinstance(block, dict):
-                        texts.extend(_block_texts(block))
+            _add_texts(texts, message.get("content") if isinstance(message, dict) else None)
         return texts
 
     def count_tokens(self, body: dict[str, Any]) -> int:
@@ -289,10 +280,10 @@ class MessagesFormat(ApiFormat):
         return MessagesStreamCodec()
 
     def is_stream_error(self, event: SSEEvent) -> bool:
-        return _event_name(event) in ("error",)
+        return event_type(event, _TYPE) in ("error",)
 
 
-class MessagesStreamCodec:
+class MessagesStreamCodec(CodecState):
     """Messages events pass through unchanged; `message_delta` (the final usage) and
     `message_stop` are held back for settlement, so that the delta can carry the cost.
 
@@ -304,20 +295,17 @@ class MessagesStreamCodec:
     keepalive = PING
 
     def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.finished = False
-        self.failed = False
+        super().__init__()
         self._stopped = False
         self._terminal = MESSAGE_STOP
         self._final_delta = b""
-        self._deltas: list[bytes] = []
 
     @property
     def complete(self) -> bool:
         return not self.failed and (self.finished or self._stopped)
 
     def transform(self, event: SSEEvent) -> bytes:
-        name = _event_name(event)
+        name = event_type(event, _TYPE)
         if name == "content_block_delta":
             self._deltas.append(event.data)
         elif name == "message_start":
@@ -341,10 +329,7 @@ class MessagesStreamCodec:
                 self.usage = None
             return b""
         elif name == "error":
-            # The provider's own message is not passed on (it may echo the prompt or
-            # name internals); error_event() tells the client in the API's shape.
-            self.failed = self.finished = True
-            return b""
+            return self._upstream_failed()
         return event.raw
 
     def closing(self) -> bytes:
@@ -355,11 +340,8 @@ class MessagesStreamCodec:
 
     def output_chars(self) -> int:
         total = 0
-        for data in self._deltas:
-            try:
-                delta = json.loads(data).get("delta") or {}
-            except (ValueError, AttributeError):
-                continue
+        for member in delta_members(self._deltas):
+            delta = member or {}
             for key in ("text", "partial_json", "thinking"):
                 if isinstance(delta.get(key), str):
                     total += len(delta[key])

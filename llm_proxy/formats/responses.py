@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
-from llm_proxy.formats.base import ApiFormat, as_int, require
-from llm_proxy.streaming import SSEEvent, format_event
+from llm_proxy.formats.base import (
+    ApiFormat,
+    CodecState,
+    delta_members,
+    require,
+    usage_cached_inside,
+)
+from llm_proxy.pipeline.sse import SSEEvent, event_type, format_event
 from usage.pricing import TokenUsage
 
 KEEPALIVE = b": keepalive\n\n"
@@ -25,31 +30,12 @@ _DELTA_EVENTS = frozenset(
 _TYPE = re.compile(rb'"type"\s*:\s*"([a-z_.]+)"')
 
 
-def _event_name(event: SSEEvent) -> str | None:
-    """An event's type: its `event:` field, or the `type` in its data."""
-    if event.name is not None:
-        return event.name
-    match = _TYPE.search(event.data)
-    return match.group(1).decode() if match else None
-
-
 _SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 
 
 def usage_from_responses(usage: Any) -> TokenUsage | None:
-    """Like chat, Responses counts cached tokens inside input_tokens; split them out."""
-    if not isinstance(usage, dict):
-        return None
-    prompt = as_int(usage.get("input_tokens"))
-    details = usage.get("input_tokens_details")
-    cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    cached = min(cached, prompt)
-    return TokenUsage(
-        input_tokens=prompt - cached,
-        output_tokens=as_int(usage.get("output_tokens")),
-        cache_read_tokens=cached,
-    )
+    return usage_cached_inside(usage, input_field="input_tokens", output_field="output_tokens")
 
 
 def error_event(sequence_number: int) -> bytes:
@@ -213,10 +199,10 @@ class ResponsesFormat(ApiFormat):
         return ResponsesStreamCodec()
 
     def is_stream_error(self, event: SSEEvent) -> bool:
-        return _event_name(event) in ("error", "response.failed")
+        return event_type(event, _TYPE) in ("error", "response.failed")
 
 
-class ResponsesStreamCodec:
+class ResponsesStreamCodec(CodecState):
     """Responses events pass through unchanged; the terminal `response.completed` (or
     `response.incomplete`) is held back for settlement.
 
@@ -227,19 +213,16 @@ class ResponsesStreamCodec:
     keepalive = KEEPALIVE
 
     def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.finished = False
-        self.failed = False
+        super().__init__()
         self._terminal = b""
         self._last = b""
-        self._deltas: list[bytes] = []
 
     @property
     def complete(self) -> bool:
         return self.finished and not self.failed
 
     def transform(self, event: SSEEvent) -> bytes:
-        name = _event_name(event)
+        name = event_type(event, _TYPE)
         self._last = event.data
         if name in _DELTA_EVENTS:
             self._deltas.append(event.data)
@@ -256,8 +239,7 @@ class ResponsesStreamCodec:
                 self._terminal = event.raw
             return b""
         elif name == "error":
-            self.failed = self.finished = True
-            return b""
+            return self._upstream_failed()
         return event.raw
 
     def closing(self) -> bytes:
@@ -268,12 +250,4 @@ class ResponsesStreamCodec:
         return error_event(int(match.group(1)) + 1 if match else 0)
 
     def output_chars(self) -> int:
-        total = 0
-        for data in self._deltas:
-            try:
-                delta = json.loads(data).get("delta")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(delta, str):
-                total += len(delta)
-        return total
+        return sum(len(delta) for delta in delta_members(self._deltas) if isinstance(delta, str))

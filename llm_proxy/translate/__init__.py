@@ -22,8 +22,8 @@ from llm_proxy.translate.ir import API_TITLES, TranslationError
 
 if TYPE_CHECKING:
     from llm_proxy.formats.base import ApiFormat
+    from llm_proxy.pipeline.sse import SSEEvent, StreamCodec
     from llm_proxy.providers.base import Provider
-    from llm_proxy.streaming import SSEEvent, StreamCodec
     from llm_proxy.translate.ir import Completion, Conversation, StreamEncoder
     from usage.pricing import TokenUsage
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.exceptions import BadRequest
 from llm_proxy.formats.chat import usage_from_chat, usage_requested
-from llm_proxy.streaming import IncompleteStream, format_event
+from llm_proxy.pipeline.sse import IncompleteStream, format_event
 from llm_proxy.translate.ir import (
     Completion,
     Conversation,
@@ -34,7 +34,7 @@ from llm_proxy.translate.ir import (
 )
 
 if TYPE_CHECKING:
-    from llm_proxy.streaming import SSEEvent
+    from llm_proxy.pipeline.sse import SSEEvent
     from usage.pricing import TokenUsage
 
 API = "chat"

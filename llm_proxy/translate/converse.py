@@ -32,7 +32,7 @@ from llm_proxy.translate.messages import tool_input
 from usage.pricing import TokenUsage
 
 if TYPE_CHECKING:
-    from llm_proxy.streaming import SSEEvent
+    from llm_proxy.pipeline.sse import SSEEvent
 
 API = "converse"
 

@@ -18,7 +18,7 @@ from llm_proxy.formats.messages import (
     usage_from_message_start,
     usage_from_messages,
 )
-from llm_proxy.streaming import format_event
+from llm_proxy.pipeline.sse import format_event
 from llm_proxy.translate.ir import (
     Completion,
     Conversation,
@@ -40,7 +40,7 @@ from llm_proxy.translate.ir import (
 )
 
 if TYPE_CHECKING:
-    from llm_proxy.streaming import SSEEvent
+    from llm_proxy.pipeline.sse import SSEEvent
     from usage.pricing import TokenUsage
 
 API = "messages"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.exceptions import BadRequest
 from llm_proxy.formats.responses import KEEPALIVE, error_event
-from llm_proxy.streaming import format_event
+from llm_proxy.pipeline.sse import format_event
 from llm_proxy.translate.ir import (
     Completion,
     Conversation,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llm_proxy.formats import FORMATS
-from llm_proxy.streaming import EventSplitter
+from llm_proxy.pipeline.sse import EventSplitter
 from llm_proxy.translate import Route
 from usage.pricing import TokenUsage
 

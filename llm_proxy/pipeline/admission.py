@@ -1,0 +1,328 @@
+"""Admission: from an HTTP request to an `Exchange` holding its money, or a refusal.
+
+Admission owns everything decided before a provider is called (docs/SPEC.md §3.3):
+
+- the body, the model it names and the provider that serves it, and the route to it
+  (what cannot be translated is refused here, before anything is held);
+- who pays: an API key's caller (llm_proxy.auth), or, in platform mode (§7), the user
+  and ordered attempts the platform resolves a user token into (llm_proxy.platform);
+- the price (llm_proxy.pipeline.pricing) and, when the default output maximum does not
+  fit what is left, a smaller one (llm_proxy.pipeline.budget);
+- the rate limits, then the budget hold: opening the hold is the last step, so that a
+  request refused for any other reason holds nothing.
+
+A refusal of a known caller leaves a usage row (`exchange.refusal_close`); a refusal
+before the caller is known (bad key, malformed body with an unknown key) leaves none.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http.request import RawPostDataException
+from django.utils import timezone
+
+from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, UserBlocked
+from budgets.rest import credential_from_headers
+from budgets.selectors import rates_current
+from budgets.services import holds
+from common.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
+from llm_proxy import platform, ratelimit
+from llm_proxy.auth import (
+    authenticate,
+    authenticate_platform_user,
+    is_platform_user_token,
+    model_allowed,
+)
+from llm_proxy.pipeline import budget, pricing
+from llm_proxy.pipeline.attempts import Attempt, Target, refusal_reports
+from llm_proxy.pipeline.exchange import Exchange, refusal_close
+from llm_proxy.providers import resolve_model
+from usage.pricing import prompt_tokens_from_chars
+
+if TYPE_CHECKING:
+    import uuid
+    from datetime import datetime
+
+    from django.http import HttpRequest
+
+    from budgets.selectors import Caller
+    from budgets.services.holds import BudgetState
+    from llm_proxy.formats.base import ApiFormat
+    from llm_proxy.providers.base import Provider
+    from llm_proxy.ratelimit import RateAdmission
+    from usage.pricing import Rates
+
+
+def parse_body(request: HttpRequest) -> dict[str, Any]:
+    try:
+        raw = request.body
+    except RequestDataTooBig as exc:
+        raise PayloadTooLarge from exc
+    except RawPostDataException as exc:  # pragma: no cover - body already consumed
+        raise BadRequest("Could not read the request body") from exc
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("Request body is not valid JSON", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def model_selector(body: dict[str, Any]) -> str:
+    """The model the body names (`provider:model`, or a platform selector)."""
+    selector = body.get("model")
+    if not isinstance(selector, str) or not selector:
+        raise BadRequest("model is required", code="invalid_model", param="model")
+    return selector
+
+
+async def admit(
+    request: HttpRequest, fmt: ApiFormat, request_id: uuid.UUID, started: float
+) -> Exchange:
+    """Authenticate and admit, or raise the refusal (after logging it, for known users)."""
+    credential = credential_from_headers(request)
+    if await is_platform_user_token(credential):
+        return await _admit_platform(request, fmt, request_id, started, credential)
+    return await _admit_local(request, fmt, request_id, started, credential)
+
+
+async def _admit_local(
+    request: HttpRequest, fmt: ApiFormat, request_id: uuid.UUID, started: float, credential: str
+) -> Exchange:
+    """A request made with an API key (or the master key): one attempt, at the provider
+    the model names.
+
+    The body is checked before the caller is loaded, but a malformed body of a known
+    caller is still refused after the load, so that it leaves a usage row.
+    """
+    body: dict[str, Any] = {}
+    refusal: GatewayError | None = None
+    provider: Provider | None = None
+    target: Target | None = None
+    model = model_key = ""
+    try:
+        body = parse_body(request)
+        provider, model = resolve_model(model_selector(body))
+        model_key = f"{provider.name}:{model}"
+        fmt.validate(body)
+        target = Target.build(fmt, provider, body, model, request.headers)
+    except GatewayError as exc:
+        refusal = exc
+    now = timezone.now()
+    caller = await authenticate(
+        credential=credential, named_user=fmt.named_user(body), model_key=model_key, now=now
+    )
+    try:
+        if refusal is not None or provider is None or target is None:
+            raise refusal or BadRequest("model is required")
+        named = fmt.named_user(body)
+        if (
+            caller.api_key_id is not None
+            and named is not None
+            and named != caller.user_id
+            # Some clients fill the user field with ids of their own (Claude Code sets
+            # metadata.user_id); operators can let those through. Spend is billed to the
+            # key's user either way.
+            and settings.OTARI_REJECT_USER_MISMATCH
+        ):
+            raise PermissionDenied(
+                "This API key belongs to a different user than the request names",
+                code="user_mismatch",
+            )
+        allowed = model_allowed(caller.allowed_models, model_key)
+        attempt = Attempt(
+            provider=provider,
+            provider_name=provider.name,
+            model=model,
+            model_key=model_key,
+            # A refused caller does not get to freeze a catalog price.
+            rates=(
+                await pricing.rates_for(
+                    caller=caller, provider=provider, model=model, model_key=model_key, now=now
+                )
+                if allowed and not caller.blocked
+                else caller.rates
+            ),
+            target=target,
+            refusal=None if allowed else ModelNotAllowed(),
+        )
+        return await _admit_caller(caller, fmt, body, [attempt], request_id, started, now)
+    except GatewayError as exc:
+        provider_name = provider.name if provider else ""
+        model = model or str(body.get("model") or "")[:255]
+        await refusal_close(exc, caller, fmt, request_id, started, provider_name, model)
+        raise
+
+
+async def _admit_platform(
+    request: HttpRequest,
+    fmt: ApiFormat,
+    request_id: uuid.UUID,
+    started: float,
+    user_token: str,
+) -> Exchange:
+    """Admission of a request made with a platform user token.
+
+    The request is checked before the platform is asked (a malformed request is the
+    caller's 400 without a round trip), then resolved: the platform names the user, held
+    and billed locally, and the attempts. Refusals before the user is known leave no
+    usage row, as for an unknown key.
+    """
+    body = parse_body(request)
+    selector = model_selector(body)
+    fmt.validate(body)
+    resolution = await platform.resolve(user_token=user_token, selector=selector)
+    now = timezone.now()
+    caller = await authenticate_platform_user(user_id=resolution.user_id, now=now)
+    rates = await rates_current(
+        model_keys=[resolved.model_key for resolved in resolution.attempts], now=now
+    )
+    attempts = [
+        _platform_attempt(request, fmt, body, caller, resolved, rates.get(resolved.model_key))
+        for resolved in resolution.attempts
+    ]
+    try:
+        return await _admit_caller(
+            caller, fmt, body, attempts, request_id, started, now, resolution.request_id
+        )
+    except GatewayError as exc:
+        # Recorded against the first attempt that could have been tried (else the last).
+        first = next((a for a in attempts if a.refusal is None), attempts[-1])
+        reports = refusal_reports(attempts, exc, resolution.request_id)
+        await refusal_close(
+            exc, caller, fmt, request_id, started, first.provider_name, first.model, reports
+        )
+        raise
+
+
+def _platform_attempt(
+    request: HttpRequest,
+    fmt: ApiFormat,
+    body: dict[str, Any],
+    caller: Caller,
+    resolved: platform.ResolvedAttempt,
+    rates: Rates | None,
+) -> Attempt:
+    """An attempt as the gateway will try it, routed (and translated) exactly as a local
+    request is; or, when it cannot be tried, with its refusal."""
+    attempt = Attempt(
+        provider=None,
+        provider_name=resolved.provider,
+        model=resolved.model,
+        model_key=resolved.model_key,
+        rates=rates,
+        resolved=resolved,
+    )
+    try:
+        provider = platform.provider_for(resolved)
+        # The local operator's restrictions on the user still apply.
+        if not model_allowed(caller.allowed_models, resolved.model_key):
+            raise ModelNotAllowed
+        attempt.target = Target.build(fmt, provider, body, resolved.model, request.headers)
+        attempt.provider = provider
+    except GatewayError as exc:
+        attempt.refusal = exc
+    return attempt
+
+
+async def _admit_caller(
+    caller: Caller,
+    fmt: ApiFormat,
+    body: dict[str, Any],
+    attempts: list[Attempt],
+    request_id: uuid.UUID,
+    started: float,
+    now: datetime,
+    platform_request_id: str | None = None,
+) -> Exchange:
+    """The admission checks of §3.3, in order, and the hold.
+
+    A local request has one attempt; a platform request (§7) has the resolved ones, and
+    an attempt that cannot be tried (a model the user may not use, no route) carries its
+    refusal. The hold covers the dearest usable attempt, so whichever serves fits under
+    it; the request is charged at the price of the one that serves. The platform prices
+    and bills its own attempts: `require_pricing` is for local providers.
+    """
+    if caller.blocked:
+        raise UserBlocked
+    usable = [index for index, attempt in enumerate(attempts) if attempt.refusal is None]
+    if not usable:
+        # Nothing can be tried: the last attempt's reason is the request's.
+        refusal = attempts[-1].refusal
+        assert refusal is not None  # noqa: S101
+        raise refusal
+    limit = caller.limit_usd(now)
+    state = budget.loaded_state(caller, limit, now)
+    priced = [rates for index in usable if (rates := attempts[index].rates) is not None]
+    texts = fmt.prompt_texts(body)
+    prompt_chars = fmt.prompt_chars(body, texts)
+    ask = budget.Ask(fmt, prompt_chars, fmt.output_token_budget(body), priced)
+    if not priced and platform_request_id is None and settings.OTARI_REQUIRE_PRICING:
+        if state is not None and state.remaining_usd <= 0:
+            raise budget.explain(BudgetExceeded(state=state), ask)
+        raise PricingMissing.for_model(attempts[usable[0]].model_key)
+    # Free models and keys excluded from budget take no hold and are never refused for
+    # money (docs/SPEC.md §1, §3.3).
+    takes_hold = any(not rates.is_free for rates in priced) and not caller.exclude_from_budget
+    fitted = budget.fit_max_output(ask, body, state) if takes_hold else None
+    if fitted is not None:
+        body = {**body, fmt.max_output_fields[0]: fitted}
+        ask = budget.Ask(fmt, prompt_chars, fitted, priced)
+        for attempt in attempts:
+            attempt.retarget(body)
+    # Rate limits (429) before the budget: no hold is taken for a request refused here.
+    rate = await ratelimit.rate_admit(
+        caller=caller, tokens=prompt_tokens_from_chars(prompt_chars) + ask.max_output_tokens
+    )
+    estimate = ask.estimate_usd()
+    held = False
+    if takes_hold:
+        try:
+            state = await _hold_open(
+                rate,
+                user_id=caller.user_id,
+                request_id=request_id,
+                amount_usd=estimate,
+                limit_usd=limit,
+                model_key=attempts[usable[0]].model_key,
+                now=now,
+            )
+        except BudgetExceeded as exc:
+            raise budget.explain(exc, ask) from None
+        held = True
+    for index in range(usable[0]):
+        attempts[index].failure = attempts[index].refusal
+    return Exchange(
+        request_id=request_id,
+        fmt=fmt,
+        caller=caller,
+        attempts=attempts,
+        current=usable[0],
+        prompt_chars=prompt_chars,
+        prompt_texts=texts,
+        started=started,
+        estimate_usd=estimate,
+        held=held,
+        budget_state=state,
+        body=body,
+        platform_request_id=platform_request_id,
+        rate=rate,
+        fitted_max_tokens=fitted,
+    )
+
+
+async def _hold_open(rate: RateAdmission | None, **hold: Any) -> BudgetState:
+    """`hold_open_async`; a refusal gives the rate limiter back the request's tokens
+    (it used none) and still shows the caller its rate limits."""
+    try:
+        return await holds.hold_open_async(**hold)
+    except GatewayError as exc:
+        await ratelimit.rate_settle(rate, tokens=0)
+        if rate is not None:
+            exc.headers.update(ratelimit.rate_headers(rate.windows))
+        raise
