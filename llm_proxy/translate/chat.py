@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from llm_proxy.formats.chat import usage_from_chat, usage_requested
 from llm_proxy.streaming import IncompleteStream, format_event
 from llm_proxy.translate.ir import (
+    ChunkStreamDecoder,
     Completion,
     Conversation,
     Image,
@@ -192,14 +193,7 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
             untranslatable("Non-function tools", source=API, target=target, param="tools")
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRequest("each tool needs a function with a name", param="tools")
-        conversation.tools.append(
-            Tool(
-                name=function["name"],
-                description=function.get("description"),
-                parameters=function.get("parameters") or {"type": "object", "properties": {}},
-                strict=function.get("strict"),
-            )
-        )
+        conversation.tools.append(Tool.from_function(function))
     choice = expect(body, "tool_choice", (str, dict), "a string or an object")
     if isinstance(choice, str):
         conversation.tool_choice = choice
@@ -476,38 +470,34 @@ def read_response(body: dict[str, Any]) -> Completion:
     )
 
 
-class ChatStreamDecoder:
+class ChatStreamDecoder(ChunkStreamDecoder):
     """Reads an upstream chat stream into neutral events for a client encoder."""
 
     def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.finished = False
-        self.failed = False
-        self.output_chars = 0
-        self._saw_finish = False
-        self._started = False
+        super().__init__()
         self._tool_index: int | None = None
         self._closed_tools: set[int] = set()
 
     @property
     def complete(self) -> bool:
-        return not self.failed and (self.finished or self._saw_finish or self.usage is not None)
+        # A stream cut after its usage chunk lost nothing but `[DONE]`.
+        return not self.failed and (self.finished or self._stopped or self.usage is not None)
+
+    def answer_id(self, chunk: dict[str, Any]) -> str:
+        return str(chunk.get("id") or "")
+
+    def answer_model(self, chunk: dict[str, Any]) -> str:
+        return str(chunk.get("model") or "")
 
     def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
         if event.data == b"[DONE]":
             self.finished = True
             return b""
-        chunk = event.json()
-        if chunk is None:
-            return b""
-        if "error" in chunk:
-            # OpenAI reports a failure inside the stream as an error object.
-            self.failed = self.finished = True
-            return b""
+        # OpenAI reports a failure inside the stream as an error object.
+        return super().feed(event, out)
+
+    def feed_chunk(self, chunk: dict[str, Any], out: StreamEncoder) -> bytes:
         sent = b""
-        if not self._started:
-            self._started = True
-            sent += out.start(id=str(chunk.get("id") or ""), model=str(chunk.get("model") or ""))
         if chunk.get("usage"):
             self.usage = usage_from_chat(chunk["usage"]) or self.usage
         for choice in chunk.get("choices") or ():
@@ -519,13 +509,12 @@ class ChatStreamDecoder:
                 if isinstance(text, str) and text:
                     if self._tool_index is not None:
                         sent += self._close_tool(out)
-                    self.output_chars += len(text)
-                    sent += out.text(text)
+                    sent += self.text(out, text)
             for call in delta.get("tool_calls") or ():
                 sent += self._tool_delta(call, out)
             reason = choice.get("finish_reason")
             if reason:
-                self._saw_finish = True
+                self._stopped = True
                 if self._tool_index is not None:
                     sent += self._close_tool(out)
                 else:
@@ -554,6 +543,5 @@ class ChatStreamDecoder:
             sent += out.tool_call(call_id=str(call.get("id") or ""), name=function["name"])
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
-            self.output_chars += len(arguments)
-            sent += out.tool_arguments(arguments)
+            sent += self.tool_arguments(out, arguments)
         return sent

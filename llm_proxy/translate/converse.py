@@ -21,14 +21,13 @@ from llm_proxy.translate.ir import (
     Conversation,
     Image,
     StopReason,
+    StreamDecoder,
     StreamEncoder,
     Text,
     ToolCall,
     TranslationError,
     UpstreamOnlyFormat,
 )
-from llm_proxy.translate.messages import tool_input
-from otari.exceptions import BadRequest
 from usage.pricing import TokenUsage
 
 if TYPE_CHECKING:
@@ -93,13 +92,7 @@ def _block(part: Any, conversation: Conversation) -> dict[str, Any] | None:
     if isinstance(part, Image):
         return _image(part, conversation)
     if isinstance(part, ToolCall):
-        try:
-            arguments = tool_input(part)
-        except TranslationError:
-            raise BadRequest(
-                "Tool call arguments must be a JSON object to be sent to a bedrock provider",
-                param="messages",
-            ) from None
+        arguments = part.request_input("a bedrock provider")
         return {"toolUse": {"toolUseId": part.id, "name": part.name, "input": arguments}}
     content = [
         {"text": item.text} if isinstance(item, Text) else _image(item, conversation)
@@ -113,24 +106,9 @@ def _block(part: Any, conversation: Conversation) -> dict[str, Any] | None:
 
 
 def _messages(conversation: Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    system: list[dict[str, str]] = []
-    messages: list[dict[str, Any]] = []
-    for message in conversation.messages:
-        if message.role == "system":
-            if messages:
-                conversation.reject("A system message after the conversation has started", API)
-            system.extend({"text": p.text} for p in message.parts if isinstance(p, Text))
-            continue
-        blocks = [block for part in message.parts if (block := _block(part, conversation))]
-        if not blocks:
-            continue
-        if messages and messages[-1]["role"] == message.role:
-            # Converse alternates roles: consecutive turns of one role become one turn
-            # (chat sends each tool result as its own message).
-            messages[-1]["content"].extend(blocks)
-        else:
-            messages.append({"role": message.role, "content": blocks})
-    return messages, system
+    system, turns = conversation.turns(API, lambda part: _block(part, conversation))
+    messages = [{"role": role, "content": blocks} for role, blocks in turns]
+    return messages, [{"text": text} for text in system]
 
 
 def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
@@ -212,7 +190,7 @@ def read_response(body: dict[str, Any]) -> Completion:
     )
 
 
-class ConverseStreamDecoder:
+class ConverseStreamDecoder(StreamDecoder):
     """Reads ConverseStream events into neutral events for a client encoder.
 
     The stream is messageStart, content blocks, messageStop (the stop reason), then
@@ -220,24 +198,15 @@ class ConverseStreamDecoder:
     """
 
     def __init__(self, model: str = "") -> None:
+        super().__init__()
         self.model = model
-        self.usage: TokenUsage | None = None
-        self.finished = False
-        self.failed = False
-        self.output_chars = 0
-        self._stopped = False
         self._skipped: set[Any] = set()  # blocks the client's API has no place for
-
-    @property
-    def complete(self) -> bool:
-        return not self.failed and (self.finished or self._stopped)
 
     def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
         data = event.json()
         kind = event.name
         if kind in STREAM_EXCEPTIONS:
-            self.failed = self.finished = True
-            return b""
+            return self.fail()
         if data is None:
             return b""
         if kind == "contentBlockDelta":
@@ -245,12 +214,10 @@ class ConverseStreamDecoder:
                 return b""
             delta = data.get("delta") or {}
             if isinstance(delta.get("text"), str) and delta["text"]:
-                self.output_chars += len(delta["text"])
-                return out.text(delta["text"])
+                return self.text(out, delta["text"])
             fragment = (delta.get("toolUse") or {}).get("input")
             if isinstance(fragment, str) and fragment:
-                self.output_chars += len(fragment)
-                return out.tool_arguments(fragment)
+                return self.tool_arguments(out, fragment)
             if "reasoningContent" in delta:
                 self._skipped.add(data.get("contentBlockIndex"))
             return b""

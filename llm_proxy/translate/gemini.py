@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from llm_proxy.formats.base import as_int
 from llm_proxy.translate.ir import (
+    ChunkStreamDecoder,
     Completion,
     Conversation,
     Image,
@@ -28,7 +29,6 @@ from llm_proxy.translate.ir import (
     TranslationError,
     UpstreamOnlyFormat,
 )
-from llm_proxy.translate.messages import tool_input
 from otari.exceptions import BadRequest
 from usage.pricing import TokenUsage
 
@@ -78,13 +78,7 @@ def _part(part: Any, names: dict[str, str], conversation: Conversation) -> dict[
             conversation.reject("Images by URL", API)
         return {"inlineData": {"mimeType": part.media_type, "data": part.data}}
     if isinstance(part, ToolCall):
-        try:
-            arguments = tool_input(part)
-        except TranslationError:
-            raise BadRequest(
-                "Tool call arguments must be a JSON object to be sent to a Gemini provider",
-                param="messages",
-            ) from None
+        arguments = part.request_input("a Gemini provider")
         names[part.id] = part.name
         return {"functionCall": {"name": part.name, "args": arguments}}
     return _function_response(part, names, conversation)
@@ -111,24 +105,13 @@ def _function_response(
 
 
 def _contents(conversation: Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    system: list[dict[str, str]] = []
-    contents: list[dict[str, Any]] = []
-    names: dict[str, str] = {}  # tool call id -> function name
-    for message in conversation.messages:
-        if message.role == "system":
-            if contents:
-                conversation.reject("A system message after the conversation has started", API)
-            system.extend({"text": p.text} for p in message.parts if isinstance(p, Text))
-            continue
-        parts = [out for part in message.parts if (out := _part(part, names, conversation))]
-        if not parts:
-            continue
-        role = "model" if message.role == "assistant" else "user"
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
-    return contents, system
+    names: dict[str, str] = {}  # tool call id -> function name, for the results
+    system, turns = conversation.turns(API, lambda part: _part(part, names, conversation))
+    contents = [
+        {"role": "model" if role == "assistant" else "user", "parts": parts}
+        for role, parts in turns
+    ]
+    return contents, [{"text": text} for text in system]
 
 
 def _response_format(conversation: Conversation, config: dict[str, Any]) -> None:
@@ -242,37 +225,23 @@ def read_response(body: dict[str, Any]) -> Completion:
     )
 
 
-class GeminiStreamDecoder:
-    """Reads a streamGenerateContent (alt=sse) stream into neutral events."""
+class GeminiStreamDecoder(ChunkStreamDecoder):
+    """Reads a streamGenerateContent (alt=sse) stream into neutral events. There is no
+    terminal event: the stream just ends, so `finished` is only set by a failure."""
 
     def __init__(self, model: str = "") -> None:
+        super().__init__()
         self.model = model
-        self.usage: TokenUsage | None = None
-        self.finished = False  # there is no terminal event: the stream just ends
-        self.failed = False
-        self.output_chars = 0
-        self._started = False
-        self._stopped = False
         self._called = False
 
-    @property
-    def complete(self) -> bool:
-        return not self.failed and self._stopped
+    def answer_id(self, chunk: dict[str, Any]) -> str:
+        return str(chunk.get("responseId") or f"gen_{uuid.uuid4().hex}")
 
-    def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
-        chunk = event.json()
-        if chunk is None:
-            return b""
-        if "error" in chunk:
-            self.failed = self.finished = True
-            return b""
+    def answer_model(self, chunk: dict[str, Any]) -> str:
+        return str(chunk.get("modelVersion") or self.model)
+
+    def feed_chunk(self, chunk: dict[str, Any], out: StreamEncoder) -> bytes:
         sent = b""
-        if not self._started:
-            self._started = True
-            sent += out.start(
-                id=str(chunk.get("responseId") or f"gen_{uuid.uuid4().hex}"),
-                model=str(chunk.get("modelVersion") or self.model),
-            )
         if isinstance(chunk.get("usageMetadata"), dict):
             # Each chunk's counts are the running totals; the last chunk's are final.
             self.usage = usage_from_gemini(chunk["usageMetadata"])
@@ -288,14 +257,12 @@ class GeminiStreamDecoder:
         for part in parts:
             if isinstance(part, Text):
                 if part.text:
-                    self.output_chars += len(part.text)
-                    sent += out.text(part.text)
+                    sent += self.text(out, part.text)
             else:
                 # A function call arrives whole, in one chunk.
                 self._called = True
-                self.output_chars += len(part.arguments)
                 sent += out.tool_call(call_id=part.id, name=part.name)
-                sent += out.tool_arguments(part.arguments)
+                sent += self.tool_arguments(out, part.arguments)
                 sent += out.block_end()
         if candidate.get("finishReason"):
             self._stopped = True

@@ -25,6 +25,7 @@ from llm_proxy.translate.ir import (
     Message,
     Part,
     StopReason,
+    StreamDecoder,
     StreamEncoder,
     Text,
     Tool,
@@ -213,19 +214,6 @@ def usage_to_messages(usage: TokenUsage | None) -> dict[str, int]:
     }
 
 
-def tool_input(call: ToolCall) -> dict[str, Any]:
-    """A tool call's arguments as the object Anthropic's `input` must be."""
-    if not call.arguments.strip():
-        return {}
-    try:
-        value = json.loads(call.arguments)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise TranslationError("tool call arguments that are not a JSON object")
-    return value
-
-
 def write_response(completion: Completion) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     for part in completion.parts:
@@ -233,7 +221,7 @@ def write_response(completion: Completion) -> dict[str, Any]:
             content.append({"type": "text", "text": part.text})
         else:
             content.append(
-                {"type": "tool_use", "id": part.id, "name": part.name, "input": tool_input(part)}
+                {"type": "tool_use", "id": part.id, "name": part.name, "input": part.input()}
             )
     if completion.refusal:
         content.append({"type": "text", "text": completion.refusal})
@@ -355,13 +343,7 @@ def _block_json(part: Any, conversation: Conversation) -> dict[str, Any] | None:
             "source": {"type": "base64", "media_type": part.media_type, "data": part.data},
         }
     if isinstance(part, ToolCall):
-        try:
-            arguments = tool_input(part)
-        except TranslationError:
-            raise BadRequest(
-                "Tool call arguments must be a JSON object to be sent to an anthropic provider",
-                param="messages",
-            ) from None
+        arguments = part.request_input("an anthropic provider")
         return {"type": "tool_use", "id": part.id, "name": part.name, "input": arguments}
     result: dict[str, Any] = {"type": "tool_result", "tool_use_id": part.call_id}
     blocks = [block for item in part.content if (block := _block_json(item, conversation))]
@@ -375,29 +357,15 @@ def _block_json(part: Any, conversation: Conversation) -> dict[str, Any] | None:
 
 
 def _messages_json(conversation: Conversation) -> tuple[list[dict[str, Any]], list[str]]:
-    system: list[str] = []
+    system, turns = conversation.turns(API, lambda part: _block_json(part, conversation))
     messages: list[dict[str, Any]] = []
-    for message in conversation.messages:
-        if message.role == "system":
-            if messages:
-                conversation.reject("A system message after the conversation has started", API)
-            system.extend(part.text for part in message.parts if isinstance(part, Text))
-            continue
-        blocks = [block for part in message.parts if (block := _block_json(part, conversation))]
-        if not blocks:
-            continue
-        if messages and messages[-1]["role"] == message.role:
-            # Anthropic alternates roles: consecutive turns of one role become one turn
-            # (chat sends each tool result as its own message).
-            messages[-1]["content"].extend(blocks)
-        else:
-            messages.append({"role": message.role, "content": blocks})
-    for message in messages:
-        content = message["content"]
+    for role, content in turns:
         # Tool results must open the user turn that answers the calls.
         content.sort(key=lambda block: block["type"] != "tool_result")
         if len(content) == 1 and content[0]["type"] == "text":
-            message["content"] = content[0]["text"]
+            messages.append({"role": role, "content": content[0]["text"]})
+        else:
+            messages.append({"role": role, "content": content})
     return messages, system
 
 
@@ -491,20 +459,12 @@ def read_response(body: dict[str, Any]) -> Completion:
     )
 
 
-class MessagesStreamDecoder:
+class MessagesStreamDecoder(StreamDecoder):
     """Reads an upstream messages stream into neutral events for a client encoder."""
 
     def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.finished = False
-        self.failed = False
-        self.output_chars = 0
-        self._stopped = False
+        super().__init__()
         self._skipped: set[int] = set()  # blocks the client's API has no place for
-
-    @property
-    def complete(self) -> bool:
-        return not self.failed and (self.finished or self._stopped)
 
     def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
         data = event.json()
@@ -516,11 +476,9 @@ class MessagesStreamDecoder:
                 return b""
             delta = data.get("delta") or {}
             if delta.get("type") == "text_delta" and delta.get("text"):
-                self.output_chars += len(delta["text"])
-                return out.text(delta["text"])
+                return self.text(out, delta["text"])
             if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-                self.output_chars += len(delta["partial_json"])
-                return out.tool_arguments(delta["partial_json"])
+                return self.tool_arguments(out, delta["partial_json"])
             return b""
         if kind == "content_block_start":
             block = data.get("content_block") or {}
@@ -553,5 +511,5 @@ class MessagesStreamDecoder:
                 # No message_delta, so no output count: the usage is unknown.
                 self.usage = None
         elif kind == "error":
-            self.failed = self.finished = True
+            return self.fail()
         return b""

@@ -177,14 +177,7 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
             untranslatable(f"The built-in '{tool['type']}' tool", source=API, target=target)
         if not isinstance(tool.get("name"), str):
             raise BadRequest("function tools need a name", param="tools")
-        conversation.tools.append(
-            Tool(
-                name=tool["name"],
-                description=tool.get("description"),
-                parameters=tool.get("parameters") or {"type": "object", "properties": {}},
-                strict=tool.get("strict"),
-            )
-        )
+        conversation.tools.append(Tool.from_function(tool))
     choice = expect(body, "tool_choice", (str, dict), "a string or an object")
     if isinstance(choice, str):
         conversation.tool_choice = choice
