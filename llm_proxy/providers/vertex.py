@@ -122,7 +122,7 @@ class VertexProvider(GoogleProvider):
         )
         return self.method_url(prefix, model, stream=stream)
 
-    async def auth_headers(self) -> dict[str, str]:
+    async def credentials(self) -> dict[str, str]:
         token = await self._token.get()
         if not self.project:
             raise NoCredentials(
