@@ -113,12 +113,7 @@ def _messages(conversation: Conversation) -> tuple[list[dict[str, Any]], list[di
 
 def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
     """The Converse request body (the model and the stream mode are in the URL)."""
-    if conversation.response_format is not None:
-        conversation.reject("Structured output (response_format / text.format)", API)
-    if conversation.reasoning_effort is not None:
-        conversation.reject("Reasoning effort", API)
-    if conversation.parallel_tool_calls is False:
-        conversation.reject("Turning off parallel tool calls", API)
+    conversation.refuse(API, "response_format", "reasoning_effort", "parallel_tool_calls")
     messages, system = _messages(conversation)
     body: dict[str, Any] = {"messages": messages}
     if system:

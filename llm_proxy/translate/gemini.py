@@ -133,10 +133,7 @@ def _response_format(conversation: Conversation, config: dict[str, Any]) -> None
 
 def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
     """The generateContent body (the model and the stream mode are in the URL)."""
-    if conversation.reasoning_effort is not None:
-        conversation.reject("Reasoning effort", API)
-    if conversation.parallel_tool_calls is False:
-        conversation.reject("Turning off parallel tool calls", API)
+    conversation.refuse(API, "reasoning_effort", "parallel_tool_calls")
     contents, system = _contents(conversation)
     body: dict[str, Any] = {"contents": contents}
     if system:

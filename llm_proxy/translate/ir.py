@@ -152,6 +152,14 @@ class Tool:
         )
 
 
+# The features a writer may refuse with Conversation.refuse, as the 400 names them.
+_INEXPRESSIBLE = {
+    "response_format": "Structured output (response_format / text.format)",
+    "reasoning_effort": "Reasoning effort",
+    "parallel_tool_calls": "Turning off parallel tool calls",
+}
+
+
 @dataclass(slots=True)
 class Conversation:
     """A generation request, read from the client's API."""
@@ -177,6 +185,16 @@ class Conversation:
 
     def reject(self, feature: str, target: str, param: str | None = None) -> NoReturn:
         untranslatable(feature, source=self.source, target=target, param=param)
+
+    def refuse(self, target: str, *fields: str) -> None:
+        """Refuse the request when one of `fields` asks for something, because the
+        `target` API has no way to express it (see _INEXPRESSIBLE)."""
+        for name in fields:
+            value = getattr(self, name)
+            # Parallel tool calls are every API's default: only turning them off asks.
+            asks = (value is False) if name == "parallel_tool_calls" else (value is not None)
+            if asks:
+                self.reject(_INEXPRESSIBLE[name], target)
 
     def sampling(self, *, max_tokens: str) -> dict[str, Any]:
         """The output cap, temperature, top_p and stop sequences that are set, under the

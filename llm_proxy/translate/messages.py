@@ -373,10 +373,7 @@ def write_request(
     conversation: Conversation, model: str, *, default_max_tokens: int
 ) -> dict[str, Any]:
     """The messages request for an anthropic-kind provider."""
-    if conversation.response_format is not None:
-        conversation.reject("Structured output (response_format / text.format)", API)
-    if conversation.reasoning_effort is not None:
-        conversation.reject("Reasoning effort", API)
+    conversation.refuse(API, "response_format", "reasoning_effort")
     if conversation.temperature is not None and conversation.temperature > 1:
         conversation.reject("A temperature above 1 (Anthropic's range is 0 to 1)", API)
     messages, system = _messages_json(conversation)
