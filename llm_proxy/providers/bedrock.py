@@ -37,9 +37,8 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from botocore.exceptions import BotoCoreError
 from django.core.exceptions import ImproperlyConfigured
 
-from llm_proxy.errors import ProviderError
 from llm_proxy.providers.base import Provider
-from llm_proxy.providers.credentials import Refresher
+from llm_proxy.providers.credentials import CredentialsMissing, Refresher
 from llm_proxy.translate.converse import API
 
 if TYPE_CHECKING:
@@ -56,8 +55,7 @@ _REFRESH_AHEAD_S = 15 * 60
 _SERVICE = "bedrock"
 
 
-class NoCredentials(ProviderError):
-    code = "provider_credentials_missing"
+class NoCredentials(CredentialsMissing):
     message = "The gateway has no AWS credentials for this provider"
 
 
