@@ -16,18 +16,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from llm_proxy.formats.base import as_int
-from llm_proxy.translate.ir import (
-    Completion,
-    Conversation,
-    Image,
-    StopReason,
-    StreamDecoder,
-    StreamEncoder,
-    Text,
-    ToolCall,
-    TranslationError,
-    UpstreamOnlyFormat,
-)
+from llm_proxy.translate import ir
 from usage.pricing import TokenUsage
 
 if TYPE_CHECKING:
@@ -35,7 +24,7 @@ if TYPE_CHECKING:
 
 API = "converse"
 
-STOP_FROM_CONVERSE: dict[str, StopReason] = {
+STOP_FROM_CONVERSE: dict[str, ir.StopReason] = {
     "end_turn": "end",
     "stop_sequence": "stop_sequence",
     "max_tokens": "length",
@@ -77,7 +66,7 @@ def usage_from_converse(usage: Any) -> TokenUsage | None:
 # --- writing the request ------------------------------------------------------------------
 
 
-def _image(part: Image, conversation: Conversation) -> dict[str, Any]:
+def _image(part: ir.Image, conversation: ir.Conversation) -> dict[str, Any]:
     image_format = _IMAGE_FORMATS.get(part.media_type or "")
     if part.data is None or image_format is None:
         # Converse takes image bytes (or S3 locations), never a web URL.
@@ -85,19 +74,19 @@ def _image(part: Image, conversation: Conversation) -> dict[str, Any]:
     return {"image": {"format": image_format, "source": {"bytes": part.data}}}
 
 
-def _block(part: Any, conversation: Conversation) -> dict[str, Any] | None:
-    if isinstance(part, Text):
+def _block(part: Any, conversation: ir.Conversation) -> dict[str, Any] | None:
+    if isinstance(part, ir.Text):
         # Converse refuses empty text blocks; an empty text says nothing.
         return {"text": part.text} if part.text else None
-    if isinstance(part, Image):
+    if isinstance(part, ir.Image):
         return _image(part, conversation)
-    if isinstance(part, ToolCall):
+    if isinstance(part, ir.ToolCall):
         arguments = part.request_input("a bedrock provider")
         return {"toolUse": {"toolUseId": part.id, "name": part.name, "input": arguments}}
     content = [
-        {"text": item.text} if isinstance(item, Text) else _image(item, conversation)
+        {"text": item.text} if isinstance(item, ir.Text) else _image(item, conversation)
         for item in part.content
-        if not isinstance(item, Text) or item.text
+        if not isinstance(item, ir.Text) or item.text
     ]
     result: dict[str, Any] = {"toolUseId": part.call_id, "content": content or [{"text": ""}]}
     if part.is_error:
@@ -105,13 +94,13 @@ def _block(part: Any, conversation: Conversation) -> dict[str, Any] | None:
     return {"toolResult": result}
 
 
-def _messages(conversation: Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def _messages(conversation: ir.Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     system, turns = conversation.turns(API, lambda part: _block(part, conversation))
     messages = [{"role": role, "content": blocks} for role, blocks in turns]
     return messages, [{"text": text} for text in system]
 
 
-def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
+def write_request(conversation: ir.Conversation, model: str) -> dict[str, Any]:
     """The Converse request body (the model and the stream mode are in the URL)."""
     conversation.refuse(API, "response_format", "reasoning_effort", "parallel_tool_calls")
     messages, system = _messages(conversation)
@@ -124,9 +113,7 @@ def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
     if conversation.tools:
         tools = []
         for tool in conversation.tools:
-            spec: dict[str, Any] = {"name": tool.name, "inputSchema": {"json": tool.parameters}}
-            if tool.description is not None:
-                spec["description"] = tool.description
+            spec = tool.declaration(inputSchema={"json": tool.parameters})
             tools.append({"toolSpec": spec})
         tool_config: dict[str, Any] = {"tools": tools}
         choice = conversation.tool_choice
@@ -151,22 +138,22 @@ def new_id() -> str:
     return f"msg_bdrk_{uuid.uuid4().hex}"
 
 
-def read_response(body: dict[str, Any]) -> Completion:
+def read_response(body: dict[str, Any]) -> ir.Completion:
     output = body.get("output")
     message = output.get("message") if isinstance(output, dict) else None
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
-        raise TranslationError("a Converse answer without a message")
-    parts: list[Text | ToolCall] = []
+        raise ir.TranslationError("a Converse answer without a message")
+    parts: list[ir.Text | ir.ToolCall] = []
     for block in content:
         if not isinstance(block, dict):
             continue
         if isinstance(block.get("text"), str):
-            parts.append(Text(block["text"]))
+            parts.append(ir.Text(block["text"]))
         elif isinstance(block.get("toolUse"), dict):
             use = block["toolUse"]
             parts.append(
-                ToolCall(
+                ir.ToolCall(
                     id=str(use.get("toolUseId") or ""),
                     name=str(use.get("name") or ""),
                     arguments=json.dumps(use.get("input") or {}),
@@ -175,8 +162,8 @@ def read_response(body: dict[str, Any]) -> Completion:
         elif "reasoningContent" not in block:
             # Reasoning is never requested on a translated route; anything else the
             # client's API has no place for.
-            raise TranslationError(f"a '{next(iter(block), '')}' content block")
-    return Completion(
+            raise ir.TranslationError(f"a '{next(iter(block), '')}' content block")
+    return ir.Completion(
         id=new_id(),
         model="",
         parts=parts,
@@ -185,7 +172,7 @@ def read_response(body: dict[str, Any]) -> Completion:
     )
 
 
-class ConverseStreamDecoder(StreamDecoder):
+class ConverseStreamDecoder(ir.StreamDecoder):
     """Reads ConverseStream events into neutral events for a client encoder.
 
     The stream is messageStart, content blocks, messageStop (the stop reason), then
@@ -197,7 +184,7 @@ class ConverseStreamDecoder(StreamDecoder):
         self.model = model
         self._skipped: set[Any] = set()  # blocks the client's API has no place for
 
-    def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
+    def feed(self, event: SSEEvent, out: ir.StreamEncoder) -> bytes:
         data = event.json()
         kind = event.name
         if kind in STREAM_EXCEPTIONS:
@@ -236,7 +223,7 @@ class ConverseStreamDecoder(StreamDecoder):
         return b""
 
 
-class ConverseFormat(UpstreamOnlyFormat):
+class ConverseFormat(ir.UpstreamOnlyFormat):
     def is_stream_error(self, event: SSEEvent) -> bool:
         return event.name in STREAM_EXCEPTIONS
 

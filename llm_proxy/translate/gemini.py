@@ -16,19 +16,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from llm_proxy.formats.base import as_int
-from llm_proxy.translate.ir import (
-    ChunkStreamDecoder,
-    Completion,
-    Conversation,
-    Image,
-    StopReason,
-    StreamEncoder,
-    Text,
-    ToolCall,
-    ToolResult,
-    TranslationError,
-    UpstreamOnlyFormat,
-)
+from llm_proxy.translate import ir
 from otari.exceptions import BadRequest
 from usage.pricing import TokenUsage
 
@@ -57,7 +45,7 @@ def usage_from_gemini(usage: Any) -> TokenUsage | None:
     )
 
 
-def _stop(finish_reason: Any, called_tools: bool) -> StopReason:
+def _stop(finish_reason: Any, called_tools: bool) -> ir.StopReason:
     if finish_reason == "MAX_TOKENS":
         return "length"
     if finish_reason in _REFUSALS:
@@ -69,15 +57,15 @@ def _stop(finish_reason: Any, called_tools: bool) -> StopReason:
 # --- writing the request ------------------------------------------------------------------
 
 
-def _part(part: Any, names: dict[str, str], conversation: Conversation) -> dict[str, Any] | None:
-    if isinstance(part, Text):
+def _part(part: Any, names: dict[str, str], conversation: ir.Conversation) -> dict[str, Any] | None:
+    if isinstance(part, ir.Text):
         return {"text": part.text} if part.text else None
-    if isinstance(part, Image):
+    if isinstance(part, ir.Image):
         if part.data is None:
             # generateContent takes inline bytes or uploaded files, not web URLs.
             conversation.reject("Images by URL", API)
         return {"inlineData": {"mimeType": part.media_type, "data": part.data}}
-    if isinstance(part, ToolCall):
+    if isinstance(part, ir.ToolCall):
         arguments = part.request_input("a Gemini provider")
         names[part.id] = part.name
         return {"functionCall": {"name": part.name, "args": arguments}}
@@ -85,7 +73,7 @@ def _part(part: Any, names: dict[str, str], conversation: Conversation) -> dict[
 
 
 def _function_response(
-    part: ToolResult, names: dict[str, str], conversation: Conversation
+    part: ir.ToolResult, names: dict[str, str], conversation: ir.Conversation
 ) -> dict[str, Any]:
     # Gemini matches a result to its call by the function's name, not by an id.
     name = names.get(part.call_id)
@@ -93,9 +81,9 @@ def _function_response(
         raise BadRequest(
             f"Tool result '{part.call_id}' answers no earlier tool call", param="messages"
         )
-    if any(isinstance(item, Image) for item in part.content):
+    if any(isinstance(item, ir.Image) for item in part.content):
         conversation.reject("Images in tool results", API)
-    text = "".join(item.text for item in part.content if isinstance(item, Text))
+    text = "".join(item.text for item in part.content if isinstance(item, ir.Text))
     return {
         "functionResponse": {
             "name": name,
@@ -104,7 +92,7 @@ def _function_response(
     }
 
 
-def _contents(conversation: Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def _contents(conversation: ir.Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     names: dict[str, str] = {}  # tool call id -> function name, for the results
     system, turns = conversation.turns(API, lambda part: _part(part, names, conversation))
     contents = [
@@ -114,7 +102,7 @@ def _contents(conversation: Conversation) -> tuple[list[dict[str, Any]], list[di
     return contents, [{"text": text} for text in system]
 
 
-def _response_format(conversation: Conversation, config: dict[str, Any]) -> None:
+def _response_format(conversation: ir.Conversation, config: dict[str, Any]) -> None:
     wanted = conversation.response_format or {}
     if wanted.get("type") == "json_object":
         config["responseMimeType"] = "application/json"
@@ -131,7 +119,7 @@ def _response_format(conversation: Conversation, config: dict[str, Any]) -> None
         conversation.reject(f"response_format type '{wanted.get('type')}'", API)
 
 
-def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
+def write_request(conversation: ir.Conversation, model: str) -> dict[str, Any]:
     """The generateContent body (the model and the stream mode are in the URL)."""
     conversation.refuse(API, "reasoning_effort", "parallel_tool_calls")
     contents, system = _contents(conversation)
@@ -148,13 +136,7 @@ def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
         for tool in conversation.tools:
             # parametersJsonSchema takes JSON Schema as clients write it (`parameters`
             # takes only Google's OpenAPI subset).
-            declaration: dict[str, Any] = {
-                "name": tool.name,
-                "parametersJsonSchema": tool.parameters,
-            }
-            if tool.description is not None:
-                declaration["description"] = tool.description
-            declarations.append(declaration)
+            declarations.append(tool.declaration(parametersJsonSchema=tool.parameters))
         body["tools"] = [{"functionDeclarations": declarations}]
     choice = conversation.tool_choice
     if choice is not None:
@@ -168,8 +150,8 @@ def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
 # --- reading the answer -------------------------------------------------------------------
 
 
-def _call(function_call: dict[str, Any]) -> ToolCall:
-    return ToolCall(
+def _call(function_call: dict[str, Any]) -> ir.ToolCall:
+    return ir.ToolCall(
         # Gemini's calls carry an id only on some models; the client's API needs one.
         id=str(function_call.get("id") or f"call_{uuid.uuid4().hex[:24]}"),
         name=str(function_call.get("name") or ""),
@@ -177,22 +159,22 @@ def _call(function_call: dict[str, Any]) -> ToolCall:
     )
 
 
-def _candidate_parts(candidate: dict[str, Any]) -> list[Text | ToolCall]:
+def _candidate_parts(candidate: dict[str, Any]) -> list[ir.Text | ir.ToolCall]:
     content = candidate.get("content")
-    parts: list[Text | ToolCall] = []
+    parts: list[ir.Text | ir.ToolCall] = []
     for part in content.get("parts") or () if isinstance(content, dict) else ():
         if not isinstance(part, dict) or part.get("thought") is True:
             continue  # thoughts are never shown on a translated route (but billed)
         if isinstance(part.get("text"), str):
-            parts.append(Text(part["text"]))
+            parts.append(ir.Text(part["text"]))
         elif isinstance(part.get("functionCall"), dict):
             parts.append(_call(part["functionCall"]))
         else:
-            raise TranslationError(f"a '{next(iter(part), '')}' part")
+            raise ir.TranslationError(f"a '{next(iter(part), '')}' part")
     return parts
 
 
-def read_response(body: dict[str, Any]) -> Completion:
+def read_response(body: dict[str, Any]) -> ir.Completion:
     candidates = body.get("candidates")
     usage = usage_from_gemini(body.get("usageMetadata"))
     answer_id = str(body.get("responseId") or f"gen_{uuid.uuid4().hex}")
@@ -201,8 +183,8 @@ def read_response(body: dict[str, Any]) -> Completion:
         feedback = body.get("promptFeedback")
         reason = feedback.get("blockReason") if isinstance(feedback, dict) else None
         if reason is None:
-            raise TranslationError("an answer without candidates")
-        return Completion(
+            raise ir.TranslationError("an answer without candidates")
+        return ir.Completion(
             id=answer_id,
             model=model,
             parts=[],
@@ -212,8 +194,8 @@ def read_response(body: dict[str, Any]) -> Completion:
         )
     candidate = candidates[0] if isinstance(candidates[0], dict) else {}
     parts = _candidate_parts(candidate)
-    called = any(isinstance(part, ToolCall) for part in parts)
-    return Completion(
+    called = any(isinstance(part, ir.ToolCall) for part in parts)
+    return ir.Completion(
         id=answer_id,
         model=model,
         parts=parts,
@@ -222,7 +204,7 @@ def read_response(body: dict[str, Any]) -> Completion:
     )
 
 
-class GeminiStreamDecoder(ChunkStreamDecoder):
+class GeminiStreamDecoder(ir.ChunkStreamDecoder):
     """Reads a streamGenerateContent (alt=sse) stream into neutral events. There is no
     terminal event: the stream just ends, so `finished` is only set by a failure."""
 
@@ -237,7 +219,7 @@ class GeminiStreamDecoder(ChunkStreamDecoder):
     def answer_model(self, chunk: dict[str, Any]) -> str:
         return str(chunk.get("modelVersion") or self.model)
 
-    def feed_chunk(self, chunk: dict[str, Any], out: StreamEncoder) -> bytes:
+    def feed_chunk(self, chunk: dict[str, Any], out: ir.StreamEncoder) -> bytes:
         sent = b""
         if isinstance(chunk.get("usageMetadata"), dict):
             # Each chunk's counts are the running totals; the last chunk's are final.
@@ -248,11 +230,11 @@ class GeminiStreamDecoder(ChunkStreamDecoder):
             return sent
         try:
             parts = _candidate_parts(candidate)
-        except TranslationError:
+        except ir.TranslationError:
             self.failed = True
             return sent
         for part in parts:
-            if isinstance(part, Text):
+            if isinstance(part, ir.Text):
                 if part.text:
                     sent += self.text(out, part.text)
             else:
@@ -267,7 +249,7 @@ class GeminiStreamDecoder(ChunkStreamDecoder):
         return sent
 
 
-class GeminiFormat(UpstreamOnlyFormat):
+class GeminiFormat(ir.UpstreamOnlyFormat):
     def is_stream_error(self, event: SSEEvent) -> bool:
         data = event.json()
         return data is not None and "error" in data

@@ -139,6 +139,14 @@ class Tool:
     parameters: dict[str, Any]
     strict: bool | None = None
 
+    def declaration(self, **schema: Any) -> dict[str, Any]:
+        """The tool as every upstream API declares it: its name, its parameters under
+        the API's own key (`schema`), then its description when it has one."""
+        spec = {"name": self.name, **schema}
+        if self.description is not None:
+            spec["description"] = self.description
+        return spec
+
     @classmethod
     def from_function(cls, function: dict[str, Any]) -> Tool:
         """A function tool as chat (`tools[].function`) and Responses (`tools[]`) declare
@@ -195,6 +203,11 @@ class Conversation:
             asks = (value is False) if name == "parallel_tool_calls" else (value is not None)
             if asks:
                 self.reject(_INEXPRESSIBLE[name], target)
+
+    def fields_set(self, *names: str) -> dict[str, Any]:
+        """The named fields that are set, for an API that uses the same names."""
+        values = {name: getattr(self, name) for name in names}
+        return {name: value for name, value in values.items() if value is not None}
 
     def sampling(self, *, max_tokens: str) -> dict[str, Any]:
         """The output cap, temperature, top_p and stop sequences that are set, under the
