@@ -1,7 +1,8 @@
 """Management API for budgets, users and API keys (docs/SPEC.md §6), master key only.
 
-Thin views: authenticate (otari.rest), validate (budgets.serializers), call a service in
-budgets.services (which owns the transaction) or a selector, render. Served under both
+Thin views: authenticate (the master key, budgets.rest, settings' default), validate
+(budgets.serializers), call a service in budgets.services (which owns the transaction) or a
+selector, render. Served under both
 `/v1/` and `/api/v1/` (otari/urls.py).
 
 Decisions where docs/SPEC.md is silent (docs/API.md has the full list):

@@ -2,11 +2,12 @@
 
 A provider turns (API, body) into an HTTP request to its upstream. It knows its wire
 format's path, auth headers and quirks; it does not know about money, streams or
-translation (llm_proxy.gateway and llm_proxy.formats do).
+translation (llm_proxy.pipeline and llm_proxy.formats do).
 """
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
@@ -33,6 +34,10 @@ class Provider:
     # The kind-specific keys its configuration section may have (e.g. bedrock's region);
     # None: the kind has none and, as before they existed, ignores unknown keys.
     options: ClassVar[frozenset[str] | None] = None
+    # True for kinds whose URL names the model and the stream mode, as their bodies carry
+    # neither (bedrock, gemini, vertex); they implement `credentials`, `model_url` and
+    # `signed_headers`.
+    model_in_url: ClassVar[bool] = False
 
     def __init__(self, config: ProviderConfig) -> None:
         if self.options is not None and set(config.options) - self.options:
@@ -125,10 +130,33 @@ class Provider:
 
         Async so that kinds with expiring credentials (bedrock, vertex) can refresh them
         off the event loop first; kinds whose URL names the model or the stream mode
-        (bedrock, gemini, vertex) take `model` and `stream` from here, as their bodies
-        carry neither. Raises ProviderError when no request can be made (no credentials).
+        (`model_in_url`) take `model` and `stream` from here, as their bodies carry
+        neither. Raises ProviderError when no request can be made (no credentials).
         """
-        return self.build_request(client, api, body, extra_headers)
+        if not self.model_in_url:
+            return self.build_request(client, api, body, extra_headers)
+        # Credentials first: vertex learns its project, part of the URL, with its token.
+        credentials = await self.credentials()
+        url = self.model_url(model, stream=stream)
+        # The exact bytes sent, as bedrock signs them.
+        content = json.dumps(body, separators=(",", ":")).encode()
+        headers = self.signed_headers(credentials, url, content)
+        return client.build_request(
+            "POST", url, content=content, headers=headers, timeout=self.timeout
+        )
+
+    async def credentials(self) -> Any:
+        """A `model_in_url` kind's current credentials, refreshed first if they are about
+        to expire (never on the event loop)."""
+        raise NotImplementedError
+
+    def model_url(self, model: str, *, stream: bool) -> str:
+        """A `model_in_url` kind's URL for `model`, streamed or not."""
+        raise NotImplementedError
+
+    def signed_headers(self, credentials: Any, url: str, content: bytes) -> dict[str, str]:
+        """A `model_in_url` kind's headers for a request of `content` to `url`."""
+        raise NotImplementedError
 
     def stream_chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
         """The streamed answer as server-sent events (a kind with another framing,

@@ -37,9 +37,8 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from botocore.exceptions import BotoCoreError
 from django.core.exceptions import ImproperlyConfigured
 
-from llm_proxy.errors import ProviderError
 from llm_proxy.providers.base import Provider
-from llm_proxy.providers.credentials import Refresher
+from llm_proxy.providers.credentials import CredentialsMissing, Refresher
 from llm_proxy.translate.converse import API
 
 if TYPE_CHECKING:
@@ -56,8 +55,7 @@ _REFRESH_AHEAD_S = 15 * 60
 _SERVICE = "bedrock"
 
 
-class NoCredentials(ProviderError):
-    code = "provider_credentials_missing"
+class NoCredentials(CredentialsMissing):
     message = "The gateway has no AWS credentials for this provider"
 
 
@@ -66,6 +64,7 @@ class BedrockProvider(Provider):
     default_api_base = ""  # per region, see __init__
     native_apis = frozenset({API})
     options = frozenset({"region", "profile"})
+    model_in_url = True
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
@@ -102,33 +101,18 @@ class BedrockProvider(Provider):
             expires_at = credentials._expiry_time
         return frozen, expires_at
 
-    async def upstream_request(
-        self,
-        client: httpx.AsyncClient,
-        api: str,
-        body: dict[str, Any],
-        extra_headers: dict[str, str] | None,
-        *,
-        model: str,
-        stream: bool,
-    ) -> httpx.Request:
-        credentials = await self._credentials.get()
-        return self.signed_request(client, body, credentials, model=model, stream=stream)
+    async def credentials(self) -> ReadOnlyCredentials:
+        return await self._credentials.get()
 
-    def signed_request(
-        self,
-        client: httpx.AsyncClient,
-        body: dict[str, Any],
-        credentials: ReadOnlyCredentials,
-        *,
-        model: str,
-        stream: bool,
-    ) -> httpx.Request:
-        """The Converse (or ConverseStream) request for `model`, signed with SigV4."""
+    def model_url(self, model: str, *, stream: bool) -> str:
         # Model ids contain ':' and ARNs '/': one path segment, percent-encoded.
         action = "converse-stream" if stream else "converse"
-        url = f"{self.api_base}/model/{quote(model, safe='')}/{action}"
-        content = json.dumps(body, separators=(",", ":")).encode()
+        return f"{self.api_base}/model/{quote(model, safe='')}/{action}"
+
+    def signed_headers(
+        self, credentials: ReadOnlyCredentials, url: str, content: bytes
+    ) -> dict[str, str]:
+        """The Converse (or ConverseStream) request's headers, signed with SigV4."""
         signed = AWSRequest(
             method="POST",
             url=url,
@@ -136,9 +120,7 @@ class BedrockProvider(Provider):
             headers={"Content-Type": "application/json"},
         )
         SigV4Auth(credentials, _SERVICE, self.region).add_auth(signed)
-        return client.build_request(
-            "POST", url, content=content, headers=dict(signed.headers), timeout=self.timeout
-        )
+        return dict(signed.headers)
 
     def stream_chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
         return _events_as_sse(response.aiter_bytes())

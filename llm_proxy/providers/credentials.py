@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
 from common.exceptions import GatewayError
+from llm_proxy.errors import ProviderError
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,13 @@ T = TypeVar("T")
 # Below this much life left a credential is not sent: a request signed with it could
 # reach the provider after it expired.
 _MIN_LIFE = timedelta(seconds=30)
+
+
+class CredentialsMissing(ProviderError):
+    """A cloud kind could not obtain credentials (its chain, file or token endpoint);
+    each kind says whose in its `message`."""
+
+    code = "provider_credentials_missing"
 
 
 class Refresher(Generic[T]):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from llm_proxy.errors import ProviderCredentialsRejected
@@ -26,8 +26,6 @@ from llm_proxy.translate.gemini import API
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-
-    import httpx
 
     from llm_proxy.errors import ProviderError
 
@@ -41,36 +39,19 @@ class GoogleProvider(Provider):
     native_apis = frozenset({API})
     options = frozenset()
 
-    def model_url(self, model: str, *, stream: bool) -> str:
-        raise NotImplementedError
+    model_in_url = True
 
     def method_url(self, prefix: str, model: str, *, stream: bool) -> str:
         # Model names are one path segment; `:` before the method is the API's syntax.
         method = "streamGenerateContent?alt=sse" if stream else "generateContent"
         return f"{prefix}/models/{quote(model, safe='')}:{method}"
 
-    async def auth_headers(self) -> dict[str, str]:
-        """The headers that authenticate a request (may refresh credentials first)."""
-        raise NotImplementedError
-
-    async def upstream_request(
-        self,
-        client: httpx.AsyncClient,
-        api: str,
-        body: dict[str, Any],
-        extra_headers: dict[str, str] | None,
-        *,
-        model: str,
-        stream: bool,
-    ) -> httpx.Request:
-        headers = await self.auth_headers()
-        return client.build_request(
-            "POST",
-            self.model_url(model, stream=stream),
-            content=json.dumps(body, separators=(",", ":")).encode(),
-            headers={"Content-Type": "application/json", **headers},
-            timeout=self.timeout,
-        )
+    def signed_headers(
+        self, credentials: dict[str, str], url: str, content: bytes
+    ) -> dict[str, str]:
+        """`credentials`: the headers that authenticate a request (an API key's, or an
+        OAuth token's)."""
+        return {"Content-Type": "application/json", **credentials}
 
     def retry_after(self, headers: Mapping[str, str], body: bytes) -> str | None:
         """Google sends no Retry-After header on a 429; its error's RetryInfo detail
@@ -100,7 +81,7 @@ class GeminiProvider(GoogleProvider):
     def model_url(self, model: str, *, stream: bool) -> str:
         return self.method_url(self.api_base, model, stream=stream)
 
-    async def auth_headers(self) -> dict[str, str]:
+    async def credentials(self) -> dict[str, str]:
         return {"x-goog-api-key": self.api_key} if self.api_key else {}
 
     def upstream_error(

@@ -35,8 +35,7 @@ import urllib3
 from google.auth.transport.urllib3 import Request as GoogleAuthRequest
 from google.oauth2 import service_account
 
-from llm_proxy.errors import ProviderError
-from llm_proxy.providers.credentials import Refresher
+from llm_proxy.providers.credentials import CredentialsMissing, Refresher
 from llm_proxy.providers.gemini import GoogleProvider
 
 if TYPE_CHECKING:
@@ -50,8 +49,7 @@ _SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 _REFRESH_AHEAD_S = 5 * 60
 
 
-class NoCredentials(ProviderError):
-    code = "provider_credentials_missing"
+class NoCredentials(CredentialsMissing):
     message = "The gateway could not obtain Google Cloud credentials for this provider"
 
 
@@ -122,7 +120,7 @@ class VertexProvider(GoogleProvider):
         )
         return self.method_url(prefix, model, stream=stream)
 
-    async def auth_headers(self) -> dict[str, str]:
+    async def credentials(self) -> dict[str, str]:
         token = await self._token.get()
         if not self.project:
             raise NoCredentials(

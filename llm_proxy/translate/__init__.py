@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from llm_proxy.formats.base import ApiFormat
     from llm_proxy.pipeline.sse import SSEEvent, StreamCodec
     from llm_proxy.providers.base import Provider
-    from llm_proxy.translate.ir import Completion, Conversation, StreamEncoder
+    from llm_proxy.translate.ir import Completion, Conversation, StreamDecoder, StreamEncoder
     from usage.pricing import TokenUsage
 
 __all__ = ["Route", "TranslationError", "route_for"]
@@ -73,7 +73,7 @@ _RESPONSE_READERS: dict[str, Callable[[dict[str, Any]], Completion]] = {
 }
 # Stream decoders by upstream API, given the provider's model the request was sent to
 # (Converse streams do not name their model).
-_DECODERS: dict[str, Callable[[str], Any]] = {
+_DECODERS: dict[str, Callable[[str], StreamDecoder]] = {
     "chat": lambda _model: chat.ChatStreamDecoder(),
     "messages": lambda _model: messages.MessagesStreamDecoder(),
     converse.API: converse.ConverseStreamDecoder,
@@ -109,7 +109,7 @@ class TranslatingCodec:
     encoder. Usage and completeness are the upstream's (what the request is charged);
     keepalives, the terminal events and the error event are the client's."""
 
-    def __init__(self, decoder: Any, encoder: StreamEncoder) -> None:
+    def __init__(self, decoder: StreamDecoder, encoder: StreamEncoder) -> None:
         self.decoder = decoder
         self.encoder = encoder
         self.keepalive = encoder.keepalive

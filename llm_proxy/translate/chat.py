@@ -13,25 +13,7 @@ from typing import TYPE_CHECKING, Any
 from common.exceptions import BadRequest
 from llm_proxy.formats.chat import usage_from_chat, usage_requested
 from llm_proxy.pipeline.sse import IncompleteStream, format_event
-from llm_proxy.translate.ir import (
-    Completion,
-    Conversation,
-    Image,
-    Message,
-    Part,
-    StopReason,
-    StreamEncoder,
-    Text,
-    Tool,
-    ToolCall,
-    ToolResult,
-    TranslationError,
-    check_fields,
-    expect,
-    expect_number,
-    expect_strings,
-    untranslatable,
-)
+from llm_proxy.translate import ir
 
 if TYPE_CHECKING:
     from llm_proxy.pipeline.sse import SSEEvent
@@ -63,7 +45,7 @@ _MAPPED = frozenset(
 _IGNORED = frozenset({"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"})
 _NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "modalities": ["text"]}
 
-STOP_FROM_CHAT: dict[str, StopReason] = {
+STOP_FROM_CHAT: dict[str, ir.StopReason] = {
     "stop": "end",
     "length": "length",
     "tool_calls": "tool_calls",
@@ -82,64 +64,68 @@ STOP_TO_CHAT: dict[str, str] = {
 # --- client side: reading a request ------------------------------------------------------
 
 
-def _text_of(content: Any, *, what: str, target: str) -> list[Text]:
+def _text_of(content: Any, *, what: str, target: str) -> list[ir.Text]:
     """Text-only content (system, tool results): a string or text parts."""
     if isinstance(content, str):
-        return [Text(content)]
-    parts: list[Text] = []
+        return [ir.Text(content)]
+    parts: list[ir.Text] = []
     for part in content or ():
         if isinstance(part, dict) and part.get("type") == "text":
-            parts.append(Text(str(part.get("text") or "")))
+            parts.append(ir.Text(str(part.get("text") or "")))
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            untranslatable(f"'{kind}' content in {what}", source=API, target=target)
+            ir.untranslatable(f"'{kind}' content in {what}", source=API, target=target)
     return parts
 
 
-def _user_parts(content: Any, target: str) -> list[Part]:
+def _user_parts(content: Any, target: str) -> list[ir.Part]:
     if isinstance(content, str):
-        return [Text(content)]
-    parts: list[Part] = []
+        return [ir.Text(content)]
+    parts: list[ir.Part] = []
     for part in content or ():
         kind = part.get("type")
         if kind == "text":
-            parts.append(Text(str(part.get("text") or "")))
+            parts.append(ir.Text(str(part.get("text") or "")))
         elif kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str) or not url:
                 raise BadRequest("image_url parts need a url", param="messages")
-            parts.append(Image.from_url(url))
+            parts.append(ir.Image.from_url(url))
         else:
-            untranslatable(f"'{kind}' content parts", source=API, target=target, param="messages")
+            ir.untranslatable(
+                f"'{kind}' content parts", source=API, target=target, param="messages"
+            )
     return parts
 
 
-def _assistant_parts(message: dict[str, Any], target: str) -> list[Part]:
-    parts: list[Part] = []
+def _assistant_parts(message: dict[str, Any], target: str) -> list[ir.Part]:
+    parts: list[ir.Part] = []
     content = message.get("content")
     if isinstance(content, str):
         if content:
-            parts.append(Text(content))
+            parts.append(ir.Text(content))
     elif isinstance(content, list):
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in ("text", "refusal"):
-                parts.append(Text(str(part.get(kind) or "")))
+                parts.append(ir.Text(str(part.get(kind) or "")))
             else:
-                untranslatable(f"'{kind}' content in assistant messages", source=API, target=target)
+                ir.untranslatable(
+                    f"'{kind}' content in assistant messages", source=API, target=target
+                )
     for field in ("audio", "function_call"):
         if message.get(field):
-            untranslatable(f"Assistant '{field}'", source=API, target=target, param="messages")
+            ir.untranslatable(f"Assistant '{field}'", source=API, target=target, param="messages")
     for call in message.get("tool_calls") or ():
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(call, dict) or call.get("type", "function") != "function":
-            untranslatable("Non-function tool calls", source=API, target=target)
+            ir.untranslatable("Non-function tool calls", source=API, target=target)
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRequest("each tool call needs a function with a name", param="messages")
         arguments = function.get("arguments")
         parts.append(
-            ToolCall(
+            ir.ToolCall(
                 id=str(call.get("id") or ""),
                 name=function["name"],
                 arguments=arguments if isinstance(arguments, str) else json.dumps(arguments or {}),
@@ -148,67 +134,60 @@ def _assistant_parts(message: dict[str, Any], target: str) -> list[Part]:
     return parts
 
 
-def read_request(body: dict[str, Any], target: str) -> Conversation:
+def read_request(body: dict[str, Any], target: str) -> ir.Conversation:
     """A chat request (already validated by formats.chat) in neutral terms."""
-    check_fields(
+    ir.check_fields(
         body, mapped=_MAPPED, ignored=_IGNORED, neutral=_NEUTRAL, source=API, target=target
     )
-    messages: list[Message] = []
+    messages: list[ir.Message] = []
     for message in body["messages"]:
         role = message["role"]
         if message.get("name"):
-            untranslatable("Message 'name'", source=API, target=target, param="messages")
+            ir.untranslatable("Message 'name'", source=API, target=target, param="messages")
         if role in ("system", "developer"):
-            parts: list[Part] = list(
+            parts: list[ir.Part] = list(
                 _text_of(message.get("content"), what="system messages", target=target)
             )
-            messages.append(Message("system", parts))
+            messages.append(ir.Message("system", parts))
         elif role == "user":
-            messages.append(Message("user", _user_parts(message.get("content"), target)))
+            messages.append(ir.Message("user", _user_parts(message.get("content"), target)))
         elif role == "assistant":
-            messages.append(Message("assistant", _assistant_parts(message, target)))
+            messages.append(ir.Message("assistant", _assistant_parts(message, target)))
         elif role == "tool":
             content = _text_of(message.get("content"), what="tool messages", target=target)
-            result = ToolResult(call_id=str(message.get("tool_call_id") or ""), content=content)
-            messages.append(Message("user", [result]))
+            result = ir.ToolResult(call_id=str(message.get("tool_call_id") or ""), content=content)
+            messages.append(ir.Message("user", [result]))
         else:
-            untranslatable(f"The '{role}' role", source=API, target=target, param="messages")
-    conversation = Conversation(
+            ir.untranslatable(f"The '{role}' role", source=API, target=target, param="messages")
+    conversation = ir.Conversation(
         source=API,
         messages=messages,
         stream=body.get("stream") is True,
         max_output_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
-        temperature=expect_number(body, "temperature"),
-        top_p=expect_number(body, "top_p"),
-        stop=expect_strings(body, "stop", single=True),
-        parallel_tool_calls=expect(body, "parallel_tool_calls", bool, "a boolean"),
-        user=expect(body, "user", str, "a string"),
-        reasoning_effort=expect(body, "reasoning_effort", str, "a string"),
+        temperature=ir.expect_number(body, "temperature"),
+        top_p=ir.expect_number(body, "top_p"),
+        stop=ir.expect_strings(body, "stop", single=True),
+        parallel_tool_calls=ir.expect(body, "parallel_tool_calls", bool, "a boolean"),
+        user=ir.expect(body, "user", str, "a string"),
+        reasoning_effort=ir.expect(body, "reasoning_effort", str, "a string"),
     )
     conversation.include_usage = usage_requested(body)
-    for tool in expect(body, "tools", list, "an array") or ():
+    for tool in ir.expect(body, "tools", list, "an array") or ():
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            untranslatable("Non-function tools", source=API, target=target, param="tools")
+            ir.untranslatable("Non-function tools", source=API, target=target, param="tools")
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRequest("each tool needs a function with a name", param="tools")
-        conversation.tools.append(
-            Tool(
-                name=function["name"],
-                description=function.get("description"),
-                parameters=function.get("parameters") or {"type": "object", "properties": {}},
-                strict=function.get("strict"),
-            )
-        )
-    choice = expect(body, "tool_choice", (str, dict), "a string or an object")
+        conversation.tools.append(ir.Tool.from_function(function))
+    choice = ir.expect(body, "tool_choice", (str, dict), "a string or an object")
     if isinstance(choice, str):
         conversation.tool_choice = choice
     elif isinstance(choice, dict):
         function = choice.get("function")
         if choice.get("type") != "function" or not isinstance(function, dict):
-            untranslatable("This tool_choice", source=API, target=target, param="tool_choice")
+            ir.untranslatable("This tool_choice", source=API, target=target, param="tool_choice")
         conversation.tool_choice, conversation.tool_choice_name = "tool", function.get("name")
-    response_format = expect(body, "response_format", dict, "an object")
+    response_format = ir.expect(body, "response_format", dict, "an object")
     if isinstance(response_format, dict) and response_format.get("type") != "text":
         conversation.response_format = response_format
     return conversation
@@ -229,7 +208,7 @@ def usage_to_chat(usage: TokenUsage | None) -> dict[str, Any]:
     }
 
 
-def _tool_call_json(call: ToolCall) -> dict[str, Any]:
+def _tool_call_json(call: ir.ToolCall) -> dict[str, Any]:
     return {
         "id": call.id,
         "type": "function",
@@ -237,7 +216,7 @@ def _tool_call_json(call: ToolCall) -> dict[str, Any]:
     }
 
 
-def write_response(completion: Completion, *, created: int) -> dict[str, Any]:
+def write_response(completion: ir.Completion, *, created: int) -> dict[str, Any]:
     message: dict[str, Any] = {
         "role": "assistant",
         "content": completion.text or None,
@@ -262,7 +241,7 @@ def write_response(completion: Completion, *, created: int) -> dict[str, Any]:
     }
 
 
-class ChatStreamEncoder(StreamEncoder):
+class ChatStreamEncoder(ir.StreamEncoder):
     """Chat chunks from neutral stream events; `data: [DONE]` is the terminal event."""
 
     keepalive = b": keepalive\n\n"
@@ -324,7 +303,7 @@ class ChatStreamEncoder(StreamEncoder):
     def block_end(self) -> bytes:
         return b""
 
-    def finish(self, stop: StopReason, stop_sequence: str | None = None) -> bytes:
+    def finish(self, stop: ir.StopReason, stop_sequence: str | None = None) -> bytes:
         self._finished = True
         return self._chunk({}, STOP_TO_CHAT[stop])
 
@@ -357,25 +336,25 @@ class ChatStreamEncoder(StreamEncoder):
 
 def _content_json(parts: list[Any]) -> str | list[dict[str, Any]]:
     """A string when the content is one text, else a list of parts."""
-    if len(parts) == 1 and isinstance(parts[0], Text):
+    if len(parts) == 1 and isinstance(parts[0], ir.Text):
         return parts[0].text
     out: list[dict[str, Any]] = []
     for part in parts:
-        if isinstance(part, Text):
+        if isinstance(part, ir.Text):
             out.append({"type": "text", "text": part.text})
-        elif isinstance(part, Image):
+        elif isinstance(part, ir.Image):
             out.append({"type": "image_url", "image_url": {"url": part.as_url()}})
     return out
 
 
-def _messages_json(conversation: Conversation) -> list[dict[str, Any]]:
+def _messages_json(conversation: ir.Conversation) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for message in conversation.messages:
         if message.role == "system":
             out.append({"role": "system", "content": _content_json(message.parts)})
         elif message.role == "assistant":
-            texts = [part.text for part in message.parts if isinstance(part, Text)]
-            calls = [part for part in message.parts if isinstance(part, ToolCall)]
+            texts = [part.text for part in message.parts if isinstance(part, ir.Text)]
+            calls = [part for part in message.parts if isinstance(part, ir.ToolCall)]
             entry: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
             if calls:
                 entry["tool_calls"] = [_tool_call_json(call) for call in calls]
@@ -385,11 +364,11 @@ def _messages_json(conversation: Conversation) -> list[dict[str, Any]]:
             # message that called; anything else the user said comes after them.
             rest: list[Any] = []
             for part in message.parts:
-                if isinstance(part, ToolResult):
+                if isinstance(part, ir.ToolResult):
                     for item in part.content:
-                        if isinstance(item, Image):
+                        if isinstance(item, ir.Image):
                             conversation.reject("Images in tool results", API)
-                    text = "".join(item.text for item in part.content if isinstance(item, Text))
+                    text = "".join(item.text for item in part.content if isinstance(item, ir.Text))
                     if part.is_error:
                         # Chat tool messages have no error flag; say it in the text.
                         text = f"Error: {text}"
@@ -401,7 +380,7 @@ def _messages_json(conversation: Conversation) -> list[dict[str, Any]]:
     return out
 
 
-def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
+def write_request(conversation: ir.Conversation, model: str) -> dict[str, Any]:
     """The chat request for an openai-kind provider."""
     body: dict[str, Any] = {"model": model, "messages": _messages_json(conversation)}
     if conversation.stream:
@@ -410,18 +389,17 @@ def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
         body["stream_options"] = {"include_usage": True}
     if conversation.max_output_tokens is not None:
         body["max_completion_tokens"] = conversation.max_output_tokens
-    for name in ("temperature", "top_p", "parallel_tool_calls", "user", "reasoning_effort"):
-        value = getattr(conversation, name)
-        if value is not None:
-            body[name] = value
+    body.update(
+        conversation.fields_set(
+            "temperature", "top_p", "parallel_tool_calls", "user", "reasoning_effort"
+        )
+    )
     if conversation.stop:
         body["stop"] = conversation.stop
     if conversation.tools:
         body["tools"] = []
         for tool in conversation.tools:
-            function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters}
-            if tool.description is not None:
-                function["description"] = tool.description
+            function = tool.declaration(parameters=tool.parameters)
             if tool.strict is not None:
                 function["strict"] = tool.strict
             body["tools"].append({"type": "function", "function": function})
@@ -440,23 +418,23 @@ def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
 # --- upstream side: reading the answer ---------------------------------------------------
 
 
-def read_response(body: dict[str, Any]) -> Completion:
+def read_response(body: dict[str, Any]) -> ir.Completion:
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise TranslationError("a chat completion without choices")
+        raise ir.TranslationError("a chat completion without choices")
     choice = choices[0]
     message = choice.get("message")
     if not isinstance(message, dict):
-        raise TranslationError("a chat choice without a message")
-    parts: list[Text | ToolCall] = []
+        raise ir.TranslationError("a chat choice without a message")
+    parts: list[ir.Text | ir.ToolCall] = []
     if isinstance(message.get("content"), str) and message["content"]:
-        parts.append(Text(message["content"]))
+        parts.append(ir.Text(message["content"]))
     for call in message.get("tool_calls") or ():
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict):
-            raise TranslationError("a tool call without a function")
+            raise ir.TranslationError("a tool call without a function")
         parts.append(
-            ToolCall(
+            ir.ToolCall(
                 id=str(call.get("id") or ""),
                 name=str(function.get("name") or ""),
                 arguments=str(function.get("arguments") or ""),
@@ -466,7 +444,7 @@ def read_response(body: dict[str, Any]) -> Completion:
     stop = STOP_FROM_CHAT.get(str(choice.get("finish_reason")), "end")
     if refusal:
         stop = "refusal"
-    return Completion(
+    return ir.Completion(
         id=str(body.get("id") or ""),
         model=str(body.get("model") or ""),
         parts=parts,
@@ -476,38 +454,34 @@ def read_response(body: dict[str, Any]) -> Completion:
     )
 
 
-class ChatStreamDecoder:
+class ChatStreamDecoder(ir.ChunkStreamDecoder):
     """Reads an upstream chat stream into neutral events for a client encoder."""
 
     def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.finished = False
-        self.failed = False
-        self.output_chars = 0
-        self._saw_finish = False
-        self._started = False
+        super().__init__()
         self._tool_index: int | None = None
         self._closed_tools: set[int] = set()
 
     @property
     def complete(self) -> bool:
-        return not self.failed and (self.finished or self._saw_finish or self.usage is not None)
+        # A stream cut after its usage chunk lost nothing but `[DONE]`.
+        return not self.failed and (self.finished or self._stopped or self.usage is not None)
 
-    def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
+    def answer_id(self, chunk: dict[str, Any]) -> str:
+        return str(chunk.get("id") or "")
+
+    def answer_model(self, chunk: dict[str, Any]) -> str:
+        return str(chunk.get("model") or "")
+
+    def feed(self, event: SSEEvent, out: ir.StreamEncoder) -> bytes:
         if event.data == b"[DONE]":
             self.finished = True
             return b""
-        chunk = event.json()
-        if chunk is None:
-            return b""
-        if "error" in chunk:
-            # OpenAI reports a failure inside the stream as an error object.
-            self.failed = self.finished = True
-            return b""
+        # OpenAI reports a failure inside the stream as an error object.
+        return super().feed(event, out)
+
+    def feed_chunk(self, chunk: dict[str, Any], out: ir.StreamEncoder) -> bytes:
         sent = b""
-        if not self._started:
-            self._started = True
-            sent += out.start(id=str(chunk.get("id") or ""), model=str(chunk.get("model") or ""))
         if chunk.get("usage"):
             self.usage = usage_from_chat(chunk["usage"]) or self.usage
         for choice in chunk.get("choices") or ():
@@ -519,13 +493,12 @@ class ChatStreamDecoder:
                 if isinstance(text, str) and text:
                     if self._tool_index is not None:
                         sent += self._close_tool(out)
-                    self.output_chars += len(text)
-                    sent += out.text(text)
+                    sent += self.text(out, text)
             for call in delta.get("tool_calls") or ():
                 sent += self._tool_delta(call, out)
             reason = choice.get("finish_reason")
             if reason:
-                self._saw_finish = True
+                self._stopped = True
                 if self._tool_index is not None:
                     sent += self._close_tool(out)
                 else:
@@ -533,13 +506,13 @@ class ChatStreamDecoder:
                 sent += out.finish(STOP_FROM_CHAT.get(reason, "end"))
         return sent
 
-    def _close_tool(self, out: StreamEncoder) -> bytes:
+    def _close_tool(self, out: ir.StreamEncoder) -> bytes:
         if self._tool_index is not None:
             self._closed_tools.add(self._tool_index)
         self._tool_index = None
         return out.block_end()
 
-    def _tool_delta(self, call: Any, out: StreamEncoder) -> bytes:
+    def _tool_delta(self, call: Any, out: ir.StreamEncoder) -> bytes:
         if not isinstance(call, dict):
             return b""
         index = call.get("index", 0)
@@ -554,6 +527,5 @@ class ChatStreamDecoder:
             sent += out.tool_call(call_id=str(call.get("id") or ""), name=function["name"])
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
-            self.output_chars += len(arguments)
-            sent += out.tool_arguments(arguments)
+            sent += self.tool_arguments(out, arguments)
         return sent

@@ -15,20 +15,8 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from common.exceptions import BadRequest
 from llm_proxy.formats.base import as_int
-from llm_proxy.translate.ir import (
-    Completion,
-    Conversation,
-    Image,
-    StopReason,
-    StreamEncoder,
-    Text,
-    ToolCall,
-    TranslationError,
-    UpstreamOnlyFormat,
-)
-from llm_proxy.translate.messages import tool_input
+from llm_proxy.translate import ir
 from usage.pricing import TokenUsage
 
 if TYPE_CHECKING:
@@ -36,7 +24,7 @@ if TYPE_CHECKING:
 
 API = "converse"
 
-STOP_FROM_CONVERSE: dict[str, StopReason] = {
+STOP_FROM_CONVERSE: dict[str, ir.StopReason] = {
     "end_turn": "end",
     "stop_sequence": "stop_sequence",
     "max_tokens": "length",
@@ -78,7 +66,7 @@ def usage_from_converse(usage: Any) -> TokenUsage | None:
 # --- writing the request ------------------------------------------------------------------
 
 
-def _image(part: Image, conversation: Conversation) -> dict[str, Any]:
+def _image(part: ir.Image, conversation: ir.Conversation) -> dict[str, Any]:
     image_format = _IMAGE_FORMATS.get(part.media_type or "")
     if part.data is None or image_format is None:
         # Converse takes image bytes (or S3 locations), never a web URL.
@@ -86,25 +74,19 @@ def _image(part: Image, conversation: Conversation) -> dict[str, Any]:
     return {"image": {"format": image_format, "source": {"bytes": part.data}}}
 
 
-def _block(part: Any, conversation: Conversation) -> dict[str, Any] | None:
-    if isinstance(part, Text):
+def _block(part: Any, conversation: ir.Conversation) -> dict[str, Any] | None:
+    if isinstance(part, ir.Text):
         # Converse refuses empty text blocks; an empty text says nothing.
         return {"text": part.text} if part.text else None
-    if isinstance(part, Image):
+    if isinstance(part, ir.Image):
         return _image(part, conversation)
-    if isinstance(part, ToolCall):
-        try:
-            arguments = tool_input(part)
-        except TranslationError:
-            raise BadRequest(
-                "Tool call arguments must be a JSON object to be sent to a bedrock provider",
-                param="messages",
-            ) from None
+    if isinstance(part, ir.ToolCall):
+        arguments = part.request_input("a bedrock provider")
         return {"toolUse": {"toolUseId": part.id, "name": part.name, "input": arguments}}
     content = [
-        {"text": item.text} if isinstance(item, Text) else _image(item, conversation)
+        {"text": item.text} if isinstance(item, ir.Text) else _image(item, conversation)
         for item in part.content
-        if not isinstance(item, Text) or item.text
+        if not isinstance(item, ir.Text) or item.text
     ]
     result: dict[str, Any] = {"toolUseId": part.call_id, "content": content or [{"text": ""}]}
     if part.is_error:
@@ -112,35 +94,15 @@ def _block(part: Any, conversation: Conversation) -> dict[str, Any] | None:
     return {"toolResult": result}
 
 
-def _messages(conversation: Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    system: list[dict[str, str]] = []
-    messages: list[dict[str, Any]] = []
-    for message in conversation.messages:
-        if message.role == "system":
-            if messages:
-                conversation.reject("A system message after the conversation has started", API)
-            system.extend({"text": p.text} for p in message.parts if isinstance(p, Text))
-            continue
-        blocks = [block for part in message.parts if (block := _block(part, conversation))]
-        if not blocks:
-            continue
-        if messages and messages[-1]["role"] == message.role:
-            # Converse alternates roles: consecutive turns of one role become one turn
-            # (chat sends each tool result as its own message).
-            messages[-1]["content"].extend(blocks)
-        else:
-            messages.append({"role": message.role, "content": blocks})
-    return messages, system
+def _messages(conversation: ir.Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    system, turns = conversation.turns(API, lambda part: _block(part, conversation))
+    messages = [{"role": role, "content": blocks} for role, blocks in turns]
+    return messages, [{"text": text} for text in system]
 
 
-def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
+def write_request(conversation: ir.Conversation, model: str) -> dict[str, Any]:
     """The Converse request body (the model and the stream mode are in the URL)."""
-    if conversation.response_format is not None:
-        conversation.reject("Structured output (response_format / text.format)", API)
-    if conversation.reasoning_effort is not None:
-        conversation.reject("Reasoning effort", API)
-    if conversation.parallel_tool_calls is False:
-        conversation.reject("Turning off parallel tool calls", API)
+    conversation.refuse(API, "response_format", "reasoning_effort", "parallel_tool_calls")
     messages, system = _messages(conversation)
     body: dict[str, Any] = {"messages": messages}
     if system:
@@ -151,9 +113,7 @@ def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
     if conversation.tools:
         tools = []
         for tool in conversation.tools:
-            spec: dict[str, Any] = {"name": tool.name, "inputSchema": {"json": tool.parameters}}
-            if tool.description is not None:
-                spec["description"] = tool.description
+            spec = tool.declaration(inputSchema={"json": tool.parameters})
             tools.append({"toolSpec": spec})
         tool_config: dict[str, Any] = {"tools": tools}
         choice = conversation.tool_choice
@@ -178,22 +138,22 @@ def new_id() -> str:
     return f"msg_bdrk_{uuid.uuid4().hex}"
 
 
-def read_response(body: dict[str, Any]) -> Completion:
+def read_response(body: dict[str, Any]) -> ir.Completion:
     output = body.get("output")
     message = output.get("message") if isinstance(output, dict) else None
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
-        raise TranslationError("a Converse answer without a message")
-    parts: list[Text | ToolCall] = []
+        raise ir.TranslationError("a Converse answer without a message")
+    parts: list[ir.Text | ir.ToolCall] = []
     for block in content:
         if not isinstance(block, dict):
             continue
         if isinstance(block.get("text"), str):
-            parts.append(Text(block["text"]))
+            parts.append(ir.Text(block["text"]))
         elif isinstance(block.get("toolUse"), dict):
             use = block["toolUse"]
             parts.append(
-                ToolCall(
+                ir.ToolCall(
                     id=str(use.get("toolUseId") or ""),
                     name=str(use.get("name") or ""),
                     arguments=json.dumps(use.get("input") or {}),
@@ -202,8 +162,8 @@ def read_response(body: dict[str, Any]) -> Completion:
         elif "reasoningContent" not in block:
             # Reasoning is never requested on a translated route; anything else the
             # client's API has no place for.
-            raise TranslationError(f"a '{next(iter(block), '')}' content block")
-    return Completion(
+            raise ir.TranslationError(f"a '{next(iter(block), '')}' content block")
+    return ir.Completion(
         id=new_id(),
         model="",
         parts=parts,
@@ -212,7 +172,7 @@ def read_response(body: dict[str, Any]) -> Completion:
     )
 
 
-class ConverseStreamDecoder:
+class ConverseStreamDecoder(ir.StreamDecoder):
     """Reads ConverseStream events into neutral events for a client encoder.
 
     The stream is messageStart, content blocks, messageStop (the stop reason), then
@@ -220,24 +180,15 @@ class ConverseStreamDecoder:
     """
 
     def __init__(self, model: str = "") -> None:
+        super().__init__()
         self.model = model
-        self.usage: TokenUsage | None = None
-        self.finished = False
-        self.failed = False
-        self.output_chars = 0
-        self._stopped = False
         self._skipped: set[Any] = set()  # blocks the client's API has no place for
 
-    @property
-    def complete(self) -> bool:
-        return not self.failed and (self.finished or self._stopped)
-
-    def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
+    def feed(self, event: SSEEvent, out: ir.StreamEncoder) -> bytes:
         data = event.json()
         kind = event.name
         if kind in STREAM_EXCEPTIONS:
-            self.failed = self.finished = True
-            return b""
+            return self.fail()
         if data is None:
             return b""
         if kind == "contentBlockDelta":
@@ -245,12 +196,10 @@ class ConverseStreamDecoder:
                 return b""
             delta = data.get("delta") or {}
             if isinstance(delta.get("text"), str) and delta["text"]:
-                self.output_chars += len(delta["text"])
-                return out.text(delta["text"])
+                return self.text(out, delta["text"])
             fragment = (delta.get("toolUse") or {}).get("input")
             if isinstance(fragment, str) and fragment:
-                self.output_chars += len(fragment)
-                return out.tool_arguments(fragment)
+                return self.tool_arguments(out, fragment)
             if "reasoningContent" in delta:
                 self._skipped.add(data.get("contentBlockIndex"))
             return b""
@@ -274,7 +223,7 @@ class ConverseStreamDecoder:
         return b""
 
 
-class ConverseFormat(UpstreamOnlyFormat):
+class ConverseFormat(ir.UpstreamOnlyFormat):
     def is_stream_error(self, event: SSEEvent) -> bool:
         return event.name in STREAM_EXCEPTIONS
 

@@ -17,19 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.exceptions import BadRequest
 from llm_proxy.formats.base import as_int
-from llm_proxy.translate.ir import (
-    Completion,
-    Conversation,
-    Image,
-    StopReason,
-    StreamEncoder,
-    Text,
-    ToolCall,
-    ToolResult,
-    TranslationError,
-    UpstreamOnlyFormat,
-)
-from llm_proxy.translate.messages import tool_input
+from llm_proxy.translate import ir
 from usage.pricing import TokenUsage
 
 if TYPE_CHECKING:
@@ -57,7 +45,7 @@ def usage_from_gemini(usage: Any) -> TokenUsage | None:
     )
 
 
-def _stop(finish_reason: Any, called_tools: bool) -> StopReason:
+def _stop(finish_reason: Any, called_tools: bool) -> ir.StopReason:
     if finish_reason == "MAX_TOKENS":
         return "length"
     if finish_reason in _REFUSALS:
@@ -69,29 +57,23 @@ def _stop(finish_reason: Any, called_tools: bool) -> StopReason:
 # --- writing the request ------------------------------------------------------------------
 
 
-def _part(part: Any, names: dict[str, str], conversation: Conversation) -> dict[str, Any] | None:
-    if isinstance(part, Text):
+def _part(part: Any, names: dict[str, str], conversation: ir.Conversation) -> dict[str, Any] | None:
+    if isinstance(part, ir.Text):
         return {"text": part.text} if part.text else None
-    if isinstance(part, Image):
+    if isinstance(part, ir.Image):
         if part.data is None:
             # generateContent takes inline bytes or uploaded files, not web URLs.
             conversation.reject("Images by URL", API)
         return {"inlineData": {"mimeType": part.media_type, "data": part.data}}
-    if isinstance(part, ToolCall):
-        try:
-            arguments = tool_input(part)
-        except TranslationError:
-            raise BadRequest(
-                "Tool call arguments must be a JSON object to be sent to a Gemini provider",
-                param="messages",
-            ) from None
+    if isinstance(part, ir.ToolCall):
+        arguments = part.request_input("a Gemini provider")
         names[part.id] = part.name
         return {"functionCall": {"name": part.name, "args": arguments}}
     return _function_response(part, names, conversation)
 
 
 def _function_response(
-    part: ToolResult, names: dict[str, str], conversation: Conversation
+    part: ir.ToolResult, names: dict[str, str], conversation: ir.Conversation
 ) -> dict[str, Any]:
     # Gemini matches a result to its call by the function's name, not by an id.
     name = names.get(part.call_id)
@@ -99,9 +81,9 @@ def _function_response(
         raise BadRequest(
             f"Tool result '{part.call_id}' answers no earlier tool call", param="messages"
         )
-    if any(isinstance(item, Image) for item in part.content):
+    if any(isinstance(item, ir.Image) for item in part.content):
         conversation.reject("Images in tool results", API)
-    text = "".join(item.text for item in part.content if isinstance(item, Text))
+    text = "".join(item.text for item in part.content if isinstance(item, ir.Text))
     return {
         "functionResponse": {
             "name": name,
@@ -110,28 +92,17 @@ def _function_response(
     }
 
 
-def _contents(conversation: Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    system: list[dict[str, str]] = []
-    contents: list[dict[str, Any]] = []
-    names: dict[str, str] = {}  # tool call id -> function name
-    for message in conversation.messages:
-        if message.role == "system":
-            if contents:
-                conversation.reject("A system message after the conversation has started", API)
-            system.extend({"text": p.text} for p in message.parts if isinstance(p, Text))
-            continue
-        parts = [out for part in message.parts if (out := _part(part, names, conversation))]
-        if not parts:
-            continue
-        role = "model" if message.role == "assistant" else "user"
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
-    return contents, system
+def _contents(conversation: ir.Conversation) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    names: dict[str, str] = {}  # tool call id -> function name, for the results
+    system, turns = conversation.turns(API, lambda part: _part(part, names, conversation))
+    contents = [
+        {"role": "model" if role == "assistant" else "user", "parts": parts}
+        for role, parts in turns
+    ]
+    return contents, [{"text": text} for text in system]
 
 
-def _response_format(conversation: Conversation, config: dict[str, Any]) -> None:
+def _response_format(conversation: ir.Conversation, config: dict[str, Any]) -> None:
     wanted = conversation.response_format or {}
     if wanted.get("type") == "json_object":
         config["responseMimeType"] = "application/json"
@@ -148,12 +119,9 @@ def _response_format(conversation: Conversation, config: dict[str, Any]) -> None
         conversation.reject(f"response_format type '{wanted.get('type')}'", API)
 
 
-def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
+def write_request(conversation: ir.Conversation, model: str) -> dict[str, Any]:
     """The generateContent body (the model and the stream mode are in the URL)."""
-    if conversation.reasoning_effort is not None:
-        conversation.reject("Reasoning effort", API)
-    if conversation.parallel_tool_calls is False:
-        conversation.reject("Turning off parallel tool calls", API)
+    conversation.refuse(API, "reasoning_effort", "parallel_tool_calls")
     contents, system = _contents(conversation)
     body: dict[str, Any] = {"contents": contents}
     if system:
@@ -168,13 +136,7 @@ def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
         for tool in conversation.tools:
             # parametersJsonSchema takes JSON Schema as clients write it (`parameters`
             # takes only Google's OpenAPI subset).
-            declaration: dict[str, Any] = {
-                "name": tool.name,
-                "parametersJsonSchema": tool.parameters,
-            }
-            if tool.description is not None:
-                declaration["description"] = tool.description
-            declarations.append(declaration)
+            declarations.append(tool.declaration(parametersJsonSchema=tool.parameters))
         body["tools"] = [{"functionDeclarations": declarations}]
     choice = conversation.tool_choice
     if choice is not None:
@@ -188,8 +150,8 @@ def write_request(conversation: Conversation, model: str) -> dict[str, Any]:
 # --- reading the answer -------------------------------------------------------------------
 
 
-def _call(function_call: dict[str, Any]) -> ToolCall:
-    return ToolCall(
+def _call(function_call: dict[str, Any]) -> ir.ToolCall:
+    return ir.ToolCall(
         # Gemini's calls carry an id only on some models; the client's API needs one.
         id=str(function_call.get("id") or f"call_{uuid.uuid4().hex[:24]}"),
         name=str(function_call.get("name") or ""),
@@ -197,22 +159,22 @@ def _call(function_call: dict[str, Any]) -> ToolCall:
     )
 
 
-def _candidate_parts(candidate: dict[str, Any]) -> list[Text | ToolCall]:
+def _candidate_parts(candidate: dict[str, Any]) -> list[ir.Text | ir.ToolCall]:
     content = candidate.get("content")
-    parts: list[Text | ToolCall] = []
+    parts: list[ir.Text | ir.ToolCall] = []
     for part in content.get("parts") or () if isinstance(content, dict) else ():
         if not isinstance(part, dict) or part.get("thought") is True:
             continue  # thoughts are never shown on a translated route (but billed)
         if isinstance(part.get("text"), str):
-            parts.append(Text(part["text"]))
+            parts.append(ir.Text(part["text"]))
         elif isinstance(part.get("functionCall"), dict):
             parts.append(_call(part["functionCall"]))
         else:
-            raise TranslationError(f"a '{next(iter(part), '')}' part")
+            raise ir.TranslationError(f"a '{next(iter(part), '')}' part")
     return parts
 
 
-def read_response(body: dict[str, Any]) -> Completion:
+def read_response(body: dict[str, Any]) -> ir.Completion:
     candidates = body.get("candidates")
     usage = usage_from_gemini(body.get("usageMetadata"))
     answer_id = str(body.get("responseId") or f"gen_{uuid.uuid4().hex}")
@@ -221,8 +183,8 @@ def read_response(body: dict[str, Any]) -> Completion:
         feedback = body.get("promptFeedback")
         reason = feedback.get("blockReason") if isinstance(feedback, dict) else None
         if reason is None:
-            raise TranslationError("an answer without candidates")
-        return Completion(
+            raise ir.TranslationError("an answer without candidates")
+        return ir.Completion(
             id=answer_id,
             model=model,
             parts=[],
@@ -232,8 +194,8 @@ def read_response(body: dict[str, Any]) -> Completion:
         )
     candidate = candidates[0] if isinstance(candidates[0], dict) else {}
     parts = _candidate_parts(candidate)
-    called = any(isinstance(part, ToolCall) for part in parts)
-    return Completion(
+    called = any(isinstance(part, ir.ToolCall) for part in parts)
+    return ir.Completion(
         id=answer_id,
         model=model,
         parts=parts,
@@ -242,37 +204,23 @@ def read_response(body: dict[str, Any]) -> Completion:
     )
 
 
-class GeminiStreamDecoder:
-    """Reads a streamGenerateContent (alt=sse) stream into neutral events."""
+class GeminiStreamDecoder(ir.ChunkStreamDecoder):
+    """Reads a streamGenerateContent (alt=sse) stream into neutral events. There is no
+    terminal event: the stream just ends, so `finished` is only set by a failure."""
 
     def __init__(self, model: str = "") -> None:
+        super().__init__()
         self.model = model
-        self.usage: TokenUsage | None = None
-        self.finished = False  # there is no terminal event: the stream just ends
-        self.failed = False
-        self.output_chars = 0
-        self._started = False
-        self._stopped = False
         self._called = False
 
-    @property
-    def complete(self) -> bool:
-        return not self.failed and self._stopped
+    def answer_id(self, chunk: dict[str, Any]) -> str:
+        return str(chunk.get("responseId") or f"gen_{uuid.uuid4().hex}")
 
-    def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
-        chunk = event.json()
-        if chunk is None:
-            return b""
-        if "error" in chunk:
-            self.failed = self.finished = True
-            return b""
+    def answer_model(self, chunk: dict[str, Any]) -> str:
+        return str(chunk.get("modelVersion") or self.model)
+
+    def feed_chunk(self, chunk: dict[str, Any], out: ir.StreamEncoder) -> bytes:
         sent = b""
-        if not self._started:
-            self._started = True
-            sent += out.start(
-                id=str(chunk.get("responseId") or f"gen_{uuid.uuid4().hex}"),
-                model=str(chunk.get("modelVersion") or self.model),
-            )
         if isinstance(chunk.get("usageMetadata"), dict):
             # Each chunk's counts are the running totals; the last chunk's are final.
             self.usage = usage_from_gemini(chunk["usageMetadata"])
@@ -282,20 +230,18 @@ class GeminiStreamDecoder:
             return sent
         try:
             parts = _candidate_parts(candidate)
-        except TranslationError:
+        except ir.TranslationError:
             self.failed = True
             return sent
         for part in parts:
-            if isinstance(part, Text):
+            if isinstance(part, ir.Text):
                 if part.text:
-                    self.output_chars += len(part.text)
-                    sent += out.text(part.text)
+                    sent += self.text(out, part.text)
             else:
                 # A function call arrives whole, in one chunk.
                 self._called = True
-                self.output_chars += len(part.arguments)
                 sent += out.tool_call(call_id=part.id, name=part.name)
-                sent += out.tool_arguments(part.arguments)
+                sent += self.tool_arguments(out, part.arguments)
                 sent += out.block_end()
         if candidate.get("finishReason"):
             self._stopped = True
@@ -303,7 +249,7 @@ class GeminiStreamDecoder:
         return sent
 
 
-class GeminiFormat(UpstreamOnlyFormat):
+class GeminiFormat(ir.UpstreamOnlyFormat):
     def is_stream_error(self, event: SSEEvent) -> bool:
         data = event.json()
         return data is not None and "error" in data

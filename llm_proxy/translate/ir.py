@@ -9,6 +9,7 @@ writer rejects what its API cannot express the same way.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
@@ -18,6 +19,7 @@ from llm_proxy.formats.base import ApiFormat
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from llm_proxy.pipeline.sse import SSEEvent
     from usage.pricing import TokenUsage
 
 # Why an answer ended, in neutral terms:
@@ -89,6 +91,30 @@ class ToolCall:
     name: str
     arguments: str  # JSON text, as the model wrote it
 
+    def input(self) -> dict[str, Any]:
+        """The arguments as the object Anthropic's `input` (and Converse's, and Gemini's
+        `args`) must be; a TranslationError when they are not a JSON object."""
+        if not self.arguments.strip():
+            return {}
+        try:
+            value = json.loads(self.arguments)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise TranslationError("tool call arguments that are not a JSON object")
+        return value
+
+    def request_input(self, provider: str) -> dict[str, Any]:
+        """`input()` for a request the client wrote, where arguments that are not an
+        object are the client's fault (a 400); `provider` names whom it is sent to."""
+        try:
+            return self.input()
+        except TranslationError:
+            raise BadRequest(
+                f"Tool call arguments must be a JSON object to be sent to {provider}",
+                param="messages",
+            ) from None
+
 
 @dataclass(slots=True)
 class ToolResult:
@@ -112,6 +138,34 @@ class Tool:
     description: str | None
     parameters: dict[str, Any]
     strict: bool | None = None
+
+    def declaration(self, **schema: Any) -> dict[str, Any]:
+        """The tool as every upstream API declares it: its name, its parameters under
+        the API's own key (`schema`), then its description when it has one."""
+        spec = {"name": self.name, **schema}
+        if self.description is not None:
+            spec["description"] = self.description
+        return spec
+
+    @classmethod
+    def from_function(cls, function: dict[str, Any]) -> Tool:
+        """A function tool as chat (`tools[].function`) and Responses (`tools[]`) declare
+        it; the caller has checked that `name` is a string."""
+        return cls(
+            name=function["name"],
+            description=function.get("description"),
+            # A fresh empty schema each time: writers pass it on into request bodies.
+            parameters=function.get("parameters") or {"type": "object", "properties": {}},
+            strict=function.get("strict"),
+        )
+
+
+# The features a writer may refuse with Conversation.refuse, as the 400 names them.
+_INEXPRESSIBLE = {
+    "response_format": "Structured output (response_format / text.format)",
+    "reasoning_effort": "Reasoning effort",
+    "parallel_tool_calls": "Turning off parallel tool calls",
+}
 
 
 @dataclass(slots=True)
@@ -140,6 +194,21 @@ class Conversation:
     def reject(self, feature: str, target: str, param: str | None = None) -> NoReturn:
         untranslatable(feature, source=self.source, target=target, param=param)
 
+    def refuse(self, target: str, *fields: str) -> None:
+        """Refuse the request when one of `fields` asks for something, because the
+        `target` API has no way to express it (see _INEXPRESSIBLE)."""
+        for name in fields:
+            value = getattr(self, name)
+            # Parallel tool calls are every API's default: only turning them off asks.
+            asks = (value is False) if name == "parallel_tool_calls" else (value is not None)
+            if asks:
+                self.reject(_INEXPRESSIBLE[name], target)
+
+    def fields_set(self, *names: str) -> dict[str, Any]:
+        """The named fields that are set, for an API that uses the same names."""
+        values = {name: getattr(self, name) for name in names}
+        return {name: value for name, value in values.items() if value is not None}
+
     def sampling(self, *, max_tokens: str) -> dict[str, Any]:
         """The output cap, temperature, top_p and stop sequences that are set, under the
         camel-case names Converse and generateContent share (`max_tokens`: the cap's)."""
@@ -150,6 +219,35 @@ class Conversation:
             "stopSequences": self.stop or None,
         }
         return {name: value for name, value in values.items() if value is not None}
+
+    def turns(
+        self, target: str, write: Callable[[Any], dict[str, Any] | None]
+    ) -> tuple[list[str], list[tuple[str, list[dict[str, Any]]]]]:
+        """The system texts and the (role, blocks) turns of the conversation, for an API
+        that takes the system prompt apart and alternates roles (Messages, Converse,
+        generateContent). `write` writes one part as a block, or None for a part that
+        says nothing; a turn left without blocks is dropped.
+
+        A system message after the first turn is refused: these APIs have one system
+        prompt, before the conversation. Consecutive messages of one role become one
+        turn (chat sends each tool result as its own message).
+        """
+        system: list[str] = []
+        turns: list[tuple[str, list[dict[str, Any]]]] = []
+        for message in self.messages:
+            if message.role == "system":
+                if turns:
+                    self.reject("A system message after the conversation has started", target)
+                system.extend(part.text for part in message.parts if isinstance(part, Text))
+                continue
+            blocks = [block for part in message.parts if (block := write(part))]
+            if not blocks:
+                continue
+            if turns and turns[-1][0] == message.role:
+                turns[-1][1].extend(blocks)
+            else:
+                turns.append((message.role, blocks))
+        return system, turns
 
 
 # --- answers ---------------------------------------------------------------------------
@@ -270,6 +368,74 @@ class StreamEncoder:
 
     def error(self) -> bytes:
         raise NotImplementedError
+
+
+class StreamDecoder:
+    """Reads one upstream API's stream into neutral events for a client encoder.
+
+    What the gateway reads from every decoder: `usage` (what the request is charged),
+    `finished` (the stream ended, by its terminal event or a failure), `failed` (the
+    upstream reported an error in the stream), `complete` (the answer ended as its API
+    says a whole answer ends) and `output_chars` (text and tool-argument characters,
+    the fallback estimate when usage is missing).
+    """
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.finished = False
+        self.failed = False
+        self.output_chars = 0
+        self._stopped = False  # the upstream said why the answer ended
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and (self.finished or self._stopped)
+
+    def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
+        raise NotImplementedError
+
+    def fail(self) -> bytes:
+        """The upstream reported an error in the stream: it ends, as a broken one."""
+        self.failed = self.finished = True
+        return b""
+
+    def text(self, out: StreamEncoder, text: str) -> bytes:
+        self.output_chars += len(text)
+        return out.text(text)
+
+    def tool_arguments(self, out: StreamEncoder, fragment: str) -> bytes:
+        self.output_chars += len(fragment)
+        return out.tool_arguments(fragment)
+
+
+class ChunkStreamDecoder(StreamDecoder):
+    """A stream whose events are each a JSON object (chat, generateContent): an object
+    with an `error` reports a failure, and the first chunk starts the answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._started = False
+
+    def answer_id(self, chunk: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def answer_model(self, chunk: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def feed_chunk(self, chunk: dict[str, Any], out: StreamEncoder) -> bytes:
+        raise NotImplementedError
+
+    def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
+        chunk = event.json()
+        if chunk is None:
+            return b""
+        if "error" in chunk:
+            return self.fail()
+        if self._started:
+            return self.feed_chunk(chunk, out)
+        self._started = True
+        started = out.start(id=self.answer_id(chunk), model=self.answer_model(chunk))
+        return started + self.feed_chunk(chunk, out)
 
 
 def expect(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], what: str) -> Any:

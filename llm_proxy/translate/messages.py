@@ -19,25 +19,7 @@ from llm_proxy.formats.messages import (
     usage_from_messages,
 )
 from llm_proxy.pipeline.sse import format_event
-from llm_proxy.translate.ir import (
-    Completion,
-    Conversation,
-    Image,
-    Message,
-    Part,
-    StopReason,
-    StreamEncoder,
-    Text,
-    Tool,
-    ToolCall,
-    ToolResult,
-    TranslationError,
-    check_fields,
-    expect,
-    expect_number,
-    expect_strings,
-    untranslatable,
-)
+from llm_proxy.translate import ir
 
 if TYPE_CHECKING:
     from llm_proxy.pipeline.sse import SSEEvent
@@ -64,7 +46,7 @@ _MAPPED = frozenset(
 _IGNORED = frozenset({"service_tier"})
 _NEUTRAL = {"thinking": {"type": "disabled"}}
 
-STOP_FROM_MESSAGES: dict[str, StopReason] = {
+STOP_FROM_MESSAGES: dict[str, ir.StopReason] = {
     "end_turn": "end",
     "stop_sequence": "stop_sequence",
     "max_tokens": "length",
@@ -85,49 +67,53 @@ STOP_TO_MESSAGES: dict[str, str] = {
 # --- client side: reading a request ------------------------------------------------------
 
 
-def _image(block: dict[str, Any], target: str) -> Image:
+def _image(block: dict[str, Any], target: str) -> ir.Image:
     source = block.get("source")
     if isinstance(source, dict) and source.get("type") == "base64":
-        return Image(media_type=str(source.get("media_type") or ""), data=str(source.get("data")))
+        return ir.Image(
+            media_type=str(source.get("media_type") or ""), data=str(source.get("data"))
+        )
     if isinstance(source, dict) and source.get("type") == "url":
-        return Image(url=str(source.get("url")))
+        return ir.Image(url=str(source.get("url")))
     kind = source.get("type") if isinstance(source, dict) else None
-    untranslatable(f"Image sources of type '{kind}'", source=API, target=target, param="messages")
+    ir.untranslatable(
+        f"Image sources of type '{kind}'", source=API, target=target, param="messages"
+    )
 
 
-def _tool_result(block: dict[str, Any], target: str) -> ToolResult:
+def _tool_result(block: dict[str, Any], target: str) -> ir.ToolResult:
     content = block.get("content")
-    items: list[Text | Image] = []
+    items: list[ir.Text | ir.Image] = []
     if isinstance(content, str):
-        items.append(Text(content))
+        items.append(ir.Text(content))
     for item in content if isinstance(content, list) else ():
         kind = item.get("type")
         if kind == "text":
-            items.append(Text(str(item.get("text") or "")))
+            items.append(ir.Text(str(item.get("text") or "")))
         elif kind == "image":
             items.append(_image(item, target))
         else:
-            untranslatable(
+            ir.untranslatable(
                 f"'{kind}' content in tool results", source=API, target=target, param="messages"
             )
-    return ToolResult(
+    return ir.ToolResult(
         call_id=str(block["tool_use_id"]), content=items, is_error=block.get("is_error") is True
     )
 
 
-def _parts(content: Any, target: str) -> list[Part]:
+def _parts(content: Any, target: str) -> list[ir.Part]:
     if isinstance(content, str):
-        return [Text(content)]
-    parts: list[Part] = []
+        return [ir.Text(content)]
+    parts: list[ir.Part] = []
     for block in content:
         kind = block.get("type")
         if kind == "text":
-            parts.append(Text(str(block.get("text") or "")))
+            parts.append(ir.Text(str(block.get("text") or "")))
         elif kind == "image":
             parts.append(_image(block, target))
         elif kind == "tool_use":
             parts.append(
-                ToolCall(
+                ir.ToolCall(
                     id=str(block.get("id")),
                     name=str(block.get("name")),
                     arguments=json.dumps(block.get("input") or {}),
@@ -136,50 +122,52 @@ def _parts(content: Any, target: str) -> list[Part]:
         elif kind == "tool_result":
             parts.append(_tool_result(block, target))
         else:
-            untranslatable(f"'{kind}' content blocks", source=API, target=target, param="messages")
+            ir.untranslatable(
+                f"'{kind}' content blocks", source=API, target=target, param="messages"
+            )
     return parts
 
 
-def read_request(body: dict[str, Any], target: str) -> Conversation:
+def read_request(body: dict[str, Any], target: str) -> ir.Conversation:
     """A messages request (already validated by formats.messages) in neutral terms."""
-    check_fields(
+    ir.check_fields(
         body, mapped=_MAPPED, ignored=_IGNORED, neutral=_NEUTRAL, source=API, target=target
     )
-    messages: list[Message] = []
+    messages: list[ir.Message] = []
     system = body.get("system")
     if system:
-        texts = [Text(system)] if isinstance(system, str) else _parts(system, target)
-        messages.append(Message("system", list(texts)))
+        texts = [ir.Text(system)] if isinstance(system, str) else _parts(system, target)
+        messages.append(ir.Message("system", list(texts)))
     for message in body["messages"]:
-        messages.append(Message(message["role"], _parts(message["content"], target)))
+        messages.append(ir.Message(message["role"], _parts(message["content"], target)))
     metadata = body.get("metadata") or {}
     for name in metadata:
         if name != "user_id":
-            untranslatable(f"metadata.{name}", source=API, target=target, param="metadata")
-    conversation = Conversation(
+            ir.untranslatable(f"metadata.{name}", source=API, target=target, param="metadata")
+    conversation = ir.Conversation(
         source=API,
         messages=messages,
         stream=body.get("stream") is True,
         max_output_tokens=body["max_tokens"],
-        temperature=expect_number(body, "temperature"),
-        top_p=expect_number(body, "top_p"),
-        stop=expect_strings(body, "stop_sequences", single=False),
+        temperature=ir.expect_number(body, "temperature"),
+        top_p=ir.expect_number(body, "top_p"),
+        stop=ir.expect_strings(body, "stop_sequences", single=False),
         user=metadata.get("user_id"),
     )
     for tool in body.get("tools") or ():
         if tool.get("type", "custom") != "custom":
-            untranslatable(
+            ir.untranslatable(
                 f"The '{tool.get('type')}' tool", source=API, target=target, param="tools"
             )
         conversation.tools.append(
-            Tool(
+            ir.Tool(
                 name=str(tool.get("name")),
                 description=tool.get("description"),
                 parameters=tool.get("input_schema") or {"type": "object", "properties": {}},
                 strict=tool.get("strict"),
             )
         )
-    choice = expect(body, "tool_choice", dict, "an object")
+    choice = ir.expect(body, "tool_choice", dict, "an object")
     if isinstance(choice, dict):
         kind = choice.get("type")
         if kind not in ("auto", "any", "tool", "none"):
@@ -213,27 +201,14 @@ def usage_to_messages(usage: TokenUsage | None) -> dict[str, int]:
     }
 
 
-def tool_input(call: ToolCall) -> dict[str, Any]:
-    """A tool call's arguments as the object Anthropic's `input` must be."""
-    if not call.arguments.strip():
-        return {}
-    try:
-        value = json.loads(call.arguments)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise TranslationError("tool call arguments that are not a JSON object")
-    return value
-
-
-def write_response(completion: Completion) -> dict[str, Any]:
+def write_response(completion: ir.Completion) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     for part in completion.parts:
-        if isinstance(part, Text):
+        if isinstance(part, ir.Text):
             content.append({"type": "text", "text": part.text})
         else:
             content.append(
-                {"type": "tool_use", "id": part.id, "name": part.name, "input": tool_input(part)}
+                {"type": "tool_use", "id": part.id, "name": part.name, "input": part.input()}
             )
     if completion.refusal:
         content.append({"type": "text", "text": completion.refusal})
@@ -249,7 +224,7 @@ def write_response(completion: Completion) -> dict[str, Any]:
     }
 
 
-class MessagesStreamEncoder(StreamEncoder):
+class MessagesStreamEncoder(ir.StreamEncoder):
     """Messages events from neutral stream events; `message_stop` is the terminal event.
 
     Usage is only known at the end of an upstream chat stream, so `message_start`
@@ -263,7 +238,7 @@ class MessagesStreamEncoder(StreamEncoder):
         self._started = False
         self._index = -1
         self._open: str | None = None  # "text" | "tool_use"
-        self._stop: StopReason = "end"
+        self._stop: ir.StopReason = "end"
         self._stop_sequence: str | None = None
 
     def start(self, *, id: str, model: str) -> bytes:
@@ -317,7 +292,7 @@ class MessagesStreamEncoder(StreamEncoder):
             {"type": "content_block_stop", "index": self._index}, "content_block_stop"
         )
 
-    def finish(self, stop: StopReason, stop_sequence: str | None = None) -> bytes:
+    def finish(self, stop: ir.StopReason, stop_sequence: str | None = None) -> bytes:
         self._stop, self._stop_sequence = stop, stop_sequence
         return b""
 
@@ -343,25 +318,19 @@ class MessagesStreamEncoder(StreamEncoder):
 # --- upstream side: writing the request --------------------------------------------------
 
 
-def _block_json(part: Any, conversation: Conversation) -> dict[str, Any] | None:
-    if isinstance(part, Text):
+def _block_json(part: Any, conversation: ir.Conversation) -> dict[str, Any] | None:
+    if isinstance(part, ir.Text):
         # Anthropic refuses empty text blocks; an empty text says nothing.
         return {"type": "text", "text": part.text} if part.text else None
-    if isinstance(part, Image):
+    if isinstance(part, ir.Image):
         if part.url is not None:
             return {"type": "image", "source": {"type": "url", "url": part.url}}
         return {
             "type": "image",
             "source": {"type": "base64", "media_type": part.media_type, "data": part.data},
         }
-    if isinstance(part, ToolCall):
-        try:
-            arguments = tool_input(part)
-        except TranslationError:
-            raise BadRequest(
-                "Tool call arguments must be a JSON object to be sent to an anthropic provider",
-                param="messages",
-            ) from None
+    if isinstance(part, ir.ToolCall):
+        arguments = part.request_input("an anthropic provider")
         return {"type": "tool_use", "id": part.id, "name": part.name, "input": arguments}
     result: dict[str, Any] = {"type": "tool_result", "tool_use_id": part.call_id}
     blocks = [block for item in part.content if (block := _block_json(item, conversation))]
@@ -374,41 +343,24 @@ def _block_json(part: Any, conversation: Conversation) -> dict[str, Any] | None:
     return result
 
 
-def _messages_json(conversation: Conversation) -> tuple[list[dict[str, Any]], list[str]]:
-    system: list[str] = []
+def _messages_json(conversation: ir.Conversation) -> tuple[list[dict[str, Any]], list[str]]:
+    system, turns = conversation.turns(API, lambda part: _block_json(part, conversation))
     messages: list[dict[str, Any]] = []
-    for message in conversation.messages:
-        if message.role == "system":
-            if messages:
-                conversation.reject("A system message after the conversation has started", API)
-            system.extend(part.text for part in message.parts if isinstance(part, Text))
-            continue
-        blocks = [block for part in message.parts if (block := _block_json(part, conversation))]
-        if not blocks:
-            continue
-        if messages and messages[-1]["role"] == message.role:
-            # Anthropic alternates roles: consecutive turns of one role become one turn
-            # (chat sends each tool result as its own message).
-            messages[-1]["content"].extend(blocks)
-        else:
-            messages.append({"role": message.role, "content": blocks})
-    for message in messages:
-        content = message["content"]
+    for role, content in turns:
         # Tool results must open the user turn that answers the calls.
         content.sort(key=lambda block: block["type"] != "tool_result")
         if len(content) == 1 and content[0]["type"] == "text":
-            message["content"] = content[0]["text"]
+            messages.append({"role": role, "content": content[0]["text"]})
+        else:
+            messages.append({"role": role, "content": content})
     return messages, system
 
 
 def write_request(
-    conversation: Conversation, model: str, *, default_max_tokens: int
+    conversation: ir.Conversation, model: str, *, default_max_tokens: int
 ) -> dict[str, Any]:
     """The messages request for an anthropic-kind provider."""
-    if conversation.response_format is not None:
-        conversation.reject("Structured output (response_format / text.format)", API)
-    if conversation.reasoning_effort is not None:
-        conversation.reject("Reasoning effort", API)
+    conversation.refuse(API, "response_format", "reasoning_effort")
     if conversation.temperature is not None and conversation.temperature > 1:
         conversation.reject("A temperature above 1 (Anthropic's range is 0 to 1)", API)
     messages, system = _messages_json(conversation)
@@ -424,18 +376,13 @@ def write_request(
         )
     if conversation.stream:
         body["stream"] = True
-    for name in ("temperature", "top_p"):
-        value = getattr(conversation, name)
-        if value is not None:
-            body[name] = value
+    body.update(conversation.fields_set("temperature", "top_p"))
     if conversation.stop:
         body["stop_sequences"] = conversation.stop
     if conversation.tools:
         body["tools"] = []
         for tool in conversation.tools:
-            entry: dict[str, Any] = {"name": tool.name, "input_schema": tool.parameters}
-            if tool.description is not None:
-                entry["description"] = tool.description
+            entry = tool.declaration(input_schema=tool.parameters)
             if tool.strict:
                 entry["strict"] = True
             body["tools"].append(entry)
@@ -459,18 +406,18 @@ def write_request(
 # --- upstream side: reading the answer ---------------------------------------------------
 
 
-def read_response(body: dict[str, Any]) -> Completion:
+def read_response(body: dict[str, Any]) -> ir.Completion:
     content = body.get("content")
     if not isinstance(content, list):
-        raise TranslationError("a message without content")
-    parts: list[Text | ToolCall] = []
+        raise ir.TranslationError("a message without content")
+    parts: list[ir.Text | ir.ToolCall] = []
     for block in content:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            parts.append(Text(str(block.get("text") or "")))
+            parts.append(ir.Text(str(block.get("text") or "")))
         elif kind == "tool_use":
             parts.append(
-                ToolCall(
+                ir.ToolCall(
                     id=str(block.get("id") or ""),
                     name=str(block.get("name") or ""),
                     arguments=json.dumps(block.get("input") or {}),
@@ -479,9 +426,9 @@ def read_response(body: dict[str, Any]) -> Completion:
         elif kind not in ("thinking", "redacted_thinking"):
             # Thinking is never requested on a translated route; anything else the
             # client's API has no place for.
-            raise TranslationError(f"a '{kind}' content block")
+            raise ir.TranslationError(f"a '{kind}' content block")
     stop_sequence = body.get("stop_sequence")
-    return Completion(
+    return ir.Completion(
         id=str(body.get("id") or ""),
         model=str(body.get("model") or ""),
         parts=parts,
@@ -491,22 +438,14 @@ def read_response(body: dict[str, Any]) -> Completion:
     )
 
 
-class MessagesStreamDecoder:
+class MessagesStreamDecoder(ir.StreamDecoder):
     """Reads an upstream messages stream into neutral events for a client encoder."""
 
     def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.finished = False
-        self.failed = False
-        self.output_chars = 0
-        self._stopped = False
+        super().__init__()
         self._skipped: set[int] = set()  # blocks the client's API has no place for
 
-    @property
-    def complete(self) -> bool:
-        return not self.failed and (self.finished or self._stopped)
-
-    def feed(self, event: SSEEvent, out: StreamEncoder) -> bytes:
+    def feed(self, event: SSEEvent, out: ir.StreamEncoder) -> bytes:
         data = event.json()
         if data is None:
             return b""
@@ -516,11 +455,9 @@ class MessagesStreamDecoder:
                 return b""
             delta = data.get("delta") or {}
             if delta.get("type") == "text_delta" and delta.get("text"):
-                self.output_chars += len(delta["text"])
-                return out.text(delta["text"])
+                return self.text(out, delta["text"])
             if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-                self.output_chars += len(delta["partial_json"])
-                return out.tool_arguments(delta["partial_json"])
+                return self.tool_arguments(out, delta["partial_json"])
             return b""
         if kind == "content_block_start":
             block = data.get("content_block") or {}
@@ -553,5 +490,5 @@ class MessagesStreamDecoder:
                 # No message_delta, so no output count: the usage is unknown.
                 self.usage = None
         elif kind == "error":
-            self.failed = self.finished = True
+            return self.fail()
         return b""

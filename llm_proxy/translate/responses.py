@@ -11,23 +11,7 @@ from typing import TYPE_CHECKING, Any
 from common.exceptions import BadRequest
 from llm_proxy.formats.responses import KEEPALIVE, error_event
 from llm_proxy.pipeline.sse import format_event
-from llm_proxy.translate.ir import (
-    Completion,
-    Conversation,
-    Image,
-    Message,
-    Part,
-    StopReason,
-    StreamEncoder,
-    Text,
-    Tool,
-    ToolCall,
-    ToolResult,
-    check_fields,
-    expect,
-    expect_number,
-    untranslatable,
-)
+from llm_proxy.translate import ir
 
 if TYPE_CHECKING:
     from usage.pricing import TokenUsage
@@ -70,56 +54,58 @@ _STATEFUL = ("previous_response_id", "conversation", "prompt")
 # --- reading the request -----------------------------------------------------------------
 
 
-def _parts(content: Any, role: str, target: str) -> list[Part]:
+def _parts(content: Any, role: str, target: str) -> list[ir.Part]:
     if isinstance(content, str):
-        return [Text(content)]
-    parts: list[Part] = []
+        return [ir.Text(content)]
+    parts: list[ir.Part] = []
     for part in content:
         kind = part["type"]
         if kind in ("input_text", "output_text"):
-            parts.append(Text(str(part.get("text") or "")))
+            parts.append(ir.Text(str(part.get("text") or "")))
         elif kind == "refusal" and role == "assistant":
-            parts.append(Text(str(part.get("refusal") or "")))
+            parts.append(ir.Text(str(part.get("refusal") or "")))
         elif kind == "input_image" and isinstance(part.get("image_url"), str):
-            parts.append(Image.from_url(part["image_url"]))
+            parts.append(ir.Image.from_url(part["image_url"]))
         else:
             feature = "Images by file_id" if kind == "input_image" else f"'{kind}' content"
-            untranslatable(feature, source=API, target=target, param="input")
+            ir.untranslatable(feature, source=API, target=target, param="input")
     return parts
 
 
-def _items(body: dict[str, Any], target: str) -> list[Message]:
-    messages: list[Message] = []
+def _items(body: dict[str, Any], target: str) -> list[ir.Message]:
+    messages: list[ir.Message] = []
     if body.get("instructions"):
-        messages.append(Message("system", [Text(body["instructions"])]))
+        messages.append(ir.Message("system", [ir.Text(body["instructions"])]))
     source = body.get("input")
     if isinstance(source, str):
-        messages.append(Message("user", [Text(source)]))
+        messages.append(ir.Message("user", [ir.Text(source)]))
         return messages
     for item in source or ():
         kind = item.get("type", "message")
         if kind == "message":
             role = item["role"]
             role = "system" if role == "developer" else role
-            messages.append(Message(role, _parts(item["content"], role, target)))
+            messages.append(ir.Message(role, _parts(item["content"], role, target)))
         elif kind == "function_call":
-            call = ToolCall(
+            call = ir.ToolCall(
                 id=item["call_id"], name=item["name"], arguments=str(item.get("arguments") or "")
             )
             if messages and messages[-1].role == "assistant":
                 messages[-1].parts.append(call)
             else:
-                messages.append(Message("assistant", [call]))
+                messages.append(ir.Message("assistant", [call]))
         elif kind == "function_call_output":
             output = item.get("output")
-            content: list[Text | Image] = []
+            content: list[ir.Text | ir.Image] = []
             for part in _parts(output if output is not None else "", "user", target):
-                if not isinstance(part, Text | Image):
+                if not isinstance(part, ir.Text | ir.Image):
                     raise BadRequest("function_call_output must be text or images", param="input")
                 content.append(part)
-            messages.append(Message("user", [ToolResult(call_id=item["call_id"], content=content)]))
+            messages.append(
+                ir.Message("user", [ir.ToolResult(call_id=item["call_id"], content=content)])
+            )
         else:
-            untranslatable(f"'{kind}' input items", source=API, target=target, param="input")
+            ir.untranslatable(f"'{kind}' input items", source=API, target=target, param="input")
     return messages
 
 
@@ -128,7 +114,7 @@ def _response_format(text: Any, target: str) -> dict[str, Any] | None:
         return None
     for name, value in text.items():
         if name != "format" and value is not None:
-            untranslatable(f"text.{name}", source=API, target=target, param="text")
+            ir.untranslatable(f"text.{name}", source=API, target=target, param="text")
     fmt = text.get("format")
     if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
         return None
@@ -139,10 +125,10 @@ def _response_format(text: Any, target: str) -> dict[str, Any] | None:
             key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt
         }
         return {"type": "json_schema", "json_schema": schema}
-    untranslatable(f"text.format '{fmt.get('type')}'", source=API, target=target, param="text")
+    ir.untranslatable(f"text.format '{fmt.get('type')}'", source=API, target=target, param="text")
 
 
-def read_request(body: dict[str, Any], target: str) -> Conversation:
+def read_request(body: dict[str, Any], target: str) -> ir.Conversation:
     """A Responses request (already validated by formats.responses) in neutral terms."""
     for name in _STATEFUL:
         if body.get(name):
@@ -152,46 +138,39 @@ def read_request(body: dict[str, Any], target: str) -> Conversation:
                 code="untranslatable_request",
                 param=name,
             )
-    check_fields(
+    ir.check_fields(
         body, mapped=_MAPPED, ignored=_IGNORED, neutral=_NEUTRAL, source=API, target=target
     )
-    conversation = Conversation(
+    conversation = ir.Conversation(
         source=API,
         messages=_items(body, target),
         stream=body.get("stream") is True,
         max_output_tokens=body.get("max_output_tokens"),
-        temperature=expect_number(body, "temperature"),
-        top_p=expect_number(body, "top_p"),
-        parallel_tool_calls=expect(body, "parallel_tool_calls", bool, "a boolean"),
-        user=expect(body, "user", str, "a string"),
-        response_format=_response_format(expect(body, "text", dict, "an object"), target),
+        temperature=ir.expect_number(body, "temperature"),
+        top_p=ir.expect_number(body, "top_p"),
+        parallel_tool_calls=ir.expect(body, "parallel_tool_calls", bool, "a boolean"),
+        user=ir.expect(body, "user", str, "a string"),
+        response_format=_response_format(ir.expect(body, "text", dict, "an object"), target),
     )
-    reasoning = expect(body, "reasoning", dict, "an object")
+    reasoning = ir.expect(body, "reasoning", dict, "an object")
     if isinstance(reasoning, dict):
         for name, value in reasoning.items():
             if name != "effort" and value is not None:
-                untranslatable(f"reasoning.{name}", source=API, target=target, param="reasoning")
+                ir.untranslatable(f"reasoning.{name}", source=API, target=target, param="reasoning")
         conversation.reasoning_effort = reasoning.get("effort")
     for tool in body.get("tools") or ():
         if tool["type"] != "function":
-            untranslatable(f"The built-in '{tool['type']}' tool", source=API, target=target)
+            ir.untranslatable(f"The built-in '{tool['type']}' tool", source=API, target=target)
         if not isinstance(tool.get("name"), str):
             raise BadRequest("function tools need a name", param="tools")
-        conversation.tools.append(
-            Tool(
-                name=tool["name"],
-                description=tool.get("description"),
-                parameters=tool.get("parameters") or {"type": "object", "properties": {}},
-                strict=tool.get("strict"),
-            )
-        )
-    choice = expect(body, "tool_choice", (str, dict), "a string or an object")
+        conversation.tools.append(ir.Tool.from_function(tool))
+    choice = ir.expect(body, "tool_choice", (str, dict), "a string or an object")
     if isinstance(choice, str):
         conversation.tool_choice = choice
     elif isinstance(choice, dict):
         if choice.get("type") != "function":
             feature = f"tool_choice '{choice.get('type')}'"
-            untranslatable(feature, source=API, target=target, param="tool_choice")
+            ir.untranslatable(feature, source=API, target=target, param="tool_choice")
         conversation.tool_choice, conversation.tool_choice_name = "tool", choice.get("name")
     return conversation
 
@@ -212,7 +191,7 @@ def usage_to_responses(usage: TokenUsage | None) -> dict[str, Any]:
     }
 
 
-def _status(stop: StopReason) -> tuple[str, dict[str, str] | None]:
+def _status(stop: ir.StopReason) -> tuple[str, dict[str, str] | None]:
     if stop == "length":
         return "incomplete", {"reason": "max_output_tokens"}
     if stop == "refusal":
@@ -273,7 +252,7 @@ def _message_item(item_id: str, content: list[dict[str, Any]], status: str) -> d
     }
 
 
-def _call_item(item_id: str, call: ToolCall, status: str) -> dict[str, Any]:
+def _call_item(item_id: str, call: ir.ToolCall, status: str) -> dict[str, Any]:
     return {
         "id": item_id,
         "type": "function_call",
@@ -285,7 +264,7 @@ def _call_item(item_id: str, call: ToolCall, status: str) -> dict[str, Any]:
 
 
 def write_response(
-    completion: Completion, *, request: dict[str, Any], created: int
+    completion: ir.Completion, *, request: dict[str, Any], created: int
 ) -> dict[str, Any]:
     output: list[dict[str, Any]] = []
     texts: list[str] = []
@@ -297,7 +276,7 @@ def write_response(
             texts.clear()
 
     for part in completion.parts:
-        if isinstance(part, Text):
+        if isinstance(part, ir.Text):
             texts.append(part.text)
         else:
             flush_text()
@@ -319,7 +298,7 @@ def write_response(
     )
 
 
-class ResponsesStreamEncoder(StreamEncoder):
+class ResponsesStreamEncoder(ir.StreamEncoder):
     """Responses events from neutral stream events, in the order the openai SDK's
     `responses.stream()` accumulates; the terminal event (`response.completed`, or
     `response.incomplete` for a capped answer) carries the whole response."""
@@ -335,7 +314,7 @@ class ResponsesStreamEncoder(StreamEncoder):
         self._output: list[dict[str, Any]] = []
         self._open: dict[str, Any] | None = None  # the item being streamed
         self._text: list[str] = []
-        self._stop: StopReason = "end"
+        self._stop: ir.StopReason = "end"
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         event = format_event({"type": kind, "sequence_number": self._sequence, **fields}, kind)
@@ -390,7 +369,7 @@ class ResponsesStreamEncoder(StreamEncoder):
     def tool_call(self, *, call_id: str, name: str) -> bytes:
         out = self.block_end()
         self._open = _call_item(
-            self._item_id("fc"), ToolCall(id=call_id, name=name, arguments=""), "in_progress"
+            self._item_id("fc"), ir.ToolCall(id=call_id, name=name, arguments=""), "in_progress"
         )
         self._text = []
         return out + self._event(
@@ -431,7 +410,7 @@ class ResponsesStreamEncoder(StreamEncoder):
         self._output.append(done)
         return out
 
-    def finish(self, stop: StopReason, stop_sequence: str | None = None) -> bytes:
+    def finish(self, stop: ir.StopReason, stop_sequence: str | None = None) -> bytes:
         self._stop = stop
         return b""
 
