@@ -72,15 +72,15 @@ import django, os
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
 django.setup()
 from decimal import Decimal
-from budgets import services
-budget = services.budget_create(name="bench", max_budget_usd=Decimal("999999999"))
+from budgets.services import accounts, keys
+budget = accounts.budget_create(name="bench", max_budget_usd=Decimal("999999999"))
 limits = {
     name: int(os.environ[var])
     for name, var in (("rpm_limit", "BENCH_RPM_LIMIT"), ("tpm_limit", "BENCH_TPM_LIMIT"))
     if os.environ.get(var)
 }
-user = services.user_create(user_id="bench", budget=budget, **limits)
-print(services.api_key_create(user=user)[1])
+user = accounts.user_create(user_id="bench", budget=budget, **limits)
+print(keys.api_key_create(user=user)[1])
 PY
 )
 

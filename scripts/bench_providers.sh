@@ -48,10 +48,10 @@ import django, os
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
 django.setup()
 from decimal import Decimal
-from budgets import services
-budget = services.budget_create(name="bench", max_budget_usd=Decimal("999999999"))
-user = services.user_create(user_id="bench", budget=budget)
-print(services.api_key_create(user=user)[1])
+from budgets.services import accounts, keys
+budget = accounts.budget_create(name="bench", max_budget_usd=Decimal("999999999"))
+user = accounts.user_create(user_id="bench", budget=budget)
+print(keys.api_key_create(user=user)[1])
 PY
 )
 
