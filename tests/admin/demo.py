@@ -15,7 +15,7 @@ from django.conf import settings
 
 from budgets.exceptions import BudgetExceeded
 from budgets.models import Budget, GatewayUser
-from budgets.services import accounts, holds
+from budgets.services import accounts, holds, keys
 from tests.factories import set_price
 from usage import ledger
 from usage.pricing import Rates, TokenUsage, cost_usd
@@ -77,12 +77,12 @@ def seed_demo_history(*, now: datetime, days: int = 30, seed: int = 7) -> Demo:
         ),
     }
     users = {}
-    keys = {}
+    laptop_keys = {}
     for user_id, alias, budget_name, _, _ in USERS:
         users[user_id] = accounts.user_create(
             user_id=user_id, alias=alias, budget=budgets[budget_name], now=start
         )
-        keys[user_id], _ = keys.api_key_create(user=users[user_id], key_name="laptop")
+        laptop_keys[user_id], _ = keys.api_key_create(user=users[user_id], key_name="laptop")
     # Eli had a top-up that ran out two days ago: spent beyond the budget while it lasted,
     # Eli is now over it.
     accounts.user_topup_set(
@@ -110,7 +110,7 @@ def seed_demo_history(*, now: datetime, days: int = 30, seed: int = 7) -> Demo:
         )
         served += _one_request(
             user_id=user_id,
-            key_id=keys[user_id].id,
+            key_id=laptop_keys[user_id].id,
             provider=provider,
             model=model,
             usage=usage,
