@@ -1,4 +1,4 @@
-"""Building blocks shared by the budget console's ModelAdmins (budgets/admin.py,
+"""Building blocks shared by the budget console's ModelAdmins (budgets/admin/,
 usage/admin.py): money display and validation, service-backed saving, read-only ledgers,
 streamed CSV export, and changelists that stay fast on millions of rows.
 """

@@ -1,6 +1,6 @@
 """The console's usage log and platform reports (docs/SPEC.md §5, §8). The usage log is
 history: read-only for everyone, filterable, and exportable as a streamed CSV. (The price
-page is budgets/admin_pricing.py.)
+page is budgets/admin/pricing.py.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The console's price page (docs/SPEC.md §5, docs/ADMIN.md): prices are usage's, and
 this page is registered here because it shows each price's change history, which the
-console keeps with the other settings' history (budgets.SettingChange, admin_history.py);
+console keeps with the other settings' history (budgets.SettingChange, budgets/admin_history.py);
 usage/ imports nothing from budgets/.
 
 Prices are versioned: saving a price adds a version through usage.services.pricing_set,
