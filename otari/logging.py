@@ -177,6 +177,20 @@ def redact_secrets(text: str) -> str:
 
 # --- formatters --------------------------------------------------------------------------
 
+# Characters that could end a log line, forge the next one or rewrite a terminal: the C0
+# controls (CR, LF, ESC...), DEL, the C1 controls (NEL...) and the Unicode line and
+# paragraph separators. Anything logged may come from a client (the decoded path of a
+# request without a key, a model name), so each is written as an escape instead.
+_CONTROLS = (*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029)
+_TEXT_ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROLS}
+# In JSON the escape must be JSON's own; json.dumps already escapes the C0 controls.
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _CONTROLS if c >= 0x20}
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line, its control characters written as `\\xNN` escapes."""
+    return text.translate(_TEXT_ESCAPES)
+
 
 class TextFormatter(logging.Formatter):
     """`time level logger [request id] message`, secrets removed."""
@@ -188,6 +202,11 @@ class TextFormatter(logging.Formatter):
         if getattr(record, "request_id", None) is None:
             record.request_id = "-"
         return redact_secrets(super().format(record))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The log line itself is escaped; a traceback, appended after it by format(),
+        # keeps its own lines.
+        return escape_controls(super().formatMessage(record))
 
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
@@ -220,7 +239,8 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return redact_secrets(json.dumps(entry, default=str, ensure_ascii=False))
+        line = json.dumps(entry, default=str, ensure_ascii=False).translate(_JSON_ESCAPES)
+        return redact_secrets(line)
 
 
 # --- what the gateway itself logs --------------------------------------------------------

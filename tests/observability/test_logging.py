@@ -208,3 +208,57 @@ def test_every_response_carries_a_request_id_and_its_log_lines_too(gateway, capl
     _wait_for_access_lines(caplog, 3)
     logged = {r.request_id: r.path for r in caplog.records if r.name == "otari.access"}
     assert [logged[i] for i in ids] == ["/health", "/v1/models", "/nowhere"]
+
+
+FORGED = "2026-01-01 00:00:00,000 INFO otari.access [x] GET /forged 200 0.1ms"
+
+
+def test_both_formats_keep_a_message_with_control_characters_on_one_line():
+    """A client's text in a log line cannot end it or forge the next one (issue 19, 4)."""
+    logger = logging.getLogger("otari.test")
+    message = f"GET /v1/models\r\n{FORGED}\x1b[2J\u2028\x85 404"
+    record = logger.makeRecord("otari.test", logging.INFO, __file__, 1, "%s", (message,), None)
+    record.request_id = "r-1"
+    text = TextFormatter().format(record)
+    for control in ("\n", "\r", "\x1b", "\u2028", "\x85"):
+        assert control not in text
+    assert "/v1/models\\x0d\\x0a2026-01-01" in text
+    line = JsonFormatter().format(record)
+    assert len(line.splitlines()) == 1
+    assert "\u2028" not in line
+    assert "\x85" not in line
+    assert json.loads(line)["message"] == message
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_forged_line_in_the_url_stays_inside_its_access_line(
+    gateway, gateway_config_file, tmp_path, log_format
+):
+    """Without any key: `%0d%0a` in the path is decoded by the server, and the access
+    line must carry it escaped, never as a line of its own."""
+    log_path = tmp_path / "gateway.log"
+    server = start_server_process(
+        gateway_config_file, log_path=log_path, OTARI_LOG_FORMAT=log_format
+    )
+    try:
+        forged_path = "/v1/models%0d%0a" + FORGED.replace(" ", "%20")
+        response = httpx.get(f"{server.url}{forged_path}", timeout=10)
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=10)
+
+    assert response.status_code == 404
+    lines = log_path.read_text().splitlines()
+    assert not [line for line in lines if line.startswith(FORGED[:20])]
+    request_id = response.headers["X-Otari-Request-Id"]
+    if log_format == "json":
+        entries = [json.loads(line) for line in lines if line.startswith("{")]
+        (access,) = [
+            e for e in entries if e["logger"] == "otari.access" and e["request_id"] == request_id
+        ]
+        assert access["path"] == "/v1/models\r\n" + FORGED
+    else:
+        (access,) = [line for line in lines if f"INFO otari.access [{request_id}]" in line]
+        assert "/v1/models\\x0d\\x0a" + FORGED in access
