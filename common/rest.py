@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.db import IntegrityError
 from django.http import Http404, JsonResponse
 from drf_spectacular.types import OpenApiTypes
@@ -32,7 +33,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from common.credentials import API_KEY_PREFIX, MASTER_KEY_PREFIX
-from common.exceptions import GatewayError
+from common.exceptions import GatewayError, PayloadTooLarge
 from common.rest_json import STORABLE_MESSAGE, json_number, text_storable
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ def _flatten(detail: Any, prefix: str = "") -> list[str]:
 
 def exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response | None:
     """Every management error as `{"detail": "..."}` with the status codes of docs/SPEC.md §6."""
+    if isinstance(exc, RequestDataTooBig):
+        exc = PayloadTooLarge()
     if isinstance(exc, GatewayError):
         return Response({"detail": exc.message}, status=exc.status, headers=exc.headers)
     if isinstance(exc, exceptions.ValidationError):

@@ -26,6 +26,8 @@ from usage.reporting import AttemptReport
 from usage.tasks import usage_report_push as usage_report_push_task
 
 ZERO = Decimal("0")
+_PROVIDER_CHARS = UsageLog._meta.get_field("provider").max_length
+_MODEL_CHARS = UsageLog._meta.get_field("model").max_length
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +70,9 @@ class UsageRecord:
             "api_key_id": self.api_key_id,
             "now": now,
             "endpoint": self.endpoint,
-            "provider": self.provider,
-            "model": self.model,
+            # A client's text, cut to its column: the row is written whatever was sent.
+            "provider": self.provider[:_PROVIDER_CHARS],
+            "model": self.model[:_MODEL_CHARS],
             "prompt_tokens": u.prompt_tokens if u else None,
             "completion_tokens": u.output_tokens if u else None,
             "total_tokens": u.total_tokens if u else None,

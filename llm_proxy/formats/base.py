@@ -91,6 +91,26 @@ def require(condition: bool, message: str, param: str | None = None) -> None:
         raise BadRequest(message, param=param)
 
 
+# Token counts are stored as 32-bit integers, and a hold sized for 10^30 output tokens
+# would not fit its money column: a larger cap is refused, as providers refuse it.
+MAX_OUTPUT_TOKENS = 2**31 - 1
+
+
+def require_output_cap(body: dict[str, Any], field: str, *, required: bool = False) -> None:
+    """`field` (max_tokens, ...) is absent (unless `required`) or a whole number from 1 to
+    MAX_OUTPUT_TOKENS."""
+    value = body.get(field)
+    if value is None and not required:
+        return
+    require(value is not None, f"{field}: Field required", field)
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{field} must be a positive integer",
+        field,
+    )
+    require(value <= MAX_OUTPUT_TOKENS, f"{field} must be at most {MAX_OUTPUT_TOKENS}", field)
+
+
 class ApiFormat:
     """One client API: request validation, pricing inputs, usage, stream codec."""
 

@@ -10,6 +10,7 @@ from llm_proxy.formats.base import (
     ApiFormat,
     CodecState,
     require,
+    require_output_cap,
     text_length,
     usage_cached_inside,
 )
@@ -102,13 +103,7 @@ class ChatFormat(ApiFormat):
             _validate_message(message, call_ids)
         require(isinstance(body.get("stream", False), bool), "stream must be a boolean", "stream")
         for field in self.max_output_fields:
-            value = body.get(field)
-            require(
-                value is None
-                or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
-                f"{field} must be a positive integer",
-                field,
-            )
+            require_output_cap(body, field)
 
     def prompt_texts(self, body: dict[str, Any]) -> list[str]:
         texts: list[str] = []

@@ -7,7 +7,14 @@ import math
 import re
 from typing import Any
 
-from llm_proxy.formats.base import ApiFormat, CodecState, as_int, delta_members, require
+from llm_proxy.formats.base import (
+    ApiFormat,
+    CodecState,
+    as_int,
+    delta_members,
+    require,
+    require_output_cap,
+)
 from llm_proxy.pipeline.sse import SSEEvent, event_type, format_event
 from usage.pricing import TokenUsage
 
@@ -182,13 +189,7 @@ class MessagesFormat(ApiFormat):
     max_output_fields = ("max_tokens",)
 
     def validate(self, body: dict[str, Any]) -> None:
-        max_tokens = body.get("max_tokens")
-        require(max_tokens is not None, "max_tokens: Field required", "max_tokens")
-        require(
-            isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
-            "max_tokens must be a positive integer",
-            "max_tokens",
-        )
+        require_output_cap(body, "max_tokens", required=True)
         require(isinstance(body.get("stream", False), bool), "stream must be a boolean", "stream")
         self.validate_prompt(body)
 

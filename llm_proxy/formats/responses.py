@@ -10,6 +10,7 @@ from llm_proxy.formats.base import (
     CodecState,
     delta_members,
     require,
+    require_output_cap,
     usage_cached_inside,
 )
 from llm_proxy.pipeline.sse import SSEEvent, event_type, format_event
@@ -148,12 +149,7 @@ class ResponsesFormat(ApiFormat):
             "background responses are not supported by the gateway",
             "background",
         )
-        value = body.get("max_output_tokens")
-        require(
-            value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
-            "max_output_tokens must be a positive integer",
-            "max_output_tokens",
-        )
+        require_output_cap(body, "max_output_tokens")
         tools = body.get("tools")
         require(
             tools is None

@@ -18,6 +18,7 @@ before the caller is known (bad key, malformed body with an unknown key) leaves 
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -66,11 +67,37 @@ def parse_body(request: HttpRequest) -> dict[str, Any]:
         raise BadRequest("Could not read the request body") from exc
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: JSON nested thousands of levels deep.
         raise BadRequest("Request body is not valid JSON", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object", code="invalid_json")
+    # A lone surrogate (valid JSON, "\ud800") cannot be encoded for the provider. Only a
+    # body with a surrogate escape at all (rare: emoji arrive as UTF-8) is walked.
+    if _SURROGATE_ESCAPE.search(raw) and not _encodable(body):
+        raise BadRequest("Text may not contain unpaired surrogates")
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _encodable(value: Any) -> bool:
+    """Whether every string in a parsed JSON document can be encoded as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def model_selector(body: dict[str, Any]) -> str:
@@ -78,7 +105,17 @@ def model_selector(body: dict[str, Any]) -> str:
     selector = body.get("model")
     if not isinstance(selector, str) or not selector:
         raise BadRequest("model is required", code="invalid_model", param="model")
+    if len(selector) > MAX_MODEL_CHARS:
+        raise BadRequest(
+            f"model must be at most {MAX_MODEL_CHARS} characters",
+            code="invalid_model",
+            param="model",
+        )
     return selector
+
+
+# What the usage row's and the hold's model columns hold.
+MAX_MODEL_CHARS = 255
 
 
 async def admit(
