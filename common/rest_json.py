@@ -8,7 +8,7 @@ renderer and parser classes named in settings while it is itself being imported.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -107,14 +107,14 @@ def text_storable(value: str) -> bool:
     return True
 
 
-def storable(data: Any) -> bool:
-    """`text_storable` for every key and string of a parsed JSON document (iterative:
-    a deeply nested body must not exhaust the stack)."""
+def all_strings(data: Any, check: Callable[[str], bool]) -> bool:
+    """Whether `check` holds for every key and string of a parsed JSON document
+    (iterative: a deeply nested body must not exhaust the stack)."""
     pending = [data]
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            if not text_storable(item):
+            if not check(item):
                 return False
         elif isinstance(item, dict):
             pending.extend(item.keys())
@@ -122,3 +122,8 @@ def storable(data: Any) -> bool:
         elif isinstance(item, list):
             pending.extend(item)
     return True
+
+
+def storable(data: Any) -> bool:
+    """`text_storable` for every key and string of a parsed JSON document."""
+    return all_strings(data, text_storable)

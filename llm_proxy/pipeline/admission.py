@@ -31,6 +31,7 @@ from budgets.rest import credential_from_headers
 from budgets.selectors import rates_current
 from budgets.services import holds
 from common.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
+from common.rest_json import all_strings
 from llm_proxy import platform, ratelimit
 from llm_proxy.auth import (
     authenticate,
@@ -74,7 +75,7 @@ def parse_body(request: HttpRequest) -> dict[str, Any]:
         raise BadRequest("Request body must be a JSON object", code="invalid_json")
     # A lone surrogate (valid JSON, "\ud800") cannot be encoded for the provider. Only a
     # body with a surrogate escape at all (rare: emoji arrive as UTF-8) is walked.
-    if _SURROGATE_ESCAPE.search(raw) and not _encodable(body):
+    if _SURROGATE_ESCAPE.search(raw) and not all_strings(body, _encodable):
         raise BadRequest("Text may not contain unpaired surrogates")
     return body
 
@@ -82,21 +83,11 @@ def parse_body(request: HttpRequest) -> dict[str, Any]:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _encodable(value: Any) -> bool:
-    """Whether every string in a parsed JSON document can be encoded as UTF-8."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return False
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
     return True
 
 
