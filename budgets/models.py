@@ -337,6 +337,10 @@ class APIKey(models.Model):
     is_active = models.BooleanField(default=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     allowed_models = models.JSONField(null=True, blank=True)
+    # Fixed when the key is issued; null: the default workspace.
+    workspace = models.ForeignKey(
+        "Workspace", on_delete=models.PROTECT, null=True, blank=True, related_name="api_keys"
+    )
     # Cost is logged, never held or charged.
     exclude_from_budget = models.BooleanField(default=False)
     # Rate limits of this key alone, on top of its user's (null = unlimited).
@@ -356,6 +360,197 @@ class APIKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key_prefix}… ({self.key_name or self.user_id})"
+
+
+# The deployment's one organization and its default workspace have fixed ids, so that a
+# request's scopes are known without a lookup (and the ids the otari SDK saw before
+# workspaces existed stay valid). Both rows are provisioned on first use
+# (budgets.services.tenancy).
+DEFAULT_ORGANIZATION_ID = uuid.UUID("00000000-0000-4000-8000-000000000001")
+DEFAULT_WORKSPACE_ID = uuid.UUID("00000000-0000-4000-8000-000000000000")
+
+
+class Organization(models.Model):
+    """The deployment: one row, the scope of organization-wide ceilings."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    name = models.CharField(max_length=255, default="Organization")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Workspace(models.Model):
+    """A group of keys (a team, a product) that a ceiling can cap together.
+
+    A key belongs to one workspace from its creation; a key without one belongs to the
+    default workspace, as do requests made with the master key.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.PROTECT, related_name="workspaces"
+    )
+    name = models.CharField(max_length=255)
+    description = models.CharField(max_length=1024, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "name"], name="workspace_name_unique_in_org"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_default(self) -> bool:
+        return self.pk == DEFAULT_WORKSPACE_ID
+
+
+class Ceiling(models.Model):
+    """A cap on what one scope (the organization, a workspace, an API key) spends,
+    optionally at one provider only, enforced together with the user's own budget.
+
+    Its limit and period come from the budget it names; its counters work exactly as a
+    user's do (`spend` this period, `reserved` by open holds, a live top-up raises the
+    limit), under the same rules (budgets.rules) and statements (budgets.services.holds).
+    """
+
+    class Scope(models.TextChoices):
+        ORGANIZATION = "organization"
+        WORKSPACE = "workspace"
+        API_TOKEN = "api_token"  # noqa: S105 (a scope type, not a secret)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    scope_type = models.CharField(max_length=20, choices=Scope.choices)
+    # The organization's, the workspace's or the key's id, as text (otari's wire shape).
+    scope_id = models.CharField(max_length=255)
+    # The provider instance (a configured provider's name) this ceiling caps; "" for
+    # every provider. Not null, so that the uniqueness of (scope, provider) is plain.
+    provider = models.CharField(max_length=255, blank=True, default="")
+    budget = models.ForeignKey(Budget, on_delete=models.PROTECT, related_name="ceilings")
+    name = models.CharField(max_length=200, blank=True, default="")
+
+    spend_usd = MoneyField()
+    reserved_usd = MoneyField()
+    lifetime_spend_usd = MoneyField()
+    budget_started_at = models.DateTimeField(null=True, blank=True)
+    next_budget_reset_at = models.DateTimeField(null=True, blank=True)
+    topup_usd = MoneyField()
+    topup_expires_at = models.DateTimeField(null=True, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        verbose_name = "ceiling"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["scope_type", "scope_id", "provider"], name="ceiling_one_per_scope"
+            ),
+            models.CheckConstraint(
+                condition=Q(scope_type__in=["organization", "workspace", "api_token"]),
+                name="ceiling_scope_type_valid",
+            ),
+            models.CheckConstraint(condition=Q(spend_usd__gte=0), name="ceiling_spend_nonnegative"),
+            models.CheckConstraint(
+                condition=Q(reserved_usd__gte=0), name="ceiling_reserved_nonnegative"
+            ),
+            models.CheckConstraint(
+                condition=Q(lifetime_spend_usd__gte=0),
+                name="ceiling_lifetime_spend_nonnegative",
+            ),
+            models.CheckConstraint(
+                condition=Q(topup_usd__gte=0, topup_usd__lte=settings.MONEY_MAX_USD),
+                name="ceiling_topup_in_range",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["next_budget_reset_at"],
+                condition=Q(next_budget_reset_at__isnull=False),
+                name="ceiling_due_reset_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        if self.name:
+            return self.name
+        where = f" at {self.provider}" if self.provider else ""
+        return f"{self.get_scope_type_display()} {self.scope_id}{where}"
+
+    @property
+    def level(self) -> str:
+        """How a refusal names it: "Workspace", "Organization", "API key"."""
+        return CEILING_LEVELS[self.scope_type]
+
+
+CEILING_LEVELS = {
+    Ceiling.Scope.ORGANIZATION: "Organization",
+    Ceiling.Scope.WORKSPACE: "Workspace",
+    Ceiling.Scope.API_TOKEN: "API key",
+}
+
+
+class HoldCeiling(models.Model):
+    """A hold's reservation on one ceiling: the hold's amount, taken and closed with it.
+
+    The link is what settlement, refund and expiry close, and what the audit sums: a
+    ceiling's `reserved` is the total of its open holds, its `spend` the cost of the
+    usage rows of its settled holds in its window.
+    """
+
+    hold = models.ForeignKey(Hold, on_delete=models.PROTECT, related_name="ceiling_links")
+    # A deleted ceiling takes its links with it: its holds then settle into nothing there.
+    ceiling = models.ForeignKey(Ceiling, on_delete=models.CASCADE, related_name="hold_links")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["hold", "ceiling"], name="hold_ceiling_once"),
+        ]
+        indexes = [models.Index(fields=["ceiling", "hold"], name="hold_ceiling_by_ceiling_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.hold_id} on {self.ceiling_id}"
+
+
+class CeilingResetLog(models.Model):
+    """A period roll of one ceiling: what it had spent and the window that began."""
+
+    # History outlives the ceiling, as reset logs outlive budgets.
+    ceiling = models.ForeignKey(
+        Ceiling,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="reset_logs",
+    )
+    budget = models.ForeignKey(
+        Budget, on_delete=models.DO_NOTHING, db_constraint=False, null=True, related_name="+"
+    )
+    previous_spend_usd = MoneyField()
+    reset_at = models.DateTimeField()
+    next_reset_at = models.DateTimeField(null=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-reset_at"]
+        verbose_name = "ceiling reset"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["ceiling", "reset_at"], name="ceiling_reset_once_per_window"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.ceiling_id} reset at {self.reset_at:%Y-%m-%d %H:%M}"
 
 
 class MasterKey(models.Model):

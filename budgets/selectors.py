@@ -31,7 +31,15 @@ from django.db.models.functions import Coalesce
 
 from budgets import rules
 from budgets.exceptions import UnknownUser
-from budgets.models import APIKey, Budget, BudgetAlert, BudgetResetLog, GatewayUser, Hold
+from budgets.models import (
+    APIKey,
+    Budget,
+    BudgetAlert,
+    BudgetResetLog,
+    Ceiling,
+    GatewayUser,
+    Hold,
+)
 from common import pgpool
 from common.fields import MoneyField
 from usage.models import BUDGET_EXCEEDED, UsageLog
@@ -292,6 +300,27 @@ def user_lock(user_id: str) -> GatewayUser:
         )
     except GatewayUser.DoesNotExist:
         raise UnknownUser from None
+
+
+def ceiling_lock(ceiling_id: Any) -> Ceiling:
+    """A ceiling's row, locked until the transaction ends, with its budget (as
+    `user_lock`). Raises Ceiling.DoesNotExist."""
+    return (
+        Ceiling.objects.select_for_update(no_key=True, of=("self",))
+        .select_related("budget")
+        .get(pk=ceiling_id)
+    )
+
+
+def ceilings_lock(ids: Any) -> list[Ceiling]:
+    """Ceilings' rows, locked in id order (the lock order of every statement that moves
+    their money, budgets.services.holds), with their budgets."""
+    return list(
+        Ceiling.objects.select_for_update(no_key=True, of=("self",))
+        .select_related("budget")
+        .filter(pk__in=ids)
+        .order_by("pk")
+    )
 
 
 def users_due_for_reset(

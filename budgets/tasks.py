@@ -23,9 +23,10 @@ def budgets_roll_due_periods() -> int:
     from budgets.services.periods import budgets_roll_due
 
     summary = budgets_roll_due()
-    if summary.rolled:
-        logger.info("rolled %d budget period(s)", len(summary.rolled))
-    return len(summary.rolled)
+    rolled = len(summary.rolled) + len(summary.rolled_ceilings)
+    if rolled:
+        logger.info("rolled %d budget period(s)", rolled)
+    return rolled
 
 
 @shared_task(name="budgets.expire_stale_holds", ignore_result=True)

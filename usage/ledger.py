@@ -52,6 +52,8 @@ class UsageRecord:
     latency_ms: int | None = None
     # Platform mode: one report per resolved attempt, written with the usage row (§7).
     reports: tuple[AttemptReport, ...] = ()
+    # The caller's workspace (None only where no workspace exists yet).
+    workspace_id: uuid.UUID | None = None
 
     @property
     def charge_usd(self) -> Decimal:
@@ -68,6 +70,7 @@ class UsageRecord:
             "request_id": self.request_id,
             "user_id": self.user_id,
             "api_key_id": self.api_key_id,
+            "workspace_id": self.workspace_id,
             "now": now,
             "endpoint": self.endpoint,
             # A client's text, cut to its column: the row is written whatever was sent.
@@ -99,6 +102,7 @@ class UsageRecord:
 COLUMNS = (
     "user_id",
     "api_key_id",
+    "workspace_id",
     "endpoint",
     "provider",
     "model",

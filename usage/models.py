@@ -98,6 +98,7 @@ BUDGET_EXCEEDED = "budget_exceeded"
 # statements that move money).
 USER_MODEL = "budgets.GatewayUser"
 API_KEY_MODEL = "budgets.APIKey"
+WORKSPACE_MODEL = "budgets.Workspace"
 BUDGET_MODEL = "budgets.Budget"
 
 
@@ -126,6 +127,15 @@ class UsageLog(models.Model):
     user = models.ForeignKey(USER_MODEL, on_delete=models.PROTECT, related_name="usage_logs")
     api_key = models.ForeignKey(
         API_KEY_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_logs"
+    )
+    # The key's workspace (the default one for the master key): what workspace spend is
+    # summed from. PROTECT: a workspace with usage is not deleted.
+    workspace = models.ForeignKey(
+        WORKSPACE_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="usage_logs",
     )
     # When the request was settled (a hold open across a reset counts in the new period).
     timestamp = models.DateTimeField()
@@ -167,6 +177,7 @@ class UsageLog(models.Model):
             models.Index(fields=["model", "-timestamp"], name="usage_model_time_idx"),
             # GET /v1/usage?api_key_id=...: a busy key's newest rows without a sort.
             models.Index(fields=["api_key", "-timestamp"], name="usage_key_time_idx"),
+            models.Index(fields=["workspace", "-timestamp"], name="usage_workspace_time_idx"),
             # GET /v1/usage?status=error: errors are rare, so without this a filtered
             # page walks the time index through every success row.
             models.Index(

@@ -1,47 +1,56 @@
 """Budget periods (docs/SPEC.md §3.6): rolling a window that has ended, starting a fresh
-one, and the sweep that rolls every due user.
+one, and the sweep that rolls every due user and ceiling.
 
-A roll sets `spend` to 0 and moves the window; it never touches `reserved`: open holds
-settle into the new period. Every roll is a compare-and-swap on the window's end under
-the user's row lock, so any number of processes may roll at once. The window arithmetic
-itself is pure (budgets/periods.py).
+A user and a ceiling keep their window the same way (`spend_usd`, `budget_started_at`,
+`next_budget_reset_at`, on the budget they name), so each function here takes either: an
+"account". A roll sets `spend` to 0 and moves the window; it never touches `reserved`:
+open holds settle into the new period. Every roll is a compare-and-swap on the window's
+end under the account's row lock, so any number of processes may roll at once. The window
+arithmetic itself is pure (budgets/periods.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
 
 from budgets import periods, selectors
 from budgets.exceptions import UnknownUser
-from budgets.models import Budget, BudgetResetLog, GatewayUser
+from budgets.models import Budget, BudgetResetLog, Ceiling, CeilingResetLog, GatewayUser
 
 ZERO = Decimal("0")
 
+# A user or a ceiling: whatever keeps a window on a budget.
+Account = GatewayUser | Ceiling
+ResetLog = BudgetResetLog | CeilingResetLog
+
 
 def _reset_log_create(
-    user: GatewayUser, budget: Budget | None, start: datetime, next_reset: datetime | None
-) -> BudgetResetLog:
+    user: Account, budget: Budget | None, start: datetime, next_reset: datetime | None
+) -> ResetLog:
     """Keep the spend of the window that ends: nothing disappears from the books."""
-    return BudgetResetLog.objects.create(
-        user=user,
-        budget=budget,
-        previous_spend_usd=user.spend_usd,
-        reset_at=start,
-        next_reset_at=next_reset,
-    )
+    fields = {
+        "budget": budget,
+        "previous_spend_usd": user.spend_usd,
+        "reset_at": start,
+        "next_reset_at": next_reset,
+    }
+    if isinstance(user, Ceiling):
+        return CeilingResetLog.objects.create(ceiling=user, **fields)
+    return BudgetResetLog.objects.create(user=user, **fields)
 
 
-def period_roll_locked(user: GatewayUser, now: datetime) -> BudgetResetLog | None:
-    """Start the user's current window if the previous one has ended.
+def period_roll_locked(user: Account, now: datetime) -> ResetLog | None:
+    """Start the account's current window if the previous one has ended.
 
-    Must be called while holding the user's row lock (budgets.selectors.user_lock). Sets
-    spend to 0 and moves the window; never touches `reserved`: open holds settle into the
-    new period.
+    Must be called while holding the account's row lock (budgets.selectors.user_lock,
+    ceilings_lock). Sets spend to 0 and moves the window; never touches `reserved`: open
+    holds settle into the new period.
     """
     due = user.next_budget_reset_at
     if due is None or due > now:
@@ -49,7 +58,7 @@ def period_roll_locked(user: GatewayUser, now: datetime) -> BudgetResetLog | Non
     budget = user.budget
     if budget is None or not budget.has_period:
         # The period was removed since this window began: nothing resets any more.
-        GatewayUser.objects.filter(pk=user.pk).update(next_budget_reset_at=None)
+        type(user).objects.filter(pk=user.pk).update(next_budget_reset_at=None)
         user.next_budget_reset_at = None
         return None
     start, next_reset = periods.window_after(
@@ -57,8 +66,10 @@ def period_roll_locked(user: GatewayUser, now: datetime) -> BudgetResetLog | Non
     )
     # Compare-and-swap on the window end: of two processes rolling the same period, one
     # changes the row; the other changes nothing and writes no log.
-    rolled = GatewayUser.objects.filter(pk=user.pk, next_budget_reset_at=due).update(
-        spend_usd=ZERO, budget_started_at=start, next_budget_reset_at=next_reset
+    rolled = (
+        type(user)
+        .objects.filter(pk=user.pk, next_budget_reset_at=due)
+        .update(spend_usd=ZERO, budget_started_at=start, next_budget_reset_at=next_reset)
     )
     if not rolled:
         return None
@@ -97,12 +108,26 @@ def user_period_reset(*, user_id: str, now: datetime | None = None) -> BudgetRes
         return start_fresh_window(user, user.budget, now, always_log=True)
 
 
+def ceiling_period_reset(*, ceiling_id: Any, now: datetime | None = None) -> CeilingResetLog:
+    """`user_period_reset` for a ceiling (an operator's "reset period now")."""
+    now = now or timezone.now()
+    with transaction.atomic(durable=True):
+        ceiling = selectors.ceiling_lock(ceiling_id)
+        existing = CeilingResetLog.objects.filter(ceiling=ceiling, reset_at=now).first()
+        if existing is not None:
+            return existing
+        log = start_fresh_window(ceiling, ceiling.budget, now, always_log=True)
+        assert isinstance(log, CeilingResetLog)  # noqa: S101 (always_log)
+        return log
+
+
 def start_fresh_window(
-    user: GatewayUser, budget: Budget | None, now: datetime, *, always_log: bool = False
-) -> BudgetResetLog | None:
+    user: Account, budget: Budget | None, now: datetime, *, always_log: bool = False
+) -> ResetLog | None:
     """Start a fresh window on `budget` now: spend 0, the next reset per its period.
 
-    Must be called while holding the user's row lock. The spend of the window that ends
+    Must be called while holding the account's row lock (a ceiling being created needs
+    none). The spend of the window that ends
     is kept in a reset-log row, so nothing disappears from the books (a user who never
     had a window has nothing to keep, unless `always_log`).
     """
@@ -115,7 +140,7 @@ def start_fresh_window(
     log = None
     if always_log or user.spend_usd or user.budget_started_at is not None:
         log = _reset_log_create(user, budget, start, next_reset)
-    GatewayUser.objects.filter(pk=user.pk).update(
+    type(user).objects.filter(pk=user.pk).update(
         budget=budget,
         spend_usd=ZERO,
         budget_started_at=start,
@@ -144,25 +169,28 @@ class RollSummary:
     busy: int = 0
     # Due users another process rolled between the listing and the lock.
     rolled_elsewhere: int = 0
+    # Ceilings, swept the same way (not when the sweep was asked for one user).
+    due_ceiling_ids: list[str] = field(default_factory=list)
+    rolled_ceilings: list[CeilingResetLog] = field(default_factory=list)
 
     @property
     def previous_spend_usd(self) -> Decimal:
         return sum((log.previous_spend_usd for log in self.rolled), ZERO)
 
 
-def _user_roll_if_due(
-    *, user_id: str, now: datetime, wait: bool
-) -> tuple[str, BudgetResetLog | None]:
-    """Roll one user's period if it is due: ("rolled", log), or ("cleared" | "busy" |
+def _roll_if_due(
+    model: type[Account], *, pk: Any, now: datetime, wait: bool
+) -> tuple[str, ResetLog | None]:
+    """Roll one account's period if it is due: ("rolled", log), or ("cleared" | "busy" |
     "current", None)."""
     with transaction.atomic(durable=True):
         # skip_locked (unless waiting was asked for): two sweeps on two hosts leapfrog each
-        # other instead of queueing on the same rows, and a user in the middle of a request
-        # is left to that request, which rolls the period itself before admitting.
+        # other instead of queueing on the same rows, and an account in the middle of a
+        # request is left to that request, which rolls the period itself before admitting.
         user = (
-            GatewayUser.objects.select_for_update(no_key=True, of=("self",), skip_locked=not wait)
+            model.objects.select_for_update(no_key=True, of=("self",), skip_locked=not wait)
             .select_related("budget")
-            .filter(pk=user_id)
+            .filter(pk=pk)
             .first()
         )
         if user is None:
@@ -210,9 +238,24 @@ def budgets_roll_due(
         if dry_run:
             continue
         for uid in batch:
-            outcome, log = _user_roll_if_due(user_id=uid, now=now, wait=user_id is not None)
+            outcome, log = _roll_if_due(GatewayUser, pk=uid, now=now, wait=user_id is not None)
             if log is not None:
                 rolled.append(log)
+            else:
+                counts[outcome] += 1
+    due_ceilings: list[str] = []
+    rolled_ceilings: list[CeilingResetLog] = []
+    if user_id is None:
+        due = Ceiling.objects.filter(next_budget_reset_at__lte=now).order_by("pk")
+        if budget_id is not None:
+            due = due.filter(budget_id=budget_id)
+        for pk in due.values_list("pk", flat=True).iterator():
+            due_ceilings.append(str(pk))
+            if dry_run:
+                continue
+            outcome, log = _roll_if_due(Ceiling, pk=pk, now=now, wait=False)
+            if isinstance(log, CeilingResetLog):
+                rolled_ceilings.append(log)
             else:
                 counts[outcome] += 1
     return RollSummary(
@@ -223,4 +266,6 @@ def budgets_roll_due(
         cleared=counts["cleared"],
         busy=counts["busy"],
         rolled_elsewhere=counts["current"],
+        due_ceiling_ids=due_ceilings,
+        rolled_ceilings=rolled_ceilings,
     )

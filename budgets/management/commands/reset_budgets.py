@@ -65,12 +65,14 @@ class Command(BaseCommand):
         when = summary.now.isoformat()
         if summary.dry_run:
             self.stdout.write(
-                f"reset_budgets (dry run): {len(summary.due_user_ids)} user(s) due as of {when}"
+                f"reset_budgets (dry run): {len(summary.due_user_ids)} user(s) due, and "
+                f"{len(summary.due_ceiling_ids)} ceiling(s), as of {when}"
             )
             return
         self.stdout.write(
             f"reset_budgets: rolled {len(summary.rolled)} user(s) "
             f"(closing ${summary.previous_spend_usd.normalize():f} of spend), "
             f"{summary.busy} busy, {summary.rolled_elsewhere} rolled elsewhere, "
-            f"{summary.cleared} without a period; as of {when}"
+            f"{summary.cleared} without a period; "
+            f"rolled {len(summary.rolled_ceilings)} ceiling(s); as of {when}"
         )
