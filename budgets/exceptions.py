@@ -30,8 +30,10 @@ class ModelNotAllowed(PermissionDenied):
 
 
 class BudgetExceeded(PermissionDenied):
-    """A hold that does not fit. `state` is the user's money when it was refused and
-    `needed_usd` the hold asked for, so that the refusal can explain itself."""
+    """A hold that does not fit. `state` is the refusing budget's money when it was
+    refused (the user's, or a ceiling's: `level` names it, "Workspace"; None for the
+    user's own budget) and `needed_usd` the hold asked for, so that the refusal can
+    explain itself."""
 
     code = BUDGET_EXCEEDED
     message = "Budget exceeded"
@@ -42,11 +44,15 @@ class BudgetExceeded(PermissionDenied):
         *,
         state: BudgetState | None = None,
         needed_usd: Decimal | None = None,
+        level: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if message is None and level is not None:
+            message = f"{level} budget exceeded"
         super().__init__(message, **kwargs)
         self.state = state
         self.needed_usd = needed_usd
+        self.level = level
 
 
 class PricingMissing(GatewayError):

@@ -7,14 +7,17 @@ budgets/services/holds.py). Each rule's spellings sit together here, and
 tests/budgets/test_money_rules.py evaluates all of them on PostgreSQL for generated inputs
 and requires that they agree. Nothing else in the code may restate a rule.
 
-SQL fragments name the user row `u` and its budget row `b`; parameters are psycopg's
+SQL fragments name the user row `u` (or, for a ceiling, `c`: a ceiling keeps its money
+and window in the same columns) and its budget row `b`; parameters are psycopg's
 `%(name)s` placeholders. Pure: no database access here.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import ClassVar
 
 from django.db.models import Case, ExpressionWrapper, F, Q, Value, When
 from django.db.models.lookups import LessThan, LessThanOrEqual
@@ -57,9 +60,14 @@ def limit_expression(now: datetime) -> ExpressionWrapper:
     )
 
 
-LIMIT_SQL = (
-    "(b.max_budget_usd + CASE WHEN u.topup_expires_at > %(now)s THEN u.topup_usd ELSE 0 END)"
-)
+def limit_sql(row: str = "u") -> str:
+    return (
+        f"(b.max_budget_usd + CASE WHEN {row}.topup_expires_at > %(now)s"
+        f" THEN {row}.topup_usd ELSE 0 END)"
+    )
+
+
+LIMIT_SQL = limit_sql()
 
 # ---------------------------------------------------------------------------------------
 # Admission: a request holding `amount` is admitted when nothing is capped, or when the
@@ -87,11 +95,15 @@ def admits_q(amount_usd: Decimal, limit: Decimal | None) -> Q:
     return Q(LessThan(committed, Value(limit)), LessThanOrEqual(after, Value(limit)))
 
 
-ADMITS_SQL = (
-    "(%(limit)s::numeric IS NULL"
-    " OR (u.spend_usd + u.reserved_usd < %(limit)s"
-    " AND u.spend_usd + u.reserved_usd + %(amount)s <= %(limit)s))"
-)
+def admits_sql(row: str = "u", limit: str = "%(limit)s::numeric") -> str:
+    """`limit` is an SQL expression: the caller's loaded limit for a user; for a
+    ceiling, its own (`limit_sql("c")`), read from the row that the statement locked
+    first (budgets.services.holds, ADMIT)."""
+    committed = f"{row}.spend_usd + {row}.reserved_usd"
+    return f"({limit} IS NULL OR ({committed} < {limit} AND {committed} + %(amount)s <= {limit}))"
+
+
+ADMITS_SQL = admits_sql()
 
 # ---------------------------------------------------------------------------------------
 # The period is current while its end is unset or still ahead. Money moves only in a
@@ -106,7 +118,72 @@ def period_current_q(now: datetime) -> Q:
     return Q(next_budget_reset_at__isnull=True) | Q(next_budget_reset_at__gt=now)
 
 
-PERIOD_CURRENT_SQL = "(u.next_budget_reset_at IS NULL OR u.next_budget_reset_at > %(now)s)"
+def period_current_sql(row: str = "u") -> str:
+    return f"({row}.next_budget_reset_at IS NULL OR {row}.next_budget_reset_at > %(now)s)"
+
+
+PERIOD_CURRENT_SQL = period_current_sql()
+
+# ---------------------------------------------------------------------------------------
+# The ceilings a request answers to: those of its organization, its workspace and its key,
+# each either for every provider ("") or for the provider that serves the attempt. A
+# scope that is None (a master-key request has no key) matches nothing.
+
+
+@dataclass(frozen=True, slots=True)
+class Scopes:
+    """Where a request is billed besides its user: ids as the ceilings store them."""
+
+    organization_id: str | None
+    workspace_id: str | None
+    api_key_id: str | None
+
+    USER_ONLY: ClassVar[Scopes]
+
+    def params(self, provider: str) -> dict[str, str | None]:
+        return {
+            "organization_scope": self.organization_id,
+            "workspace_scope": self.workspace_id,
+            "api_key_scope": self.api_key_id,
+            "provider": provider,
+        }
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [
+            (scope_type, scope_id)
+            for scope_type, scope_id in (
+                ("organization", self.organization_id),
+                ("workspace", self.workspace_id),
+                ("api_token", self.api_key_id),
+            )
+            if scope_id is not None
+        ]
+
+
+# No scope: the user's own budget only (what callers outside the request path hold).
+Scopes.USER_ONLY = Scopes(None, None, None)
+
+
+def ceiling_applies(
+    scope_type: str, scope_id: str, provider: str, scopes: Scopes, serving: str
+) -> bool:
+    return (scope_type, scope_id) in scopes.pairs() and provider in ("", serving)
+
+
+def ceilings_applicable_q(scopes: Scopes, serving: str) -> Q:
+    """On Ceiling rows."""
+    scoped = Q(pk__in=[])
+    for scope_type, scope_id in scopes.pairs():
+        scoped |= Q(scope_type=scope_type, scope_id=scope_id)
+    return scoped & Q(provider__in=["", serving])
+
+
+CEILINGS_APPLICABLE_SQL = (
+    "((c.scope_type = 'organization' AND c.scope_id = %(organization_scope)s)"
+    " OR (c.scope_type = 'workspace' AND c.scope_id = %(workspace_scope)s)"
+    " OR (c.scope_type = 'api_token' AND c.scope_id = %(api_key_scope)s))"
+    " AND c.provider IN ('', %(provider)s)"
+)
 
 # ---------------------------------------------------------------------------------------
 # A user who can be billed: not deleted and not blocked.

@@ -18,6 +18,7 @@ from django.db.models import (
     Exists,
     ExpressionWrapper,
     F,
+    Func,
     Min,
     OuterRef,
     Q,
@@ -32,6 +33,8 @@ from django.db.models.functions import Coalesce
 from budgets import rules
 from budgets.exceptions import UnknownUser
 from budgets.models import (
+    DEFAULT_ORGANIZATION_ID,
+    DEFAULT_WORKSPACE_ID,
     APIKey,
     Budget,
     BudgetAlert,
@@ -39,6 +42,8 @@ from budgets.models import (
     Ceiling,
     GatewayUser,
     Hold,
+    HoldCeiling,
+    Workspace,
 )
 from common import pgpool
 from common.fields import MoneyField
@@ -75,6 +80,8 @@ class Caller:
     # The budget's alert thresholds (percent of the limit); empty when the budget has
     # no alert target, so that settlement does no alert arithmetic at all.
     alert_thresholds_pct: tuple[int, ...] = ()
+    # The key's workspace, else the default one (None only before it is provisioned).
+    workspace_id: uuid.UUID | None = None
     # Rate limits per window (llm_proxy/ratelimit.py); None = unlimited.
     user_rpm_limit: int | None = None
     user_tpm_limit: int | None = None
@@ -98,6 +105,16 @@ class Caller:
             return self.key_allowed_models
         return self.user_allowed_models
 
+    @property
+    def scopes(self) -> rules.Scopes:
+        """The ceilings' scopes this caller answers to (budgets.rules.Scopes): the
+        organization's, the workspace's, and the key's (none for the master key)."""
+        return rules.Scopes(
+            organization_id=str(DEFAULT_ORGANIZATION_ID),
+            workspace_id=str(self.workspace_id) if self.workspace_id else None,
+            api_key_id=str(self.api_key_id) if self.api_key_id else None,
+        )
+
     def limit_usd(self, now: datetime) -> Decimal | None:
         """The cap admission checks against (budgets.rules); None = uncapped."""
         return rules.limit_usd(self.max_budget_usd, self.topup_usd, self.topup_expires_at, now)
@@ -115,20 +132,22 @@ _CALLER_COLUMNS = f"""
 """
 _PRICE_JOIN = f"""
     LEFT JOIN budgets_budget b ON b.budget_id = u.budget_id
+    LEFT JOIN budgets_workspace dw ON dw.id = '{DEFAULT_WORKSPACE_ID}'
     LEFT JOIN LATERAL ({price_at_sql()}) p ON TRUE
 """
 _CALLER_BY_KEY_SQL = f"""
 SELECT {_CALLER_COLUMNS},
        k.id AS api_key_id, k.is_active, k.expires_at AS key_expires_at,
        k.allowed_models AS key_allowed_models, k.exclude_from_budget,
-       k.rpm_limit AS key_rpm_limit, k.tpm_limit AS key_tpm_limit
+       k.rpm_limit AS key_rpm_limit, k.tpm_limit AS key_tpm_limit,
+       COALESCE(k.workspace_id, dw.id) AS workspace_id
 FROM budgets_apikey k
 JOIN budgets_gatewayuser u ON u.user_id = k.user_id
 {_PRICE_JOIN}
 WHERE k.key_hash = %(key_hash)s
 """
 _CALLER_BY_USER_SQL = f"""
-SELECT {_CALLER_COLUMNS}
+SELECT {_CALLER_COLUMNS}, dw.id AS workspace_id
 FROM budgets_gatewayuser u
 {_PRICE_JOIN}
 WHERE u.user_id = %(user_id)s
@@ -176,6 +195,7 @@ def _caller_from_row(row: dict[str, Any]) -> Caller:
         user_tpm_limit=row["user_tpm_limit"],
         key_rpm_limit=row.get("key_rpm_limit"),
         key_tpm_limit=row.get("key_tpm_limit"),
+        workspace_id=row["workspace_id"],
     )
 
 
@@ -215,7 +235,12 @@ def _caller_load_orm(
         "cache_read_price_per_mtok_usd": price.cache_read_price_per_mtok_usd if price else None,
         "cache_write_price_per_mtok_usd": price.cache_write_price_per_mtok_usd if price else None,
         "price_origin": price.origin if price else None,
+        "workspace_id": (
+            Workspace.objects.filter(pk=DEFAULT_WORKSPACE_ID).values_list("pk", flat=True).first()
+        ),
     }
+    if key is not None and key.workspace_id is not None:
+        row["workspace_id"] = key.workspace_id
     if key is not None:
         row.update(
             api_key_id=key.id,
@@ -348,9 +373,11 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 @dataclass(frozen=True, slots=True)
 class BookDrift:
-    """One user's books against the ledger they are derived from (§3.5 invariants 1, 2)."""
+    """One account's books (a user's or a ceiling's) against the ledger they are derived
+    from (§3.5 invariants 1, 2)."""
 
-    user_id: str
+    kind: str  # "user" or "ceiling"
+    account_id: str
     reserved_usd: Decimal
     open_holds_usd: Decimal
     spend_usd: Decimal
@@ -368,6 +395,21 @@ class BookDrift:
     def balanced(self) -> bool:
         return self.reserved_ok and self.spend_ok
 
+    def __str__(self) -> str:
+        return f"{self.kind} {self.account_id}"
+
+
+def _window_start() -> Coalesce:
+    """The outer account's window start; an account that never had a window (no budget
+    ever) has every counted row in it."""
+    return Coalesce(OuterRef("budget_started_at"), Value(_EPOCH))
+
+
+def _total(rows: QuerySet, field: str) -> Coalesce:
+    """The sum of `field` over `rows` (a subquery on the outer account), 0 when none."""
+    summed = rows.order_by().annotate(total=Func(F(field), function="SUM")).values("total")
+    return Coalesce(Subquery(summed, output_field=_MONEY), Value(_ZERO), output_field=_MONEY)
+
 
 def _open_holds_of_outer_user() -> QuerySet:
     """The open holds of the user of the outer query, grouped by user (for subqueries)."""
@@ -378,31 +420,54 @@ def _open_holds_of_outer_user() -> QuerySet:
 
 def _window_usage_of_outer_user() -> QuerySet:
     """The usage rows that count in the current window of the outer query's user (§3.5
-    invariant 2): counted rows stamped at or after the window start; a user who never had
-    a window (no budget ever) has every counted row in it. Grouped by user."""
+    invariant 2): counted rows stamped at or after the window start. Grouped by user."""
     return (
         UsageLog.objects.filter(
-            user=OuterRef("pk"),
-            counts_toward_budget=True,
-            timestamp__gte=Coalesce(OuterRef("budget_started_at"), Value(_EPOCH)),
+            user=OuterRef("pk"), counts_toward_budget=True, timestamp__gte=_window_start()
         )
         .order_by()
         .values("user")
     )
 
 
-def _open_holds_sum() -> Subquery:
-    return Subquery(
-        _open_holds_of_outer_user().annotate(total=Sum("amount_usd")).values("total"),
-        output_field=_MONEY,
+def _user_book_sums() -> tuple[Coalesce, Coalesce]:
+    return (
+        _total(_open_holds_of_outer_user(), "amount_usd"),
+        _total(_window_usage_of_outer_user(), "cost_usd"),
     )
 
 
-def _window_usage_sum() -> Subquery:
-    return Subquery(
-        _window_usage_of_outer_user().annotate(total=Sum("cost_usd")).values("total"),
-        output_field=_MONEY,
+def _ceiling_book_sums() -> tuple[Coalesce, Coalesce]:
+    """A ceiling's open holds (through their links), and the usage rows of the holds it
+    carried that count in its current window."""
+    links = HoldCeiling.objects.filter(ceiling=OuterRef(OuterRef("pk"))).values("hold_id")
+    return (
+        _total(
+            Hold.objects.filter(ceiling_links__ceiling=OuterRef("pk"), status=Hold.Status.OPEN),
+            "amount_usd",
+        ),
+        _total(
+            UsageLog.objects.filter(
+                id__in=links, counts_toward_budget=True, timestamp__gte=_window_start()
+            ),
+            "cost_usd",
+        ),
     )
+
+
+def _books(kind: str, accounts: QuerySet, sums: tuple[Coalesce, Coalesce]) -> list[BookDrift]:
+    rows = accounts.order_by("pk").values_list("pk", "reserved_usd", "spend_usd", *sums)
+    return [
+        BookDrift(
+            kind=kind,
+            account_id=str(pk),
+            reserved_usd=reserved,
+            open_holds_usd=holds,
+            spend_usd=spend,
+            window_usage_usd=usage,
+        )
+        for pk, reserved, spend, holds, usage in rows
+    ]
 
 
 def books_for_users(*, user_id: str | None = None) -> list[BookDrift]:
@@ -414,28 +479,21 @@ def books_for_users(*, user_id: str | None = None) -> list[BookDrift]:
     users = GatewayUser.objects.all()
     if user_id is not None:
         users = users.filter(pk=user_id)
-    rows = users.order_by("pk").values_list(
-        "user_id",
-        "reserved_usd",
-        "spend_usd",
-        Coalesce(_open_holds_sum(), Value(_ZERO), output_field=_MONEY),
-        Coalesce(_window_usage_sum(), Value(_ZERO), output_field=_MONEY),
-    )
-    return [
-        BookDrift(
-            user_id=uid,
-            reserved_usd=reserved,
-            open_holds_usd=holds,
-            spend_usd=spend,
-            window_usage_usd=usage,
-        )
-        for uid, reserved, spend, holds, usage in rows
-    ]
+    return _books("user", users, _user_book_sums())
 
 
-def books_drift_list(*, user_id: str | None = None) -> list[BookDrift]:
-    """The users whose `reserved` or `spend` disagrees with their ledger."""
-    return [book for book in books_for_users(user_id=user_id) if not book.balanced]
+def books_for_ceilings(*, ceiling_id: Any = None) -> list[BookDrift]:
+    """Every ceiling's (or one ceiling's) books next to their ledger sums, as users'."""
+    ceilings = Ceiling.objects.all()
+    if ceiling_id is not None:
+        ceilings = ceilings.filter(pk=ceiling_id)
+    return _books("ceiling", ceilings, _ceiling_book_sums())
+
+
+def books_drift_list() -> list[BookDrift]:
+    """The users and ceilings whose `reserved` or `spend` disagrees with their ledger."""
+    books = books_for_users() + books_for_ceilings()
+    return [book for book in books if not book.balanced]
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,6 +33,14 @@ providers:
 pricing:
   "openai:gpt-4o-mini": {input_price_per_million: 0.15, output_price_per_million: 0.60}
 YAML
+# BENCH_CEILINGS=1: a second target on the same gateway whose requests answer to three
+# ceilings (its key's, its workspace's and the organization's, narrowed to the provider
+# instance `openai3`, the same fake), next to the plain one, which answers to none:
+# the cost of the extra levels, as a ratio measured in one run (docs/PERFORMANCE.md).
+if [ -n "${BENCH_CEILINGS:-}" ]; then
+  sed -i "s|^providers:|providers:\n  openai3: {kind: openai, api_key: bench, api_base: \"http://127.0.0.1:$PORT_UPSTREAM/v1\"}|" "$OTARI_CONFIG"
+  echo '  "openai3:gpt-4o-mini": {input_price_per_million: 0.15, output_price_per_million: 0.60}' >>"$OTARI_CONFIG"
+fi
 # BENCH_CLOUD=1: also the bedrock, gemini and vertex kinds, on tests/fake_cloud.py (SigV4
 # verified, event-stream frames, OAuth), each a target of its own in the same run, so
 # their CPU per request compares with the openai kind's (docs/PERFORMANCE.md).
@@ -83,6 +91,34 @@ user = accounts.user_create(user_id="bench", budget=budget, **limits)
 print(keys.api_key_create(user=user)[1])
 PY
 )
+if [ -n "${BENCH_CEILINGS:-}" ]; then
+  KEY3=$(.venv/bin/python - <<'PY'
+import django, os
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
+django.setup()
+from decimal import Decimal
+from budgets.models import Ceiling, Workspace
+from budgets.services import accounts, keys, periods, tenancy
+from django.utils import timezone
+budget = accounts.budget_create(name="bench-ceilings", max_budget_usd=Decimal("999999999"))
+user = accounts.user_create(user_id="bench3", budget=budget)
+workspace = Workspace.objects.create(organization=tenancy.organization_ensure(), name="bench")
+key, secret = keys.api_key_create(user=user)
+key.workspace = workspace
+key.save(update_fields=["workspace"])
+for scope_type, scope_id, provider in (
+    ("api_token", key.pk, ""),
+    ("workspace", workspace.pk, ""),
+    ("organization", tenancy.organization_ensure().pk, "openai3"),
+):
+    ceiling = Ceiling.objects.create(
+        scope_type=scope_type, scope_id=str(scope_id), provider=provider, budget=budget
+    )
+    periods.start_fresh_window(ceiling, budget, timezone.now())
+print(secret)
+PY
+)
+fi
 
 taskset -c 0 var/benchvenv/bin/python "$BENCH_DIR/fake_upstream.py" --port $PORT_UPSTREAM \
   >"$OUT/upstream.log" 2>&1 &
@@ -104,6 +140,9 @@ for _ in $(seq 100); do
 done
 
 TARGETS=(--target "ours=http://127.0.0.1:$PORT_GATEWAY,key=$KEY,model=openai:gpt-4o-mini,pid=$GATEWAY_PID")
+if [ -n "${BENCH_CEILINGS:-}" ]; then
+  TARGETS+=(--target "ceilings3=http://127.0.0.1:$PORT_GATEWAY,key=$KEY3,model=openai3:gpt-4o-mini,pid=$GATEWAY_PID")
+fi
 if [ -n "${BENCH_CLOUD:-}" ]; then
   for model in bedrock:anthropic.claude-3-5-haiku-20241022-v1:0 gemini:gemini-2.5-flash \
                vertex:gemini-2.5-flash; do

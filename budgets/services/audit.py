@@ -14,7 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from budgets import selectors
-from budgets.models import GatewayUser
+from budgets.models import Ceiling, GatewayUser
 from budgets.services.holds import holds_expire_stale
 from common.money import exact_str
 
@@ -23,9 +23,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BookRepair:
-    """What `user_books_repair` changed on one user."""
+    """What a repair changed on one account (a user or a ceiling)."""
 
-    user_id: str
+    kind: str
+    account_id: str
     reserved_before_usd: Decimal
     reserved_after_usd: Decimal
     spend_before_usd: Decimal
@@ -41,28 +42,50 @@ def user_books_repair(*, user_id: str) -> BookRepair | None:
     because of a request in flight. Returns None when the books already balance.
     """
     with transaction.atomic(durable=True):
-        user = selectors.user_lock(user_id)
+        selectors.user_lock(user_id)
         (book,) = selectors.books_for_users(user_id=user_id)
-        if book.balanced:
-            return None
-        GatewayUser.objects.filter(pk=user.pk).update(
-            reserved_usd=book.open_holds_usd, spend_usd=book.window_usage_usd
-        )
-        repair = BookRepair(
-            user_id=user_id,
-            reserved_before_usd=book.reserved_usd,
-            reserved_after_usd=book.open_holds_usd,
-            spend_before_usd=book.spend_usd,
-            spend_after_usd=book.window_usage_usd,
-        )
-    logger.warning(
-        "audit repair of user %s: reserved %s -> %s, spend %s -> %s",
-        user_id,
-        exact_str(repair.reserved_before_usd),
-        exact_str(repair.reserved_after_usd),
-        exact_str(repair.spend_before_usd),
-        exact_str(repair.spend_after_usd),
+        repair = _repair(GatewayUser, book)
+    return _logged(repair)
+
+
+def ceiling_books_repair(*, ceiling_id: Any) -> BookRepair | None:
+    """`user_books_repair` for a ceiling, under the ceiling's row lock (every statement
+    that moves a ceiling's money changes its row with its holds and usage rows)."""
+    with transaction.atomic(durable=True):
+        selectors.ceiling_lock(ceiling_id)
+        (book,) = selectors.books_for_ceilings(ceiling_id=ceiling_id)
+        repair = _repair(Ceiling, book)
+    return _logged(repair)
+
+
+def _repair(model: type[GatewayUser | Ceiling], book: selectors.BookDrift) -> BookRepair | None:
+    """Inside the account's lock: write the ledger's sums when they disagree."""
+    if book.balanced:
+        return None
+    model.objects.filter(pk=book.account_id).update(
+        reserved_usd=book.open_holds_usd, spend_usd=book.window_usage_usd
     )
+    return BookRepair(
+        kind=book.kind,
+        account_id=book.account_id,
+        reserved_before_usd=book.reserved_usd,
+        reserved_after_usd=book.open_holds_usd,
+        spend_before_usd=book.spend_usd,
+        spend_after_usd=book.window_usage_usd,
+    )
+
+
+def _logged(repair: BookRepair | None) -> BookRepair | None:
+    if repair is not None:
+        logger.warning(
+            "audit repair of %s %s: reserved %s -> %s, spend %s -> %s",
+            repair.kind,
+            repair.account_id,
+            exact_str(repair.reserved_before_usd),
+            exact_str(repair.reserved_after_usd),
+            exact_str(repair.spend_before_usd),
+            exact_str(repair.spend_after_usd),
+        )
     return repair
 
 
@@ -75,6 +98,10 @@ class AuditResult:
     stale_holds: int
     repairs: list[BookRepair]
     stale_holds_expired: int = 0
+
+    def count(self, kind: str) -> int:
+        """How many accounts of `kind` ("user", "ceiling") are out of balance."""
+        return sum(1 for drift in self.drifts if drift.kind == kind)
 
     @property
     def clean(self) -> bool:
@@ -95,7 +122,10 @@ def budgets_audit(*, fix: bool = False, now: datetime | None = None) -> AuditRes
         if stale:
             expired = holds_expire_stale(now=now)
         for drift in drifts:
-            repair = user_books_repair(user_id=drift.user_id)
+            if drift.kind == "ceiling":
+                repair = ceiling_books_repair(ceiling_id=drift.account_id)
+            else:
+                repair = user_books_repair(user_id=drift.account_id)
             if repair is not None:
                 repairs.append(repair)
     return AuditResult(

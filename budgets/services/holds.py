@@ -3,9 +3,10 @@
 Each step that moves money is one statement, written once below, and it is the only code
 that changes `spend`, `reserved` and holds:
 
-- ADMIT: reserve the request's amount on the user's row, if the money fits, and open
-  its hold;
-- SETTLE: close the hold, release what it reserved, add the cost, write the usage row;
+- ADMIT: reserve the request's amount on the user's row and on every ceiling that applies
+  (budgets.rules.Scopes), if the money fits all of them, and open its hold: all or none;
+- SETTLE: close the hold, release what it reserved, add the cost (to the user and to the
+  hold's ceilings), write the usage row;
 - REFUND: close an open hold without charging, write the usage row;
 - RECORD: write the usage row of a request that took no hold;
 - EXPIRE: close an open hold past its expiry (the sweeper) and release its reservation.
@@ -18,9 +19,13 @@ Two ways to run a step, one statement:
   pooled connection). Its conditions (user billable, period current, money fits, hold
   open) are re-checked by PostgreSQL under the row locks; when one does not hold, the
   statement changes nothing.
-- The general path then takes the row locks in the fixed order (hold before user), rolls
-  a period that has ended, and runs the same statement inside its transaction. Python
-  only reads, to say why a request was refused.
+- The general path then takes the row locks in the fixed order (hold, user, ceilings by
+  id), rolls a period that has ended, and runs the same statement inside its
+  transaction. Python only reads, to say why a request was refused.
+
+Lock order, in every statement and transaction: the hold, then the user, then the
+ceilings in id order. The statements below force it: each ceiling CTE reads the user's
+CTE first and locks its ceilings with an ordered SELECT ... FOR NO KEY UPDATE.
 On SQLite (the embedded default, one writer at a time) each statement runs in its ORM
 spelling, written next to its SQL and built from the same rules (budgets/rules.py);
 tests/budgets/test_money_rules.py runs both spellings on PostgreSQL and compares them.
@@ -43,7 +48,8 @@ from django.utils import timezone
 
 from budgets import rules, selectors
 from budgets.exceptions import BudgetExceeded, UnknownUser, UserBlocked
-from budgets.models import APIKey, GatewayUser, Hold
+from budgets.models import APIKey, Ceiling, GatewayUser, Hold, HoldCeiling
+from budgets.rules import Scopes
 from budgets.services.periods import period_roll_locked
 from common import pgpool
 from usage import ledger
@@ -68,8 +74,8 @@ class BudgetState:
         return max(ZERO, self.limit_usd - self.spend_usd - self.reserved_usd)
 
     @classmethod
-    def of(cls, user: GatewayUser, now: datetime) -> BudgetState:
-        """A user row's state (its budget loaded)."""
+    def of(cls, user: GatewayUser | Ceiling, now: datetime) -> BudgetState:
+        """A user's or a ceiling's state (its budget loaded)."""
         budget = user.budget
         return cls(
             spend_usd=user.spend_usd,
@@ -174,12 +180,29 @@ _LOGGED_NOW_SQL = ledger.insert_sql(timestamp="%(now)s")
 # ADMIT
 
 
+# The user's row is locked first (`payer`), then the ceilings that apply, in id order;
+# `fits` is computed on each ceiling's latest row, once locked (READ COMMITTED re-reads a
+# row a concurrent statement changed before locking it). The user's UPDATE goes ahead only
+# when every ceiling fits, and then the ceilings are reserved and linked to the hold.
 _ADMIT_SQL = f"""
-WITH admitted AS (
+WITH payer AS MATERIALIZED (
+    SELECT u.user_id FROM budgets_gatewayuser u
+    WHERE u.user_id = %(user_id)s
+    FOR NO KEY UPDATE
+), ceilings AS MATERIALIZED (
+    SELECT c.id,
+           ({rules.period_current_sql("c")}
+            AND {rules.admits_sql("c", rules.limit_sql("c"))}) AS fits
+    FROM payer, budgets_ceiling c JOIN budgets_budget b ON b.budget_id = c.budget_id
+    WHERE {rules.CEILINGS_APPLICABLE_SQL}
+    ORDER BY c.id
+    FOR NO KEY UPDATE OF c
+), admitted AS (
     UPDATE budgets_gatewayuser AS u
     SET reserved_usd = u.reserved_usd + %(amount)s
     WHERE u.user_id = %(user_id)s
       AND {rules.BILLABLE_SQL} AND {rules.PERIOD_CURRENT_SQL} AND {rules.ADMITS_SQL}
+      AND NOT EXISTS (SELECT 1 FROM ceilings WHERE NOT ceilings.fits)
     RETURNING u.spend_usd, u.reserved_usd, u.next_budget_reset_at
 ), held AS (
     INSERT INTO budgets_hold
@@ -187,12 +210,60 @@ WITH admitted AS (
     SELECT %(request_id)s, %(user_id)s, %(amount)s, 'open', %(model_key)s, %(now)s,
            %(expires_at)s
     FROM admitted
+), ceilings_reserved AS (
+    UPDATE budgets_ceiling AS c
+    SET reserved_usd = c.reserved_usd + %(amount)s
+    FROM ceilings k, admitted
+    WHERE c.id = k.id
+), linked AS (
+    INSERT INTO budgets_holdceiling (hold_id, ceiling_id)
+    SELECT %(request_id)s, k.id FROM ceilings k, admitted
 )
 SELECT * FROM admitted
 """
 
 
+def _ceilings_fit(ceilings: list[Ceiling], amount: Decimal, now: datetime) -> Ceiling | None:
+    """The first ceiling (in lock order) that does not admit `amount`, or None."""
+    for ceiling in ceilings:
+        if not rules.period_current(ceiling.next_budget_reset_at, now) or not rules.admits(
+            ceiling.spend_usd,
+            ceiling.reserved_usd,
+            amount,
+            BudgetState.of(ceiling, now).limit_usd,
+        ):
+            return ceiling
+    return None
+
+
+def _applicable(p: dict[str, Any]) -> list[Ceiling]:
+    scopes = Scopes(p["organization_scope"], p["workspace_scope"], p["api_key_scope"])
+    return list(
+        Ceiling.objects.filter(rules.ceilings_applicable_q(scopes, p["provider"]))
+        .select_related("budget")
+        .order_by("pk")
+    )
+
+
+def _ceilings_move(
+    ceiling_ids: list[Any], *, reserved: Decimal = ZERO, spend: Decimal = ZERO
+) -> None:
+    """The ORM spelling of a statement's ceiling UPDATE."""
+    Ceiling.objects.filter(pk__in=ceiling_ids).update(
+        reserved_usd=F("reserved_usd") + reserved,
+        spend_usd=F("spend_usd") + spend,
+        lifetime_spend_usd=F("lifetime_spend_usd") + spend,
+    )
+
+
+def _linked_ids(request_id: uuid.UUID) -> list[Any]:
+    return list(HoldCeiling.objects.filter(hold_id=request_id).values_list("ceiling_id", flat=True))
+
+
 def _admit_orm(p: dict[str, Any], _: UsageRecord | None) -> dict[str, Any] | None:
+    ceilings = _applicable(p)
+    if _ceilings_fit(ceilings, p["amount"], p["now"]) is not None:
+        return None
     admitted = (
         GatewayUser.objects.filter(pk=p["user_id"])
         .filter(rules.billable_q(), rules.period_current_q(p["now"]))
@@ -208,6 +279,10 @@ def _admit_orm(p: dict[str, Any], _: UsageRecord | None) -> dict[str, Any] | Non
         model_key=p["model_key"],
         created_at=p["now"],
         expires_at=p["expires_at"],
+    )
+    _ceilings_move([c.pk for c in ceilings], reserved=p["amount"])
+    HoldCeiling.objects.bulk_create(
+        [HoldCeiling(hold_id=p["request_id"], ceiling=c) for c in ceilings]
     )
     return (
         GatewayUser.objects.filter(pk=p["user_id"])
@@ -226,9 +301,12 @@ def _admit_params(
     amount_usd: Decimal,
     limit_usd: Decimal | None,
     model_key: str,
+    scopes: Scopes,
+    provider: str,
     now: datetime,
 ) -> dict[str, Any]:
     return {
+        **scopes.params(provider),
         "user_id": user_id,
         "request_id": request_id,
         "amount": amount_usd,
@@ -246,11 +324,15 @@ def hold_open(
     amount_usd: Decimal,
     model_key: str,
     now: datetime,
+    scopes: Scopes = Scopes.USER_ONLY,
+    provider: str = "",
 ) -> BudgetState:
-    """Reserve `amount_usd` for a request, or raise why not (general path).
+    """Reserve `amount_usd` for a request on its user and on every ceiling that applies,
+    or raise why not (general path).
 
-    Rolls an ended period first. Refuses when the user is gone or blocked, or when the
-    money does not fit (budgets.rules.admits).
+    Rolls ended periods first. Refuses when the user is gone or blocked, or when the
+    money does not fit the user's budget or a ceiling (budgets.rules.admits); the
+    refusal names the level.
     """
     with transaction.atomic(durable=True):
         user = selectors.user_lock(user_id)
@@ -260,16 +342,27 @@ def hold_open(
         if user.blocked:
             raise UserBlocked
         state = BudgetState.of(user, now)
-        row = ADMIT.run(
-            _admit_params(
-                user_id=user_id,
-                request_id=request_id,
-                amount_usd=amount_usd,
-                limit_usd=state.limit_usd,
-                model_key=model_key,
-                now=now,
-            )
+        if not rules.admits(user.spend_usd, user.reserved_usd, amount_usd, state.limit_usd):
+            raise BudgetExceeded(state=state, needed_usd=amount_usd)
+        params = _admit_params(
+            user_id=user_id,
+            request_id=request_id,
+            amount_usd=amount_usd,
+            limit_usd=state.limit_usd,
+            model_key=model_key,
+            scopes=scopes,
+            provider=provider,
+            now=now,
         )
+        ceilings = selectors.ceilings_lock([c.pk for c in _applicable(params)])
+        for ceiling in ceilings:
+            period_roll_locked(ceiling, now)
+        refusing = _ceilings_fit(ceilings, amount_usd, now)
+        if refusing is not None:
+            raise BudgetExceeded(
+                state=BudgetState.of(refusing, now), needed_usd=amount_usd, level=refusing.level
+            )
+        row = ADMIT.run(params)
         if row is None:
             raise BudgetExceeded(state=state, needed_usd=amount_usd)
         return _state(row, state.limit_usd)
@@ -283,6 +376,8 @@ async def hold_open_async(
     limit_usd: Decimal | None,
     model_key: str,
     now: datetime,
+    scopes: Scopes = Scopes.USER_ONLY,
+    provider: str = "",
 ) -> BudgetState:
     """`hold_open` for the request path: ADMIT alone, with the limit as loaded with the
     caller (see budgets.rules, admission), and the general path when it changed nothing
@@ -295,6 +390,8 @@ async def hold_open_async(
             amount_usd=amount_usd,
             limit_usd=limit_usd,
             model_key=model_key,
+            scopes=scopes,
+            provider=provider,
             now=now,
         )
         row = await pgpool.fetchone(ADMIT.sql, params)
@@ -305,8 +402,48 @@ async def hold_open_async(
         request_id=request_id,
         amount_usd=amount_usd,
         model_key=model_key,
+        scopes=scopes,
+        provider=provider,
         now=now,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# RETARGET: a request failing over to an attempt at another provider (platform mode) moves
+# its hold off the ceilings narrowed to the provider it leaves and onto those narrowed to
+# the one it tries next, if the hold fits them all; otherwise nothing changes. Rare (a
+# failover across providers with narrowed ceilings): one transaction under the locks, in
+# the lock order (hold, then ceilings by id), in its ORM spelling on every database.
+
+
+def hold_retarget(*, request_id: uuid.UUID, scopes: Scopes, provider: str, now: datetime) -> None:
+    """Hold the request's amount on the ceilings that apply at `provider` instead of
+    those of the provider it leaves; raise BudgetExceeded (naming the level) when one
+    does not admit it, leaving the hold as it was."""
+    with transaction.atomic(durable=True):
+        hold = Hold.objects.select_for_update().filter(pk=request_id, status="open").first()
+        if hold is None:
+            return
+        linked = set(_linked_ids(request_id))
+        wanted = {c.pk for c in _applicable(scopes.params(provider))}
+        leaving, joining = linked - wanted, wanted - linked
+        if not leaving and not joining:
+            return
+        ceilings = selectors.ceilings_lock(leaving | joining)
+        arriving = [c for c in ceilings if c.pk in joining]
+        for ceiling in arriving:
+            period_roll_locked(ceiling, now)
+        refusing = _ceilings_fit(arriving, hold.amount_usd, now)
+        if refusing is not None:
+            raise BudgetExceeded(
+                state=BudgetState.of(refusing, now),
+                needed_usd=hold.amount_usd,
+                level=refusing.level,
+            )
+        _ceilings_move(list(leaving), reserved=-hold.amount_usd)
+        HoldCeiling.objects.filter(hold=hold, ceiling_id__in=leaving).delete()
+        _ceilings_move(list(joining), reserved=hold.amount_usd)
+        HoldCeiling.objects.bulk_create([HoldCeiling(hold=hold, ceiling=c) for c in arriving])
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,9 +453,38 @@ async def hold_open_async(
 # invariant 2 holds even when the general path rolled the period just before.
 
 
+# The usage row is stamped no earlier than the start of the windows it was charged into
+# (the user's and its ceilings'), so that every window's spend is the sum of its rows.
 _SETTLE_LOGGED_SQL = ledger.insert_sql(
-    timestamp="GREATEST(%(now)s, charged.budget_started_at)", source="FROM charged"
+    timestamp=(
+        "GREATEST(%(now)s, charged.budget_started_at,"
+        " (SELECT max(budget_started_at) FROM ceilings_charged))"
+    ),
+    source="FROM charged",
 )
+
+
+def _ceilings_closing_sql(after: str, released: str, charge: str = "0") -> str:
+    """The CTEs that close a hold's ceilings: lock them in id order once `after` (the
+    user's CTE) has run, then release `released` and add `charge` to each."""
+    return f"""
+ceilings_locked AS MATERIALIZED (
+    SELECT c.id
+    FROM {after} x, budgets_holdceiling l JOIN budgets_ceiling c ON c.id = l.ceiling_id
+    WHERE l.hold_id = %(request_id)s
+    ORDER BY c.id
+    FOR NO KEY UPDATE OF c
+), ceilings_charged AS (
+    UPDATE budgets_ceiling AS c
+    SET reserved_usd = c.reserved_usd - {released},
+        spend_usd = c.spend_usd + {charge},
+        lifetime_spend_usd = c.lifetime_spend_usd + {charge}
+    FROM ceilings_locked k
+    WHERE c.id = k.id
+    RETURNING c.budget_started_at
+)"""
+
+
 _SETTLE_SQL, _SETTLE_REPORTED_SQL = _closing(
     f"""
 WITH closed AS (
@@ -328,6 +494,10 @@ WITH closed AS (
       AND EXISTS (
           SELECT 1 FROM budgets_gatewayuser u
           WHERE u.user_id = h.user_id AND {rules.PERIOD_CURRENT_SQL})
+      AND NOT EXISTS (
+          SELECT 1
+          FROM budgets_holdceiling l JOIN budgets_ceiling c ON c.id = l.ceiling_id
+          WHERE l.hold_id = h.request_id AND NOT {rules.period_current_sql("c")})
     RETURNING h.user_id,
               CASE WHEN %(from_status)s = 'open' THEN h.amount_usd ELSE 0 END AS released
 ), charged AS (
@@ -339,7 +509,8 @@ WITH closed AS (
     WHERE u.user_id = closed.user_id
     RETURNING u.spend_usd, u.reserved_usd, u.next_budget_reset_at, u.budget_started_at,
               u.budget_id, u.topup_usd, u.topup_expires_at
-), logged AS (
+), {_ceilings_closing_sql("charged", "(SELECT released FROM closed)", "%(charge_usd)s")},
+logged AS (
     {_SETTLE_LOGGED_SQL}
 ), {_TOUCH_KEY_SQL}{{reports}}
 SELECT u.spend_usd, u.reserved_usd, u.next_budget_reset_at, {rules.LIMIT_SQL} AS limit_usd
@@ -356,6 +527,9 @@ def _settle_orm(p: dict[str, Any], record: UsageRecord | None) -> dict[str, Any]
     hold = Hold.objects.filter(
         pk=p["request_id"], status=p["from_status"], user__in=current_users
     ).first()
+    ceilings = list(Ceiling.objects.filter(hold_links__hold_id=p["request_id"]))
+    if any(not rules.period_current(c.next_budget_reset_at, p["now"]) for c in ceilings):
+        return None
     if hold is None or not (
         Hold.objects.filter(pk=hold.pk, status=p["from_status"]).update(
             status=Hold.Status.SETTLED, closed_at=p["now"]
@@ -368,8 +542,10 @@ def _settle_orm(p: dict[str, Any], record: UsageRecord | None) -> dict[str, Any]
         spend_usd=F("spend_usd") + p["charge_usd"],
         lifetime_spend_usd=F("lifetime_spend_usd") + p["charge_usd"],
     )
+    _ceilings_move([c.pk for c in ceilings], reserved=-released, spend=p["charge_usd"])
     user = GatewayUser.objects.select_related("budget").get(pk=hold.user_id)
-    ledger.row_create(record, p, max(p["now"], user.budget_started_at or p["now"]))
+    starts = [user.budget_started_at, *(c.budget_started_at for c in ceilings)]
+    ledger.row_create(record, p, max([p["now"], *(s for s in starts if s is not None)]))
     _touch_key_orm(p)
     state = BudgetState.of(user, p["now"])
     return {
@@ -401,6 +577,8 @@ def hold_settle(*, record: UsageRecord, now: datetime) -> BudgetState | None:
         # Holds are never deleted and users only softly: the user row exists.
         user = selectors.user_lock(hold.user_id)
         period_roll_locked(user, now)
+        for ceiling in selectors.ceilings_lock(_linked_ids(record.request_id)):
+            period_roll_locked(ceiling, now)
         row = _settle_statement(record).run(
             _closing_params(record, now, from_status=hold.status), record
         )
@@ -438,7 +616,9 @@ WITH released AS (
     SET reserved_usd = u.reserved_usd - released.amount_usd
     FROM released
     WHERE u.user_id = released.user_id
-), logged AS (
+    RETURNING u.user_id
+), {_ceilings_closing_sql("unreserved", "(SELECT amount_usd FROM released)")},
+logged AS (
     {_LOGGED_NOW_SQL}
 ), {_TOUCH_KEY_SQL}{{reports}}
 SELECT 1 AS done
@@ -456,6 +636,7 @@ def _refund_orm(p: dict[str, Any], record: UsageRecord | None) -> dict[str, Any]
         GatewayUser.objects.filter(pk=hold.user_id).update(
             reserved_usd=F("reserved_usd") - hold.amount_usd
         )
+        _ceilings_move(_linked_ids(hold.pk), reserved=-hold.amount_usd)
     return _record_orm(p, record)
 
 
@@ -531,7 +712,7 @@ async def usage_record_async(*, record: UsageRecord, now: datetime) -> None:
 # right now is left to that request; exactly one of them moves it from open.
 
 
-_EXPIRE_SQL = """
+_EXPIRE_SQL = f"""
 WITH expired AS (
     UPDATE budgets_hold SET status = 'expired', closed_at = %(now)s
     WHERE request_id = (
@@ -539,12 +720,14 @@ WITH expired AS (
         WHERE request_id = %(request_id)s AND status = 'open' AND expires_at <= %(now)s
         FOR UPDATE SKIP LOCKED)
     RETURNING user_id, amount_usd
-)
-UPDATE budgets_gatewayuser AS u
-SET reserved_usd = u.reserved_usd - expired.amount_usd
-FROM expired
-WHERE u.user_id = expired.user_id
-RETURNING 1 AS done
+), unreserved AS (
+    UPDATE budgets_gatewayuser AS u
+    SET reserved_usd = u.reserved_usd - expired.amount_usd
+    FROM expired
+    WHERE u.user_id = expired.user_id
+    RETURNING u.user_id
+), {_ceilings_closing_sql("unreserved", "(SELECT amount_usd FROM expired)")}
+SELECT 1 AS done FROM unreserved
 """
 
 
@@ -561,6 +744,7 @@ def _expire_orm(p: dict[str, Any], _: UsageRecord | None) -> dict[str, Any] | No
     GatewayUser.objects.filter(pk=hold.user_id).update(
         reserved_usd=F("reserved_usd") - hold.amount_usd
     )
+    _ceilings_move(_linked_ids(hold.pk), reserved=-hold.amount_usd)
     return {"done": 1}
 
 

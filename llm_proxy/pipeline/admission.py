@@ -318,6 +318,8 @@ async def _admit_caller(
                 amount_usd=estimate,
                 limit_usd=limit,
                 model_key=attempts[usable[0]].model_key,
+                scopes=caller.scopes,
+                provider=attempts[usable[0]].provider_name,
                 now=now,
             )
         except BudgetExceeded as exc:

@@ -119,7 +119,8 @@ def explain(exc: BudgetExceeded, ask: Ask) -> BudgetExceeded:
     if state is None or state.limit_usd is None:
         return exc
     left = state.remaining_usd
-    parts = [f"Budget exceeded: ${money(left)} left of ${money(state.limit_usd)}"]
+    level = f"{exc.level} budget" if exc.level else "Budget"
+    parts = [f"{level} exceeded: ${money(left)} left of ${money(state.limit_usd)}"]
     if state.reserved_usd:
         parts.append(f" (${money(state.reserved_usd)} held by requests in flight)")
     needed = exc.needed_usd if exc.needed_usd is not None else ask.estimate_usd()
@@ -135,7 +136,7 @@ def explain(exc: BudgetExceeded, ask: Ask) -> BudgetExceeded:
         else:
             parts.append(". The prompt alone costs more than what is left")
     if state.next_reset_at is not None:
-        parts.append(f". The budget resets at {state.next_reset_at.isoformat()}")
+        parts.append(f". The {level.lower()} resets at {state.next_reset_at.isoformat()}")
     exc.message = "".join(parts) + "."
     exc.args = (exc.message,)
     exc.headers.update(budget_headers(state))

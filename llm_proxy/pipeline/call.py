@@ -238,7 +238,7 @@ async def _fail(exchange: Exchange, failure: GatewayError) -> HttpResponse | Non
             failure.upstream_status if failure.upstream_status is not None else "none",
             failure.upstream_detail or "no message",
         )
-    if exchange.next_attempt(failure):
+    if await exchange.advance(failure):
         logger.info(
             "request %s: attempt failed (%s), trying the next one",
             exchange.request_id,

@@ -149,6 +149,28 @@ class Exchange:
             self.attempt.failure = self.attempt.refusal
         return False
 
+    async def advance(self, failure: GatewayError) -> bool:
+        """`next_attempt`, and the hold follows the request to the provider that will
+        serve it: the ceilings narrowed to that provider must admit it (all or none,
+        budgets.services.holds.hold_retarget), or that attempt is refused for budget
+        and the next one is tried."""
+        held_at = self.attempt.provider_name
+        while self.next_attempt(failure):
+            if not self.held or self.attempt.provider_name == held_at:
+                return True
+            try:
+                await sync_to_async(holds.hold_retarget)(
+                    request_id=self.request_id,
+                    scopes=self.caller.scopes,
+                    provider=self.attempt.provider_name,
+                    now=timezone.now(),
+                )
+            except BudgetExceeded as exc:
+                failure = exc
+                continue
+            return True
+        return False
+
     @property
     def final_failure(self) -> GatewayError:
         failure = self.attempt.failure
@@ -235,6 +257,7 @@ class Exchange:
             request_id=self.request_id,
             user_id=self.caller.user_id,
             api_key_id=self.caller.api_key_id,
+            workspace_id=self.caller.workspace_id,
             endpoint=self.fmt.endpoint,
             provider=self.attempt.provider_name,
             model=self.model,
@@ -450,6 +473,7 @@ async def refusal_close(
         request_id=request_id,
         user_id=caller.user_id,
         api_key_id=caller.api_key_id,
+        workspace_id=caller.workspace_id,
         endpoint=fmt.endpoint,
         provider=provider,
         model=model,

@@ -45,7 +45,10 @@ def test_balanced_books_audit_clean(books):
     alice.refresh_from_db()
     # The spend before the reset is in the previous window, not in this one.
     assert (alice.spend_usd, alice.reserved_usd) == (Decimal("1.25"), Decimal("0.75"))
-    assert run("audit_budgets") == "audit_budgets: 0 user(s) out of balance, 0 overdue hold(s)\n"
+    assert (
+        run("audit_budgets")
+        == "audit_budgets: 0 user(s) and 0 ceiling(s) out of balance, 0 overdue hold(s)\n"
+    )
 
 
 def test_audit_finds_corrupted_books_and_fix_repairs_them(books, caplog):
@@ -57,32 +60,34 @@ def test_audit_finds_corrupted_books_and_fix_repairs_them(books, caplog):
         call_command("audit_budgets", stdout=(out := StringIO()))
     assert refused.value.returncode == 2
     assert out.getvalue().splitlines() == [
-        "alice: reserved $9.999999 != open holds $0.75",
-        "bob: spend $0.000001 != window usage $5",
-        "audit_budgets: 2 user(s) out of balance, 0 overdue hold(s)",
+        "user alice: reserved $9.999999 != open holds $0.75",
+        "user bob: spend $0.000001 != window usage $5",
+        "audit_budgets: 2 user(s) and 0 ceiling(s) out of balance, 0 overdue hold(s)",
     ]
     # Only reads so far.
     assert GatewayUser.objects.get(pk="alice").reserved_usd == Decimal("9.999999")
 
     with caplog.at_level(logging.WARNING, logger="budgets.services"):
         out = run("audit_budgets", "--fix")
-    assert "fixed alice: reserved $9.999999 -> $0.75, spend $1.25 -> $1.25" in out
-    assert "fixed bob: reserved $0 -> $0, spend $0.000001 -> $5" in out
-    assert out.endswith("fixed 2 user(s), expired 0 hold(s)\n")
+    assert "fixed user alice: reserved $9.999999 -> $0.75, spend $1.25 -> $1.25" in out
+    assert "fixed user bob: reserved $0 -> $0, spend $0.000001 -> $5" in out
+    assert out.endswith("fixed 2 account(s), expired 0 hold(s)\n")
     assert "audit repair of user alice: reserved 9.999999 -> 0.75, spend 1.25 -> 1.25" in (
         caplog.text
     )
     assert "audit repair of user bob: reserved 0 -> 0, spend 0.000001 -> 5" in caplog.text
     assert_books_balance("alice")
     assert_books_balance("bob")
-    assert run("audit_budgets").startswith("audit_budgets: 0 user(s) out of balance")
+    assert run("audit_budgets").startswith(
+        "audit_budgets: 0 user(s) and 0 ceiling(s) out of balance"
+    )
 
 
 def test_audit_repairs_a_spend_that_missed_a_reset(books):
     # As if the window moved without spend being zeroed.
     GatewayUser.objects.filter(pk="alice").update(spend_usd=Decimal("5.75"))
     out = run("audit_budgets", "--fix")
-    assert "fixed alice: reserved $0.75 -> $0.75, spend $5.75 -> $1.25" in out
+    assert "fixed user alice: reserved $0.75 -> $0.75, spend $5.75 -> $1.25" in out
     assert GatewayUser.objects.get(pk="alice").spend_usd == Decimal("1.25")
 
 

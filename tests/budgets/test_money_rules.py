@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from budgets import rules
-from budgets.models import APIKey, Budget, GatewayUser, Hold
+from budgets.models import APIKey, Budget, Ceiling, GatewayUser, Hold, HoldCeiling
 from budgets.services import holds
 from usage import ledger
 from usage.models import ModelPricing, UsageLog
@@ -205,10 +205,63 @@ def test_the_current_price_agrees_in_django_sql_and_the_console(versions):
 
 # ---------------------------------------------------------------------------------------
 # The statements: the SQL and the ORM spelling, run from twin rows, leave twin results.
+# Each twin may answer to a ceiling of its own (on its key's scope), generated like a user.
+
+ceilings = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {
+            "max_budget_usd": st.one_of(st.none(), money),
+            "topup_usd": money,
+            "topup_expires_at": offsets,
+            "spend_usd": money,
+            "reserved_usd": money,
+            "next_budget_reset_at": offsets,
+            "budget_started_at": offsets,
+            "provider": st.sampled_from(["", "openai", "anthropic"]),
+        }
+    ),
+)
+
+
+def _make_ceiling(spec: dict[str, Any] | None) -> Ceiling | None:
+    if spec is None:
+        return None
+    return Ceiling.objects.create(
+        scope_type="api_token",
+        scope_id=str(uuid.uuid4()),
+        provider=spec["provider"],
+        budget=Budget.objects.create(name="ceiling", max_budget_usd=spec["max_budget_usd"]),
+        spend_usd=spec["spend_usd"],
+        reserved_usd=spec["reserved_usd"],
+        topup_usd=spec["topup_usd"] if spec["topup_expires_at"] is not None else Decimal(0),
+        topup_expires_at=_at(spec["topup_expires_at"]),
+        next_budget_reset_at=_at(spec["next_budget_reset_at"]),
+        budget_started_at=_at(spec["budget_started_at"]),
+    )
+
+
+def _scopes(ceiling: Ceiling | None) -> dict[str, Any]:
+    scopes = rules.Scopes(None, None, ceiling.scope_id if ceiling else None)
+    return scopes.params("openai")
 
 
 def _twins(spec: dict[str, Any]) -> tuple[GatewayUser, GatewayUser]:
     return _make_user(spec), _make_user(spec)
+
+
+def _ceiling_state(ceiling: Ceiling | None) -> dict[str, Any] | None:
+    if ceiling is None:
+        return None
+    ceiling.refresh_from_db()
+    return {
+        "spend_usd": ceiling.spend_usd,
+        "reserved_usd": ceiling.reserved_usd,
+        "lifetime_spend_usd": ceiling.lifetime_spend_usd,
+        "holds": sorted(
+            (link.hold.status, link.hold.amount_usd) for link in ceiling.hold_links.all()
+        ),
+    }
 
 
 def _state(user_id: str) -> dict[str, Any]:
@@ -237,14 +290,16 @@ def _run_both(statement: holds.Statement, params_of, record_of=None) -> tuple[An
 
 
 @EXAMPLES
-@given(spec=users, amount=money)
-def test_admit_does_the_same_in_sql_and_in_its_orm_spelling(spec, amount):
+@given(spec=users, amount=money, ceiling=ceilings)
+def test_admit_does_the_same_in_sql_and_in_its_orm_spelling(spec, amount, ceiling):
     def check() -> None:
         twins = _twins(spec)
+        twin_ceilings = _make_ceiling(ceiling), _make_ceiling(ceiling)
         limit = holds.BudgetState.of(twins[0], NOW).limit_usd
 
         def params(i: int) -> dict[str, Any]:
             return {
+                **_scopes(twin_ceilings[i]),
                 "user_id": twins[i].pk,
                 "request_id": uuid.uuid4(),
                 "amount": amount,
@@ -257,6 +312,7 @@ def test_admit_does_the_same_in_sql_and_in_its_orm_spelling(spec, amount):
         sql, orm = _run_both(holds.ADMIT, params)
         assert sql == orm
         assert _state(twins[0].pk) == _state(twins[1].pk)
+        assert _ceiling_state(twin_ceilings[0]) == _ceiling_state(twin_ceilings[1])
 
     _in_savepoint(check)
 
@@ -276,12 +332,15 @@ closings = st.fixed_dictionaries(
 
 
 @EXAMPLES
-@given(spec=users, closing=closings)
-def test_the_closing_statements_do_the_same_in_sql_and_in_their_orm_spelling(spec, closing):
+@given(spec=users, closing=closings, ceiling=ceilings)
+def test_the_closing_statements_do_the_same_in_sql_and_in_their_orm_spelling(
+    spec, closing, ceiling
+):
     def check() -> None:
         twins = _twins(spec)
+        twin_ceilings = _make_ceiling(ceiling), _make_ceiling(ceiling)
         request_ids = [uuid.uuid4(), uuid.uuid4()]
-        for user, request_id in zip(twins, request_ids, strict=True):
+        for user, request_id, twin_ceiling in zip(twins, request_ids, twin_ceilings, strict=True):
             # The books balance before the step: an open hold is in `reserved`.
             GatewayUser.objects.filter(pk=user.pk).update(
                 budget_started_at=_at(closing["budget_started_at"]),
@@ -297,6 +356,13 @@ def test_the_closing_statements_do_the_same_in_sql_and_in_their_orm_spelling(spe
                 created_at=NOW - timedelta(minutes=1),
                 expires_at=_at(closing["expires_at"]) or NOW,
             )
+            if twin_ceiling is not None:
+                # Balanced as the user is: an open hold is in the ceiling's `reserved`.
+                HoldCeiling.objects.create(hold_id=request_id, ceiling=twin_ceiling)
+                if closing["hold_status"] == "open":
+                    Ceiling.objects.filter(pk=twin_ceiling.pk).update(
+                        reserved_usd=twin_ceiling.reserved_usd + closing["hold_usd"]
+                    )
 
         def record(i: int) -> ledger.UsageRecord:
             return ledger.UsageRecord(
@@ -327,5 +393,6 @@ def test_the_closing_statements_do_the_same_in_sql_and_in_their_orm_spelling(spe
         sql, orm = _run_both(statement, params, record)
         assert sql == orm
         assert _state(twins[0].pk) == _state(twins[1].pk)
+        assert _ceiling_state(twin_ceilings[0]) == _ceiling_state(twin_ceilings[1])
 
     _in_savepoint(check)

@@ -14,9 +14,10 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from budgets.models import GatewayUser, Hold
+from budgets.models import Ceiling, GatewayUser, Hold, HoldCeiling
+from budgets.services import tenancy
 from llm_proxy import platform as platform_mode
-from tests.factories import make_budget, make_key, make_user, set_price
+from tests.factories import make_budget, make_ceiling, make_key, make_user, set_price
 from tests.fake_platform import GATEWAY_TOKEN, FakePlatform, Reply, attempt
 from tests.fake_provider import prompt_tokens
 from tests.llm_proxy.apis import PROMPT, body_for, sse_events
@@ -457,3 +458,69 @@ def test_without_a_broker_the_embedded_beat_redrives_a_lost_report(
         settings.OTARI_EMBEDDED_BEAT = False
         embedded_beat_reset()
     assert platform.accepted() == {report.correlation_id: 1, "l-1-2": 1}
+
+
+# --- ceilings narrowed to a provider follow the request to the provider that serves ---
+
+
+def _narrowed_ceilings(at_openai: Decimal, at_anthropic: Decimal) -> tuple[Ceiling, Ceiling]:
+    organization = tenancy.organization_ensure()
+    return (
+        make_ceiling(organization, make_budget(max_budget_usd=at_openai), provider="openai"),
+        make_ceiling(organization, make_budget(max_budget_usd=at_anthropic), provider="anthropic"),
+    )
+
+
+def _fails_over_to_anthropic(gateway, platform) -> httpx.Response:
+    price("openai:fail-500", DEAR)
+    price("anthropic:claude-3-5-haiku-latest", CHEAP)
+    platform.attempts = [
+        attempt("n-1", "openai", "fail-500", api_base=gateway.fake.base_url, position=0),
+        attempt(
+            "n-2",
+            "anthropic",
+            "claude-3-5-haiku-latest",
+            api_base=gateway.fake.root_url,
+            position=1,
+        ),
+    ]
+    return post(gateway, "chat", body_for("chat", "openai:gpt-4o-mini"))
+
+
+def test_failover_charges_the_ceiling_narrowed_to_the_provider_that_served(gateway, platform):
+    at_openai, at_anthropic = _narrowed_ceilings(Decimal("5"), Decimal("5"))
+
+    response = _fails_over_to_anthropic(gateway, platform)
+
+    assert response.status_code == 200, response.text
+    cost = Decimal(response.headers["X-Otari-Cost-Usd"])
+    at_openai.refresh_from_db()
+    at_anthropic.refresh_from_db()
+    assert (at_openai.spend_usd, at_openai.reserved_usd) == (0, 0)
+    assert (at_anthropic.spend_usd, at_anthropic.reserved_usd) == (cost, 0)
+    (link,) = HoldCeiling.objects.all()
+    assert link.ceiling_id == at_anthropic.pk
+
+
+def test_failover_to_a_provider_whose_ceiling_is_spent_is_refused_and_nothing_stays_held(
+    gateway, platform
+):
+    at_openai, at_anthropic = _narrowed_ceilings(Decimal("5"), Decimal("0"))
+
+    response = _fails_over_to_anthropic(gateway, platform)
+
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["message"].startswith("Organization budget exceeded")
+    # Only the first attempt reached a provider.
+    assert len(gateway.fake.requests) == 1
+    for ceiling in (at_openai, at_anthropic):
+        ceiling.refresh_from_db()
+        assert (ceiling.spend_usd, ceiling.reserved_usd) == (0, 0)
+    assert Hold.objects.get().status == Hold.Status.REFUNDED
+    assert GatewayUser.objects.get(pk="alice").reserved_usd == 0
+    first, second = reports_of(response)
+    assert (first.status, second.status, second.error_class) == (
+        "error",
+        "error",
+        "budget_exceeded",
+    )

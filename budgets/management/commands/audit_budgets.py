@@ -43,20 +43,22 @@ class Command(BaseCommand):
                 parts.append(
                     f"spend {_usd(drift.spend_usd)} != window usage {_usd(drift.window_usage_usd)}"
                 )
-            self.stdout.write(f"{drift.user_id}: " + "; ".join(parts))
+            self.stdout.write(f"{drift}: " + "; ".join(parts))
         for repair in result.repairs:
             self.stdout.write(
-                f"fixed {repair.user_id}: reserved {_usd(repair.reserved_before_usd)} -> "
+                f"fixed {repair.kind} {repair.account_id}: "
+                f"reserved {_usd(repair.reserved_before_usd)} -> "
                 f"{_usd(repair.reserved_after_usd)}, spend {_usd(repair.spend_before_usd)} -> "
                 f"{_usd(repair.spend_after_usd)}"
             )
         summary = (
-            f"audit_budgets: {len(result.drifts)} user(s) out of balance, "
+            f"audit_budgets: {result.count('user')} user(s) and {result.count('ceiling')} "
+            "ceiling(s) out of balance, "
             f"{result.stale_holds} overdue hold(s)"
         )
         if options["fix"]:
             summary += (
-                f"; fixed {len(result.repairs)} user(s), "
+                f"; fixed {len(result.repairs)} account(s), "
                 f"expired {result.stale_holds_expired} hold(s)"
             )
         self.stdout.write(summary)
