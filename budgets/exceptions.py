@@ -100,3 +100,32 @@ class InvalidRateLimit(GatewayError):
     status = 422
     code = "invalid_rate_limit"
     message = "Invalid rate limit"
+
+
+class UnknownWorkspace(NotFound):
+    code = "workspace_not_found"
+    message = "Workspace not found"
+
+
+class UnknownCeiling(NotFound):
+    code = "scoped_budget_not_found"
+    message = "Scoped budget not found"
+
+
+class UnknownScope(NotFound):
+    """A ceiling naming nothing would be created, listed and never bind (otari refuses
+    it for the same reason), so an unknown or malformed scope id is refused."""
+
+    code = "scope_not_found"
+    message = "Scope not found"
+
+
+class InvalidScope(GatewayError):
+    status = 422
+    code = "invalid_scope"
+    message = "Invalid scope"
+
+
+class UnknownProvider(NotFound):
+    code = "provider_not_found"
+    message = "The provider named by provider_key_id is not configured"
