@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 
 from common.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
+from common.rest import quoted_id
 from usage.models import BUDGET_EXCEEDED
 
 if TYPE_CHECKING:
@@ -106,10 +107,18 @@ class UnknownWorkspace(NotFound):
     code = "workspace_not_found"
     message = "Workspace not found"
 
+    @classmethod
+    def named(cls, workspace_id: Any) -> UnknownWorkspace:
+        return cls(f"Workspace {quoted_id(str(workspace_id))} not found")
+
 
 class UnknownCeiling(NotFound):
     code = "scoped_budget_not_found"
     message = "Scoped budget not found"
+
+    @classmethod
+    def named(cls, ceiling_id: Any) -> UnknownCeiling:
+        return cls(f"Scoped budget {quoted_id(str(ceiling_id))} not found")
 
 
 class UnknownScope(NotFound):

@@ -53,8 +53,16 @@ def scope_id_canonical(*, scope_type: str, scope_id: str) -> str:
         raise UnknownScope(_scope_missing(scope_type)) from None
 
 
+# How an error names what scope_id should have named.
+_SCOPE_NOUNS = {
+    Ceiling.Scope.ORGANIZATION: "organization",
+    Ceiling.Scope.WORKSPACE: "workspace",
+    Ceiling.Scope.API_TOKEN: "API key",
+}
+
+
 def _scope_missing(scope_type: str) -> str:
-    return f"The {Ceiling.Scope(scope_type).label} named by scope_id was not found"
+    return f"The {_SCOPE_NOUNS[Ceiling.Scope(scope_type)]} named by scope_id was not found"
 
 
 def _scope_check_exists(*, scope_type: str, scope_id: str) -> None:
@@ -102,14 +110,14 @@ def ceiling_id_parse(ceiling_id: Any) -> uuid.UUID:
     try:
         return uuid.UUID(str(ceiling_id))
     except ValueError:
-        raise UnknownCeiling from None
+        raise UnknownCeiling.named(ceiling_id) from None
 
 
 def _ceiling_lock(ceiling_id: Any) -> Ceiling:
     try:
         return selectors.ceiling_lock(ceiling_id_parse(ceiling_id))
     except Ceiling.DoesNotExist:
-        raise UnknownCeiling from None
+        raise UnknownCeiling.named(ceiling_id) from None
 
 
 def _duplicate(existing: Ceiling | None) -> Conflict:

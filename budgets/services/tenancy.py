@@ -63,7 +63,7 @@ def workspace_id_parse(value: Any) -> uuid.UUID:
     try:
         return uuid.UUID(str(value))
     except ValueError:
-        raise UnknownWorkspace from None
+        raise UnknownWorkspace.named(value) from None
 
 
 def workspace_get(*, workspace_id: Any) -> Workspace:
@@ -74,7 +74,7 @@ def workspace_get(*, workspace_id: Any) -> Workspace:
         return default_workspace_ensure()
     workspace = Workspace.objects.filter(pk=pk).first()
     if workspace is None:
-        raise UnknownWorkspace
+        raise UnknownWorkspace.named(workspace_id)
     return workspace
 
 
@@ -158,7 +158,7 @@ def workspace_delete(*, workspace_id: Any) -> None:
         # (it waits for this delete, then fails its foreign key: 409).
         workspace = Workspace.objects.select_for_update().filter(pk=pk).first()
         if workspace is None:
-            raise UnknownWorkspace
+            raise UnknownWorkspace.named(workspace_id)
         keys = APIKey.objects.filter(workspace=workspace)
         key_count = keys.count()
         if key_count:
