@@ -20,7 +20,7 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.urls import path
 from django.utils import timezone
 
-from budgets.models import GatewayUser
+from budgets.models import DEFAULT_WORKSPACE_ID, GatewayUser
 from budgets.selectors import (
     OpenHolds,
     holds_open_summary,
@@ -31,7 +31,9 @@ from common.charts import BarChart, ShareRow, daily_spend_chart, share_rows
 from common.money import format_usd
 from usage.models import UsageLog
 from usage.selectors import (
+    month_window,
     spend_by_day,
+    spend_per_workspace,
     spend_top_models,
     spend_top_users,
     suggest_keys,
@@ -65,6 +67,9 @@ class Dashboard:
     refused_budget: list[GatewayUser] | None = None
     holds: OpenHolds | None = None
     recent_errors: list[UsageLog] | None = None
+    # Spend per workspace this UTC calendar month, most first, and the month's name.
+    workspace_spend: list[ShareRow] | None = None
+    month_label: str = ""
 
     @property
     def error_rate(self) -> str:
@@ -97,6 +102,15 @@ def dashboard_build(request: HttpRequest) -> Dashboard | None:
         )
         if sees_users:
             fields["top_users"] = share_rows(spend_top_users(now=now, days=DASHBOARD_DAYS))
+        month_start, month_end = month_window(now)
+        fields.update(
+            workspace_spend=share_rows(
+                spend_per_workspace(
+                    start=month_start, end=month_end, default_workspace_id=DEFAULT_WORKSPACE_ID
+                )
+            ),
+            month_label=f"{month_start:%B %Y}",
+        )
     if sees_users:
         fields["near_budget"] = list(users_near_budget(now=now)[:NEAR_BUDGET_SHOWN])
         fields["refused_budget"] = list(users_refused_for_budget(now=now)[:NEAR_BUDGET_SHOWN])
@@ -121,6 +135,8 @@ class OtariAdminSite(admin.AdminSite):
         "usage.usagelog",
         "budgets.gatewayuser",
         "budgets.budget",
+        "budgets.workspace",
+        "budgets.ceiling",
         "budgets.apikey",
         "usage.modelpricing",
         "budgets.hold",

@@ -29,9 +29,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from budgets import selectors
-from budgets.exceptions import UnknownUser
-from budgets.models import APIKey, Budget
-from budgets.rest import DEFAULT_WORKSPACE_ID
+from budgets.exceptions import UnknownUser, UnknownWorkspace
+from budgets.models import DEFAULT_WORKSPACE_ID, APIKey, Budget
 from budgets.serializers import (
     ALERT_SETTINGS,
     BudgetAlertResponse,
@@ -47,7 +46,7 @@ from budgets.serializers import (
     UserResponse,
     UserTopup,
 )
-from budgets.services import accounts, keys
+from budgets.services import accounts, keys, tenancy
 from common.exceptions import BadRequest, Conflict, NotFound
 from common.rest import (
     PAGE_PARAMETERS,
@@ -387,7 +386,7 @@ class UserTopupApi(ManagementMixin, APIView):
         _user_or_404(user_id)
         amount, expires_at = data["amount"], data.get("expires_at")
         if amount:
-            _topup_expiry_check(expires_at)
+            topup_expiry_check(expires_at)
         try:
             accounts.user_topup_set(user_id=user_id, amount_usd=amount, expires_at=expires_at)
         except UnknownUser:
@@ -395,7 +394,7 @@ class UserTopupApi(ManagementMixin, APIView):
         return Response(UserResponse(_user_or_404(user_id)).data)
 
 
-def _topup_expiry_check(expires_at: datetime | None) -> None:
+def topup_expiry_check(expires_at: datetime | None) -> None:
     if expires_at is None:
         raise Unprocessable("expires_at: Required with a positive amount.")
     if expires_at <= timezone.now():
@@ -423,7 +422,9 @@ class KeyListApi(ManagementMixin, APIView):
             *PAGE_PARAMETERS,
             OpenApiParameter("user_id", str, description="Only this user's keys."),
             OpenApiParameter(
-                "workspace_id", {"type": "string", "format": "uuid"}, description="Workspace."
+                "workspace_id",
+                {"type": "string", "format": "uuid"},
+                description="Only keys in this workspace.",
             ),
         ],
         description="Newest first. Never returns secrets; revoked keys are listed with "
@@ -433,10 +434,17 @@ class KeyListApi(ManagementMixin, APIView):
     def get(self, request: Request) -> Response:
         skip, limit = page_params(request)
         workspace_id = request.query_params.get("workspace_id")
-        if workspace_id is not None and not _is_default_workspace(workspace_id):
-            return Response([])
+        if workspace_id is not None:
+            try:
+                workspace_id = tenancy.workspace_id_parse(workspace_id)
+            except UnknownWorkspace:
+                # No key can be in a workspace that cannot exist.
+                return Response([])
         keys = selectors.api_key_list(
-            skip=skip, limit=limit, user_id=request.query_params.get("user_id")
+            skip=skip,
+            limit=limit,
+            user_id=request.query_params.get("user_id"),
+            workspace_id=workspace_id,
         )
         return Response(KeyInfo(keys, many=True).data)
 
@@ -446,16 +454,23 @@ class KeyListApi(ManagementMixin, APIView):
         request=CreateKey,
         description="Returns the secret (`key`) this once. Without user_id, the key gets "
         "a user of its own, `apikey-<hex>`, aliased after the key's name. The key's "
-        "`rpm_limit` / `tpm_limit` apply on top of its user's.",
+        "`rpm_limit` / `tpm_limit` apply on top of its user's. `workspace_id` names an "
+        "existing workspace (404 otherwise); omitted, the default workspace.",
         responses={200: CreateKeyResponse, **error_responses(404, 422)},
     )
     def post(self, request: Request) -> Response:
         data = validated(CreateKey, request.data)
         _key_unsupported_check(data)
-        workspace_id = data.get("workspace_id")
-        if workspace_id is not None and not _is_default_workspace(workspace_id):
-            raise NotFound("The workspace named by workspace_id was not found")
+        workspace = None
+        if data.get("workspace_id") is not None:
+            try:
+                workspace = tenancy.workspace_get(workspace_id=data["workspace_id"])
+            except UnknownWorkspace:
+                raise UnknownWorkspace(
+                    "The workspace named by workspace_id was not found"
+                ) from None
         settings = {
+            "workspace": workspace,
             "key_name": data.get("key_name") or "",
             "expires_at": data.get("expires_at"),
             "allowed_models": data.get("allowed_models"),
@@ -475,13 +490,6 @@ class KeyListApi(ManagementMixin, APIView):
         return Response(CreateKeyResponse(key).data)
 
 
-def _is_default_workspace(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == DEFAULT_WORKSPACE_ID
-    except ValueError:
-        return False
-
-
 class KeyDetailApi(ManagementMixin, APIView):
     @extend_schema(
         operation_id="keys_get",
@@ -496,12 +504,15 @@ class KeyDetailApi(ManagementMixin, APIView):
         tags=["keys"],
         request=UpdateKey,
         description="Only the fields sent change; the secret never does (see rotate). "
-        "A rate limit set to null is removed.",
+        "A rate limit set to null is removed. The workspace is fixed: a different "
+        "workspace_id is a 422.",
         responses={200: KeyInfo, **error_responses(404, 422)},
     )
     def patch(self, request: Request, key_id: str) -> Response:
         data = validated(UpdateKey, request.data, partial=True)
         _key_unsupported_check(data)
+        if data.get("workspace_id") is not None:
+            _key_workspace_fixed_check(_key_or_404(key_id), data["workspace_id"])
         changes: dict[str, Any] = {
             name: data[name]
             for name in ("key_name", "is_active", "exclude_from_budget", "metadata")
@@ -529,6 +540,22 @@ class KeyDetailApi(ManagementMixin, APIView):
         except APIKey.DoesNotExist:
             raise NotFound(f"API key {quoted_id(key_id)} not found", code="key_not_found") from None
         return Response(status=204)
+
+
+def _key_workspace_fixed_check(key: APIKey, workspace_id: str) -> None:
+    """A key's workspace is read off the key on every request, so it never changes:
+    sending its current one back (a whole KeyInfo round-tripped) is fine, another is
+    refused rather than ignored."""
+    current = key.workspace_id or DEFAULT_WORKSPACE_ID
+    try:
+        same = tenancy.workspace_id_parse(workspace_id) == current
+    except UnknownWorkspace:
+        same = False
+    if not same:
+        raise Unprocessable(
+            "workspace_id: A key's workspace is fixed when it is issued; "
+            "issue a new key in the other workspace."
+        )
 
 
 class KeyRotateApi(ManagementMixin, APIView):

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from budgets import api
+from budgets import api, api_tenancy
 
 urlpatterns = [
     path("budgets", api.BudgetListApi.as_view()),
@@ -16,4 +16,9 @@ urlpatterns = [
     path("keys", api.KeyListApi.as_view()),
     path("keys/<str:key_id>", api.KeyDetailApi.as_view()),
     path("keys/<str:key_id>/rotate", api.KeyRotateApi.as_view()),
+    path("workspaces", api_tenancy.WorkspaceListApi.as_view()),
+    path("workspaces/<str:workspace_id>", api_tenancy.WorkspaceDetailApi.as_view()),
+    path("scoped-budgets", api_tenancy.CeilingListApi.as_view()),
+    path("scoped-budgets/<str:ceiling_id>", api_tenancy.CeilingDetailApi.as_view()),
+    path("scoped-budgets/<str:ceiling_id>/topup", api_tenancy.CeilingTopupApi.as_view()),
 ]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 
 from common.exceptions import AuthenticationFailed, GatewayError, NotFound, PermissionDenied
+from common.rest import quoted_id
 from usage.models import BUDGET_EXCEEDED
 
 if TYPE_CHECKING:
@@ -106,3 +107,40 @@ class InvalidRateLimit(GatewayError):
     status = 422
     code = "invalid_rate_limit"
     message = "Invalid rate limit"
+
+
+class UnknownWorkspace(NotFound):
+    code = "workspace_not_found"
+    message = "Workspace not found"
+
+    @classmethod
+    def named(cls, workspace_id: Any) -> UnknownWorkspace:
+        return cls(f"Workspace {quoted_id(str(workspace_id))} not found")
+
+
+class UnknownCeiling(NotFound):
+    code = "scoped_budget_not_found"
+    message = "Scoped budget not found"
+
+    @classmethod
+    def named(cls, ceiling_id: Any) -> UnknownCeiling:
+        return cls(f"Scoped budget {quoted_id(str(ceiling_id))} not found")
+
+
+class UnknownScope(NotFound):
+    """A ceiling naming nothing would be created, listed and never bind (otari refuses
+    it for the same reason), so an unknown or malformed scope id is refused."""
+
+    code = "scope_not_found"
+    message = "Scope not found"
+
+
+class InvalidScope(GatewayError):
+    status = 422
+    code = "invalid_scope"
+    message = "Invalid scope"
+
+
+class UnknownProvider(NotFound):
+    code = "provider_not_found"
+    message = "The provider named by provider_key_id is not configured"

@@ -22,10 +22,6 @@ from budgets.services import keys
 if TYPE_CHECKING:
     from django.http import HttpRequest
 
-# The one workspace of a standalone gateway; keys report it because the SDK requires it.
-DEFAULT_WORKSPACE_ID = "00000000-0000-4000-8000-000000000000"
-
-
 # ---------------------------------------------------------------------------------------
 # Authentication: the master key, in any of the headers docs/SPEC.md §1 accepts
 

@@ -581,16 +581,54 @@ def user_exists(*, user_id: str, include_deleted: bool = False) -> bool:
     return users.exists()
 
 
-def api_key_list(*, skip: int, limit: int, user_id: str | None = None) -> list[APIKey]:
+def api_key_list(
+    *,
+    skip: int,
+    limit: int,
+    user_id: str | None = None,
+    workspace_id: uuid.UUID | None = None,
+) -> list[APIKey]:
     """Keys, newest first; revoked keys too (with `is_active` false)."""
     keys = APIKey.objects.order_by("-created_at", "-pk")
     if user_id is not None:
         keys = keys.filter(user_id=user_id)
+    if workspace_id is not None:
+        in_workspace = Q(workspace_id=workspace_id)
+        if workspace_id == DEFAULT_WORKSPACE_ID:
+            # Keys issued before workspaces existed have none: they are the default's.
+            in_workspace |= Q(workspace__isnull=True)
+        keys = keys.filter(in_workspace)
     return list(keys[skip : skip + limit])
 
 
 def api_key_get(*, key_id: uuid.UUID) -> APIKey | None:
     return APIKey.objects.filter(pk=key_id).first()
+
+
+# ---------------------------------------------------------------------------------------
+# Workspaces and ceilings (the management API's reads)
+
+
+def workspace_list(*, skip: int, limit: int) -> tuple[list[Workspace], int]:
+    """A page of the organization's workspaces, oldest first, and how many there are."""
+    workspaces = Workspace.objects.order_by("created_at", "pk")
+    return list(workspaces[skip : skip + limit]), workspaces.count()
+
+
+def ceiling_list(
+    *, skip: int, limit: int, scope_type: str | None = None, scope_id: str | None = None
+) -> list[Ceiling]:
+    """Ceilings, oldest first, with their budgets (one query for the page)."""
+    ceilings = Ceiling.objects.select_related("budget").order_by("created_at", "pk")
+    if scope_type is not None:
+        ceilings = ceilings.filter(scope_type=scope_type)
+    if scope_id is not None:
+        ceilings = ceilings.filter(scope_id=scope_id)
+    return list(ceilings[skip : skip + limit])
+
+
+def ceiling_get(*, ceiling_id: uuid.UUID) -> Ceiling | None:
+    return Ceiling.objects.select_related("budget").filter(pk=ceiling_id).first()
 
 
 # ---------------------------------------------------------------------------------------

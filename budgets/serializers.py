@@ -16,8 +16,15 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from budgets import alerting
-from budgets.models import MAX_RPM_LIMIT, MAX_TPM_LIMIT, BudgetAlert, ResetAlignment
-from budgets.rest import DEFAULT_WORKSPACE_ID
+from budgets.models import (
+    DEFAULT_WORKSPACE_ID,
+    MAX_RPM_LIMIT,
+    MAX_TPM_LIMIT,
+    APIKey,
+    BudgetAlert,
+    Ceiling,
+    ResetAlignment,
+)
 from common.rest import (
     ChoiceField,
     ConstantField,
@@ -44,7 +51,8 @@ class NullBooleanField(ConstantField):
 
 @extend_schema_field({"type": "string", "format": "uuid", "nullable": True})
 class NullUUIDField(ConstantField):
-    """Always null: a standalone gateway has no organizations."""
+    """Always null: a budget is the deployment's, not owned by its organization (a
+    ceiling binds it to a scope; in otari, null is a budget no organization owns)."""
 
 
 @extend_schema_field({"type": "integer", "description": "Always 0."})
@@ -53,8 +61,17 @@ class ZeroField(ConstantField):
 
 
 @extend_schema_field({"type": "string", "format": "uuid"})
-class WorkspaceField(ConstantField):
-    value = DEFAULT_WORKSPACE_ID
+class KeyWorkspaceField(serializers.Field):
+    """A key's workspace; a key issued before workspaces existed has none recorded and
+    belongs to the default workspace."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["read_only"] = True
+        kwargs["source"] = "*"
+        super().__init__(**kwargs)
+
+    def to_representation(self, key: APIKey) -> str:
+        return str(key.workspace_id or DEFAULT_WORKSPACE_ID)
 
 
 def _identifier_validate(value: str) -> str:
@@ -351,6 +368,13 @@ class UpdateKey(serializers.Serializer):
         required=False,
         help_text="Always on here (a key naming another user is refused): null or true.",
     )
+    workspace_id = StrictCharField(
+        max_length=255,
+        allow_null=True,
+        required=False,
+        help_text="Fixed when the key is issued: null or the key's own workspace; "
+        "another is refused (422).",
+    )
 
 
 class CreateKey(UpdateKey):
@@ -361,7 +385,11 @@ class CreateKey(UpdateKey):
         help_text="The user the key bills. Omitted: a user of its own is created.",
     )
     workspace_id = StrictCharField(
-        allow_null=True, required=False, help_text="Only the default workspace exists."
+        max_length=255,
+        allow_null=True,
+        required=False,
+        help_text="An existing workspace (404 otherwise); omitted or null: the default "
+        "workspace. Fixed for the key's life.",
     )
 
 
@@ -385,7 +413,7 @@ class KeyInfo(serializers.Serializer):
     )
     capture_agent_telemetry = NullBooleanField()
     reject_user_mismatch = NullBooleanField()
-    workspace_id = WorkspaceField()
+    workspace_id = KeyWorkspaceField()
     created_at = DateTimeField()
     updated_at = DateTimeField()
 
@@ -394,3 +422,118 @@ class CreateKeyResponse(KeyInfo):
     key = serializers.CharField(
         source="secret", help_text="The secret, shown this once (create and rotate)."
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Workspaces
+
+
+class UpdateWorkspace(serializers.Serializer):
+    """PATCH: only what is sent changes; a null name is no change, a null description
+    clears it."""
+
+    name = StrictCharField(max_length=255, allow_null=True, required=False)
+    description = StrictCharField(
+        max_length=1024, allow_blank=True, allow_null=True, required=False
+    )
+
+
+class CreateWorkspace(UpdateWorkspace):
+    name = StrictCharField(max_length=255, help_text="Unique in the organization.")
+
+
+class WorkspaceResponse(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    description = serializers.CharField()
+    organization_id = serializers.UUIDField()
+    created_at = DateTimeField()
+    updated_at = DateTimeField()
+
+
+class MessageResponse(serializers.Serializer):
+    message = serializers.CharField()
+
+
+class WorkspacesResponse(serializers.Serializer):
+    data = WorkspaceResponse(many=True)
+    count = serializers.IntegerField(help_text="All the workspaces, not just this page.")
+
+
+# ---------------------------------------------------------------------------------------
+# Scoped budgets (ceilings)
+
+SCOPE_TYPES = [choice.value for choice in Ceiling.Scope]
+
+
+class UpdateCeiling(serializers.Serializer):
+    """PATCH: only what is sent changes; a null name clears it, a null budget_id is no
+    change. Scope and provider are fixed (delete and create instead)."""
+
+    name = StrictCharField(max_length=200, allow_blank=True, allow_null=True, required=False)
+    budget_id = StrictCharField(
+        max_length=255,
+        allow_null=True,
+        required=False,
+        help_text="Another budget starts a fresh window now; the old spend is kept in a reset log.",
+    )
+
+
+class CreateCeiling(UpdateCeiling):
+    scope_type = ChoiceField(SCOPE_TYPES)
+    scope_id = StrictCharField(
+        max_length=255,
+        help_text="The organization's, a workspace's or an API key's id (404 if none).",
+    )
+    budget_id = StrictCharField(
+        max_length=255, help_text="The budget whose limit and period this ceiling enforces."
+    )
+    provider_key_id = StrictCharField(
+        max_length=255,
+        allow_blank=True,
+        allow_null=True,
+        required=False,
+        help_text="A configured provider instance to narrow the cap to (404 if none); "
+        "null: every provider.",
+    )
+
+
+@extend_schema_field({"type": "string", "nullable": True})
+class _BlankAsNullField(serializers.CharField):
+    """A text column where "" means "none", reported as null (otari's shape)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["read_only"] = True
+        super().__init__(**kwargs)
+
+    def to_representation(self, value: str) -> str | None:
+        return value or None
+
+
+class CeilingResponse(serializers.Serializer):
+    id = serializers.UUIDField()
+    scope_type = serializers.ChoiceField(SCOPE_TYPES)
+    scope_id = serializers.CharField()
+    provider_key_id = _BlankAsNullField(
+        source="provider", help_text="The provider instance capped; null: every provider."
+    )
+    budget_id = serializers.CharField()
+    name = _BlankAsNullField()
+    max_budget = MoneyOutField(source="budget.max_budget_usd", allow_null=True)
+    current_spend = MoneyOutField(source="spend_usd", help_text="Settled cost this period.")
+    reserved_spend = MoneyOutField(source="reserved_usd", help_text="Open holds.")
+    budget_duration_sec = serializers.IntegerField(
+        source="budget.budget_duration_sec", allow_null=True
+    )
+    reset_alignment = serializers.ChoiceField(
+        _ALIGNMENTS, source="budget.reset_alignment", allow_null=True
+    )
+    period_start = DateTimeField(source="budget_started_at", allow_null=True)
+    period_end = DateTimeField(
+        source="next_budget_reset_at", allow_null=True, help_text="Null: never resets."
+    )
+    lifetime_spend = MoneyOutField(source="lifetime_spend_usd")
+    topup = MoneyOutField(source="topup_usd", help_text="Temporary addition to the limit.")
+    topup_expires_at = DateTimeField(allow_null=True)
+    created_at = DateTimeField()
+    updated_at = DateTimeField()

@@ -15,19 +15,21 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import sync_to_async
 from django import forms
 from django.conf import settings
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters, csrf_protect_m
+from django.contrib.admin.utils import quote
 from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
 from django.core.paginator import Paginator
 from django.db import connections
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from common.exceptions import GatewayError
 from common.exports import csv_lines
 from common.fields import MoneyField
 
@@ -216,6 +218,87 @@ class ServiceAdmin(admin.ModelAdmin):
         obj.pk = saved.pk
         obj.refresh_from_db()
         obj._state.adding = False
+
+
+class DeleteRefused(Exception):
+    """A service refused to delete an object (RefusableDeleteMixin); `message` says why,
+    in the service's words."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RefusableDeleteMixin:
+    """Delete pages of objects whose service may refuse (a workspace still holding keys):
+    delete_model raises DeleteRefused with the service's message, which is shown on the
+    object's page instead of a success, and nothing is logged as deleted.
+
+    The confirmation lists only the object: Django's own collection would walk every
+    protected usage row (millions) and refuse with its own words. Bulk deletion is off,
+    so that each refusal is reported for its object.
+    """
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple:
+        return [str(o) for o in objs], {self.opts.verbose_name_plural: len(objs)}, set(), []
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+    def log_deletions(self, request: HttpRequest, queryset: Any) -> None:
+        # Logged by delete_view once the service has deleted the row: it may refuse.
+        pass
+
+    @csrf_protect_m
+    def delete_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except DeleteRefused as refused:
+            self.message_user(request, refused.message, messages.ERROR)
+            opts = self.opts
+            return HttpResponseRedirect(
+                reverse(
+                    f"admin:{opts.app_label}_{opts.model_name}_change",
+                    args=[quote(object_id)],
+                    current_app=self.admin_site.name,
+                )
+            )
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        try:
+            self.delete_through_service(obj)
+        except GatewayError as refused:
+            raise DeleteRefused(refused.message) from refused
+        admin.ModelAdmin.log_deletions(self, request, [obj])
+
+    def delete_through_service(self, obj: Any) -> None:
+        """Delete `obj` through its service, which raises a GatewayError to refuse."""
+        raise NotImplementedError
+
+
+class PageRowsMixin:
+    """A changelist whose rows show figures computed for the whole page at once (one
+    grouped query over the shown rows, not one per row, and no correlated subquery per
+    row): `page_rows(request, rows)` gets the page's objects before they are rendered."""
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type:
+        base = super().get_changelist(request, **kwargs)
+        model_admin = self
+
+        class PageChangeList(base):
+            def get_results(self, request: HttpRequest) -> None:
+                super().get_results(request)
+                # Evaluates the page's queryset once; the template iterates these objects.
+                model_admin.page_rows(request, list(self.result_list))
+
+        return PageChangeList
+
+    def page_rows(self, request: HttpRequest, rows: list[Any]) -> None:
+        raise NotImplementedError
 
 
 class LedgerAdmin(admin.ModelAdmin):

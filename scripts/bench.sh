@@ -97,24 +97,19 @@ import django, os
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
 django.setup()
 from decimal import Decimal
-from budgets.models import Ceiling, Workspace
-from budgets.services import accounts, keys, periods, tenancy
-from django.utils import timezone
+from budgets.services import accounts, ceilings, keys, tenancy
 budget = accounts.budget_create(name="bench-ceilings", max_budget_usd=Decimal("999999999"))
 user = accounts.user_create(user_id="bench3", budget=budget)
-workspace = Workspace.objects.create(organization=tenancy.organization_ensure(), name="bench")
-key, secret = keys.api_key_create(user=user)
-key.workspace = workspace
-key.save(update_fields=["workspace"])
+workspace = tenancy.workspace_create(name="bench")
+key, secret = keys.api_key_create(user=user, workspace=workspace)
 for scope_type, scope_id, provider in (
     ("api_token", key.pk, ""),
     ("workspace", workspace.pk, ""),
     ("organization", tenancy.organization_ensure().pk, "openai3"),
 ):
-    ceiling = Ceiling.objects.create(
-        scope_type=scope_type, scope_id=str(scope_id), provider=provider, budget=budget
+    ceilings.ceiling_create(
+        scope_type=scope_type, scope_id=str(scope_id), budget_id=budget.pk, provider=provider
     )
-    periods.start_fresh_window(ceiling, budget, timezone.now())
 print(secret)
 PY
 )

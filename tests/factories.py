@@ -6,10 +6,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from django.utils import timezone
-
 from budgets.models import APIKey, Budget, Ceiling, GatewayUser, Organization, Workspace
-from budgets.services import accounts, keys, periods, tenancy
+from budgets.services import accounts, ceilings, keys, tenancy
 from usage.models import ModelPricing
 from usage.services import pricing_set
 
@@ -56,23 +54,22 @@ def priced(model: str, input_per_mtok: str = "0.15", output_per_mtok: str = "0.6
 
 def make_workspace(name: str | None = None) -> Workspace:
     """A workspace in the deployment's organization."""
-    return Workspace.objects.create(
-        organization=tenancy.organization_ensure(), name=name or f"workspace-{next(_counter)}"
-    )
+    return tenancy.workspace_create(name=name or f"workspace-{next(_counter)}")
 
 
 def make_ceiling(
     scope: Workspace | APIKey | Organization, budget: Budget, provider: str = "", **kwargs: Any
 ) -> Ceiling:
-    """A ceiling on `scope` whose window starts now, as the API creates one."""
+    """A ceiling on `scope`, created as the API creates one (its window starts now)."""
     scope_type = {
         Workspace: Ceiling.Scope.WORKSPACE,
         APIKey: Ceiling.Scope.API_TOKEN,
         Organization: Ceiling.Scope.ORGANIZATION,
     }[type(scope)]
-    ceiling = Ceiling.objects.create(
-        scope_type=scope_type, scope_id=str(scope.pk), provider=provider, budget=budget, **kwargs
+    return ceilings.ceiling_create(
+        scope_type=scope_type,
+        scope_id=str(scope.pk),
+        budget_id=budget.pk,
+        provider=provider,
+        **kwargs,
     )
-    periods.start_fresh_window(ceiling, budget, timezone.now())
-    ceiling.refresh_from_db()
-    return ceiling

@@ -13,7 +13,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 
 from common.exports import csv_lines
-from usage.selectors import REPORT_DIMENSIONS, ReportRow, spend_report
+from usage.selectors import REPORT_DIMENSIONS, ReportRow, month_window, spend_report
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,14 @@ def period_from(request: HttpRequest, now: datetime) -> tuple[Period, str]:
         year, _, mon = month.partition("-")
         start = datetime(int(year), int(mon), 1, tzinfo=UTC)
     except (ValueError, KeyError):
-        start = now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        start, _ = month_window(now)
         error = "Dates are YYYY-MM-DD and months YYYY-MM, the end not before the start."
         return _month(start), error
     return _month(start), ""
 
 
 def _month(start: datetime) -> Period:
-    end = (start + timedelta(days=32)).replace(day=1)
+    _, end = month_window(start)
     return Period(start, end, f"{start:%B %Y} (UTC)", month=f"{start:%Y-%m}")
 
 

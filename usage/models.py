@@ -114,6 +114,10 @@ def budget_model() -> type[models.Model]:
     return apps.get_model(BUDGET_MODEL)
 
 
+def workspace_model() -> type[models.Model]:
+    return apps.get_model(WORKSPACE_MODEL)
+
+
 class UsageLog(models.Model):
     """One row per request that reached a known user, success or not."""
 

@@ -8,4 +8,13 @@ and never stored. (Django's admin autodiscovery imports this package; importing 
 modules registers their pages.)
 """
 
-from budgets.admin import alerts, budgets, keys, ledgers, pricing, users  # noqa: F401
+from budgets.admin import (  # noqa: F401
+    alerts,
+    budgets,
+    ceilings,
+    keys,
+    ledgers,
+    pricing,
+    users,
+    workspaces,
+)

@@ -3,6 +3,7 @@ budgets.services.keys; a new secret is shown once and never stored."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from budgets.admin.ceilings import ceilings_table
 from budgets.admin.display import (
     RATE_LIMITS_DESCRIPTION,
     limits_cell,
@@ -23,11 +25,12 @@ from budgets.admin.display import (
     rpm_limit_field,
     tpm_limit_field,
     user_link,
+    workspace_keys,
+    workspace_link,
+    workspace_of,
 )
 from budgets.admin_history import SettingHistoryMixin
-from budgets.models import (
-    APIKey,
-)
+from budgets.models import APIKey, Ceiling, Workspace
 from budgets.services import keys
 from common.admin_tools import (
     ServiceAdmin,
@@ -64,6 +67,8 @@ _KEY_HELP = {
     "exclude_from_budget": "Requests with this key are logged with their cost but never held "
     "or charged to the budget.",
     "is_active": "Untick to revoke the key: it stops working on the next request.",
+    "workspace": "Fixed for the key's life: its requests count toward this workspace's "
+    "ceilings. Empty = the default workspace.",
 }
 
 
@@ -72,6 +77,7 @@ class KeyAddForm(_KeyFormBase):
         model = APIKey
         fields = [
             "user",
+            "workspace",
             "key_name",
             "expires_at",
             "allowed_models",
@@ -97,6 +103,23 @@ class KeyChangeForm(_KeyFormBase):
             "tpm_limit",
         ]
         help_texts = _KEY_HELP
+
+
+class KeyWorkspaceFilter(admin.SimpleListFilter):
+    title = "workspace"
+    parameter_name = "workspace"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [(str(pk), name) for pk, name in Workspace.objects.values_list("id", "name")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if not self.value():
+            return queryset
+        try:
+            workspace_id = uuid.UUID(self.value())
+        except ValueError:
+            return queryset.none()
+        return queryset.filter(workspace_keys(workspace_id))
 
 
 class KeyExpiryFilter(admin.SimpleListFilter):
@@ -127,6 +150,7 @@ class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
         "key",
         "key_name",
         "owner",
+        "workspace_name",
         "state",
         "expires",
         "last_used",
@@ -134,8 +158,8 @@ class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
         "budget_mode",
         "limits",
     ]
-    list_filter = ["is_active", KeyExpiryFilter, "exclude_from_budget"]
-    list_select_related = ["user"]
+    list_filter = ["is_active", KeyWorkspaceFilter, KeyExpiryFilter, "exclude_from_budget"]
+    list_select_related = ["user", "workspace"]
     search_fields = ["key_name", "key_prefix", "user__user_id", "user__alias"]
     search_help_text = "Search by key name, key prefix (gw-…), user id or alias."
     raw_id_fields = ["user"]
@@ -154,7 +178,7 @@ class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
                 (
                     None,
                     {
-                        "fields": ["user", "key_name", "expires_at"],
+                        "fields": ["user", "workspace", "key_name", "expires_at"],
                         "description": "The secret is shown once, on the next page. "
                         "Only its hash is stored.",
                     },
@@ -163,9 +187,22 @@ class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
                 self._rate_limits_fieldset,
             ]
         return [
-            (None, {"fields": ["key", "owner", "key_name", "is_active", "expires_at"]}),
+            (
+                None,
+                {
+                    "fields": [
+                        "key",
+                        "owner",
+                        "workspace_name",
+                        "key_name",
+                        "is_active",
+                        "expires_at",
+                    ]
+                },
+            ),
             ("Access", {"fields": ["allowed_models", "exclude_from_budget", "metadata"]}),
             self._rate_limits_fieldset,
+            ("Ceilings on this key", {"fields": ["ceilings"]}),
             ("Record", {"fields": ["created_at", "updated_at", "last_used_at"]}),
         ]
 
@@ -180,7 +217,15 @@ class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: APIKey | None = None) -> list:
         if obj is None:
             return []
-        return ["key", "owner", "created_at", "updated_at", "last_used_at"]
+        return [
+            "key",
+            "owner",
+            "workspace_name",
+            "ceilings",
+            "created_at",
+            "updated_at",
+            "last_used_at",
+        ]
 
     def has_delete_permission(self, request: HttpRequest, obj: APIKey | None = None) -> bool:
         # Usage rows refer to their key: revoke instead, and history keeps its key.
@@ -193,6 +238,16 @@ class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
     @admin.display(description="User", ordering="user__user_id")
     def owner(self, obj: APIKey) -> SafeString:
         return user_link(obj.user_id, str(obj.user))
+
+    @admin.display(description="Workspace", ordering="workspace__name")
+    def workspace_name(self, obj: APIKey) -> SafeString:
+        # A key issued before workspaces existed has none: it is in the default one.
+        name = obj.workspace.name if obj.workspace is not None else "Default"
+        return workspace_link(workspace_of(obj), name)
+
+    @admin.display(description="Ceilings")
+    def ceilings(self, obj: APIKey) -> SafeString:
+        return ceilings_table(Ceiling.Scope.API_TOKEN, obj.pk)
 
     @admin.display(description="State", ordering="is_active")
     def state(self, obj: APIKey) -> SafeString:
@@ -236,6 +291,7 @@ class APIKeyAdmin(SettingHistoryMixin, ServiceAdmin):
             metadata=data["metadata"],
             rpm_limit=data["rpm_limit"],
             tpm_limit=data["tpm_limit"],
+            workspace=data["workspace"],
         )
         # Handed to response_add through the request object only: it dies with this
         # request, and nothing persists it.

@@ -29,6 +29,8 @@ from budgets.admin.display import (
     model_list_value,
     money_cell,
     rpm_limit_field,
+    topup_cell,
+    topup_form_clean,
     tpm_limit_field,
 )
 from budgets.admin_history import SettingHistoryMixin
@@ -99,15 +101,7 @@ class UserForm(forms.ModelForm):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
-        if {"topup_usd", "topup_expires_at"} & set(self.changed_data):
-            amount = cleaned.get("topup_usd")
-            expires_at = cleaned.get("topup_expires_at")
-            if amount and expires_at is None:
-                self.add_error("topup_expires_at", "Give the top-up an expiry time.")
-            elif amount and expires_at <= timezone.now():
-                self.add_error("topup_expires_at", "The expiry must be in the future.")
-            elif expires_at is not None and not amount and "topup_usd" not in self.errors:
-                self.add_error("topup_usd", "Enter the top-up amount, or clear the expiry.")
+        topup_form_clean(self, cleaned)
         return cleaned
 
 
@@ -365,21 +359,7 @@ class GatewayUserAdmin(SettingHistoryMixin, ServiceAdmin):
 
     @admin.display(description="Top-up now")
     def topup_state(self, obj: GatewayUser) -> SafeString:
-        if not obj.topup_usd or obj.topup_expires_at is None:
-            return format_html('<span class="otari-muted">{}</span>', "none")
-        if not rules.topup_live(obj.topup_expires_at, timezone.now()):
-            return format_html(
-                '{} <span class="otari-muted">of {}, expired {}</span>',
-                badge("muted", "expired"),
-                format_usd(obj.topup_usd),
-                as_utc(obj.topup_expires_at),
-            )
-        return format_html(
-            "{} +{} until {}",
-            badge("good", "active"),
-            format_usd(obj.topup_usd),
-            as_utc(obj.topup_expires_at),
-        )
+        return topup_cell(obj.topup_usd, obj.topup_expires_at)
 
     @admin.display(description="Lifetime spend")
     def lifetime_spend(self, obj: GatewayUser) -> SafeString:

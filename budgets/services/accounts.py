@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from budgets import alerting, periods, selectors
 from budgets.exceptions import InvalidAlertSettings, InvalidRateLimit
-from budgets.models import MAX_RPM_LIMIT, MAX_TPM_LIMIT, APIKey, Budget, GatewayUser
+from budgets.models import MAX_RPM_LIMIT, MAX_TPM_LIMIT, APIKey, Budget, Ceiling, GatewayUser
 from budgets.services.periods import start_fresh_window
 from common.exceptions import Conflict
 from common.history import history_record
@@ -142,7 +142,8 @@ def budget_update(
 
 
 def budget_delete(*, budget_id: str) -> None:
-    """Delete a budget that no live user is on (its reset history is kept).
+    """Delete a budget that no live user and no ceiling is on (its reset history is
+    kept); otherwise Conflict (409) naming what is in the way.
 
     Deleted users still pointing at it are detached first: they can never be billed
     again, and otherwise nothing could ever free the budget (a deleted user cannot be
@@ -153,6 +154,16 @@ def budget_delete(*, budget_id: str) -> None:
         if GatewayUser.objects.filter(budget=budget, deleted_at__isnull=True).exists():
             raise Conflict(
                 "The budget still has users; move them to another budget first",
+                code="budget_in_use",
+            )
+        ceilings = Ceiling.objects.filter(budget=budget)
+        if ceilings.exists():
+            # Imported here: tenancy imports this module (UNSET).
+            from budgets.services.tenancy import ceilings_listed
+
+            raise Conflict(
+                f"The budget is used by scoped budget(s) {ceilings_listed(ceilings)}; point "
+                "them at another budget or delete them first",
                 code="budget_in_use",
             )
         GatewayUser.objects.filter(budget=budget).update(budget=None, next_budget_reset_at=None)

@@ -16,8 +16,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from budgets.models import APIKey, GatewayUser, MasterKey
+from budgets.models import APIKey, GatewayUser, MasterKey, Workspace
 from budgets.services.accounts import UNSET, rate_limits_check
+from budgets.services.tenancy import default_workspace_ensure
 from common.credentials import API_KEY_PREFIX, MASTER_KEY_PREFIX
 from common.exceptions import Conflict
 from common.history import history_record
@@ -41,12 +42,16 @@ def api_key_create(
     metadata: dict[str, Any] | None = None,
     rpm_limit: int | None = None,
     tpm_limit: int | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[APIKey, str]:
-    """Create a key for `user`. Returns the key and its secret, which is not kept."""
+    """Create a key for `user` in `workspace` (None: the default workspace), fixed for
+    the key's life. Returns the key and its secret, which is not kept."""
     rate_limits_check(rpm_limit=rpm_limit, tpm_limit=tpm_limit)
     secret = _new_api_key_secret()
     key = APIKey.objects.create(
         user=user,
+        # Recorded, not left null, so that the workspace's keys are one indexed filter.
+        workspace=workspace or default_workspace_ensure(),
         key_hash=secret_hash(secret),
         key_prefix=secret[:10],
         key_suffix=secret[-4:],
@@ -70,6 +75,7 @@ def api_key_create_with_user(
     metadata: dict[str, Any] | None = None,
     rpm_limit: int | None = None,
     tpm_limit: int | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[APIKey, str]:
     """Create a key together with a user of its own (`apikey-<hex>`, aliased after the
     key's name), for a key created without a user: every key bills exactly one user.
@@ -88,6 +94,7 @@ def api_key_create_with_user(
             metadata=metadata,
             rpm_limit=rpm_limit,
             tpm_limit=tpm_limit,
+            workspace=workspace,
         )
 
 

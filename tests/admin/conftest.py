@@ -73,9 +73,11 @@ def charge(
     model: str = "gpt-4o-mini",
     hold: str | Decimal = "0.000001",
     error_message: str = "",
+    workspace_id: uuid.UUID | None = None,
 ) -> UsageLog:
     """One settled request of `cost` for `user`, as the gateway records it (a tiny hold,
-    so a test can push spend past the limit the way a bigger-than-estimated reply does)."""
+    so a test can push spend past the limit the way a bigger-than-estimated reply does),
+    in `workspace_id` when given."""
     now = at or timezone.now()
     request_id = uuid.uuid4()
     holds.hold_open(
@@ -99,6 +101,7 @@ def charge(
             cost_usd=Decimal(cost),
             latency_ms=120,
             error_message=error_message,
+            workspace_id=workspace_id,
         ),
         now=now,
     )

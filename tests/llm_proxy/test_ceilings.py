@@ -18,7 +18,7 @@ from django.core.management import CommandError, call_command
 from django.db import connections
 from django.utils import timezone
 
-from budgets.models import APIKey, Ceiling, CeilingResetLog, Hold, HoldCeiling
+from budgets.models import Ceiling, CeilingResetLog, Hold, HoldCeiling
 from budgets.rules import Scopes
 from budgets.selectors import books_drift_list
 from budgets.services import holds, tenancy
@@ -53,12 +53,6 @@ def chat(gateway, secret: str, model: str = MODEL) -> httpx.Response:
         max_tokens=MAX_TOKENS,
         messages=[{"role": "user", "content": PROMPT}],
     )
-
-
-def in_workspace(key: APIKey, workspace) -> APIKey:
-    APIKey.objects.filter(pk=key.pk).update(workspace=workspace)
-    key.refresh_from_db()
-    return key
 
 
 def assert_nothing_held(*ceilings: Ceiling) -> None:
@@ -109,8 +103,7 @@ def test_a_key_ceiling_stops_one_key_while_the_users_other_keys_go_on(gateway, p
 def test_refusals_name_their_level_and_leave_no_hold_at_any(gateway, priced):
     workspace = make_workspace("research")
     user = make_user(budget=make_budget(max_budget_usd=Decimal("100")))
-    key, secret = make_key(user)
-    in_workspace(key, workspace)
+    key, secret = make_key(user, workspace=workspace)
     roomy, tight = (
         make_budget(max_budget_usd=Decimal("50")),
         make_budget(max_budget_usd=ESTIMATE / 2),
@@ -235,8 +228,7 @@ def test_a_client_that_leaves_mid_stream_is_charged_what_it_was_sent_on_every_le
     set_price(model, "10", "10")
     workspace = make_workspace()
     user = make_user(budget=make_budget(max_budget_usd=Decimal("100")))
-    key, secret = make_key(user)
-    in_workspace(key, workspace)
+    key, secret = make_key(user, workspace=workspace)
     ceilings = [
         make_ceiling(key, make_budget(max_budget_usd=Decimal("10"))),
         make_ceiling(workspace, make_budget(max_budget_usd=Decimal("10"))),
@@ -409,8 +401,8 @@ def test_a_workspace_ceiling_shared_by_two_users_admits_exactly_what_fits(
     workspace = make_workspace("shared")
     secrets = []
     for _ in range(2):
-        key, secret = make_key(make_user(budget=make_budget(max_budget_usd=Decimal("100"))))
-        in_workspace(key, workspace)
+        user = make_user(budget=make_budget(max_budget_usd=Decimal("100")))
+        _, secret = make_key(user, workspace=workspace)
         secrets.append(secret)
     k = 3
     ceiling = make_ceiling(workspace, make_budget(max_budget_usd=ESTIMATE * k))
