@@ -30,6 +30,7 @@ from budgets.models import (
 )
 from budgets.services.accounts import UNSET
 from common.exceptions import Conflict
+from common.rest import quoted_id
 from usage.models import UsageLog
 
 # How many referring rows a refusal names before it says "and N more".
@@ -79,7 +80,7 @@ def workspace_get(*, workspace_id: Any) -> Workspace:
 
 
 def _name_taken(name: str) -> Conflict:
-    return Conflict(f"A workspace named {name!r} already exists", code="workspace_exists")
+    return Conflict(f"A workspace named {quoted_id(name)} already exists", code="workspace_exists")
 
 
 def workspace_create(*, name: str, description: str = "") -> Workspace:

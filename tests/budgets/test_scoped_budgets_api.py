@@ -333,3 +333,25 @@ def test_the_master_key_is_required(gateway, admin):
     with gateway.client(secret) as with_api_key:
         assert with_api_key.post("/v1/workspaces", json={"name": "x"}).status_code == 403
         assert with_api_key.get("/v1/scoped-budgets").status_code == 403
+
+
+def test_the_schema_describes_the_new_routes(gateway):
+    with gateway.client() as client:
+        schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in (
+        "/v1/workspaces",
+        "/v1/workspaces/{workspace_id}",
+        "/v1/scoped-budgets",
+        "/v1/scoped-budgets/{ceiling_id}",
+        "/v1/scoped-budgets/{ceiling_id}/topup",
+    ):
+        assert path in paths, path
+    assert "201" in paths["/v1/workspaces"]["post"]["responses"]
+    assert "204" in paths["/v1/scoped-budgets/{ceiling_id}"]["delete"]["responses"]
+    ceiling = schema["components"]["schemas"]["CeilingResponse"]
+    for field in ("max_budget", "current_spend", "reserved_spend", "period_end"):
+        assert field in ceiling["required"]
+    assert ceiling["properties"]["current_spend"]["type"] == "number"
+    key = schema["components"]["schemas"]["KeyInfo"]
+    assert key["properties"]["workspace_id"]["format"] == "uuid"
