@@ -1,0 +1,58 @@
+"""Routing in standalone mode (docs/ROUTING.md): model names that are not `provider:model`
+but an alias or a routing policy, which decide the ordered targets a request may be sent
+to.
+
+The request path (llm_proxy.pipeline.admission) asks two things of this package:
+
+- `policy_lookup(name, user_id=...)`: the policy (an alias is a policy with a single
+  `default`) that `name` names for this caller, or None when `name` is no policy;
+- `plan(policy, context)`: the ordered targets for one request, which is what
+  `explain` shows without dispatching anything.
+
+and reports each attempt's outcome to `health`, which skips a target that keeps failing
+for a cooldown (shared through Redis when it is configured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a policy's `when` conditions and the allow-list see of one request."""
+
+    user_id: str | None = None
+    key_id: str | None = None
+    # Percent of the caller's budget committed (spend + reserved), and USD left before
+    # its cap; None when the caller has no cap (a budget condition then never matches).
+    budget_used_pct: Decimal | None = None
+    budget_remaining_usd: Decimal | None = None
+    # The caller's allowed_models (None: any); the policy's own name in it allows every
+    # target of the policy.
+    allowed_models: list[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The targets of one request, in the order they are tried: the selected entry's
+    (a weighted router's draw, without replacement), then `on_failure`'s, each once."""
+
+    name: str
+    selection_reason: str  # "when[0]", "default", "router:weighted"
+    candidates: list[str]  # "provider:model", at least one
+    # Targets left out, with why: not allowed for this caller, cooling down, unknown.
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    # A weighted router's normalised shares (explain's `router_weights`).
+    router_weights: dict[str, float] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "selection_reason": self.selection_reason,
+            "candidates": self.candidates,
+            "dropped": [{"target": t, "reason": r} for t, r in self.dropped],
+            "router_weights": self.router_weights,
+        }
