@@ -81,6 +81,11 @@ class PriceConfig:
 class GatewayConfig:
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     pricing: dict[str, PriceConfig] = field(default_factory=dict)
+    # Routing (docs/ROUTING.md), as written: `aliases: {name: provider:model}` and
+    # `routing: {policies: {name: spec}}`. Validated by llm_proxy.routing at startup
+    # (common/ imports no app, and the rules are routing's).
+    aliases: dict[str, Any] = field(default_factory=dict)
+    routing_policies: dict[str, Any] = field(default_factory=dict)
 
 
 def _expand(value: Any) -> Any:
@@ -188,4 +193,18 @@ def gateway_config() -> GatewayConfig:
     pricing = {
         str(key): _parse_price(str(key), value) for key, value in (raw.get("pricing") or {}).items()
     }
-    return GatewayConfig(providers=providers, pricing=pricing)
+    aliases = raw.get("aliases") or {}
+    if not isinstance(aliases, dict):
+        raise ImproperlyConfigured("aliases: expected a mapping of name -> provider:model")
+    routing = raw.get("routing") or {}
+    if not isinstance(routing, dict) or set(routing) - {"policies"}:
+        raise ImproperlyConfigured("routing: expected a mapping with `policies`")
+    policies = routing.get("policies") or {}
+    if not isinstance(policies, dict):
+        raise ImproperlyConfigured("routing.policies: expected a mapping of name -> spec")
+    return GatewayConfig(
+        providers=providers,
+        pricing=pricing,
+        aliases={str(name): target for name, target in aliases.items()},
+        routing_policies={str(name): spec for name, spec in policies.items()},
+    )

@@ -56,3 +56,22 @@ class Plan:
             "dropped": [{"target": t, "reason": r} for t, r in self.dropped],
             "router_weights": self.router_weights,
         }
+
+
+# The public surface (below the dataclasses: plan.py imports them from here).
+from llm_proxy.routing.registry import (  # noqa: E402
+    is_routing_name,
+    policy_lookup,
+    policy_lookup_async,
+)
+from llm_proxy.routing.spec import Policy, SpecError  # noqa: E402
+
+__all__ = [
+    "Context",
+    "Plan",
+    "Policy",
+    "SpecError",
+    "is_routing_name",
+    "policy_lookup",
+    "policy_lookup_async",
+]
