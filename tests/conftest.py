@@ -399,3 +399,27 @@ def _end_pooled_sessions(django_db_setup, django_db_blocker) -> Iterator[None]:
     yield
     with django_db_blocker.unblock():
         disconnect_other_sessions()
+
+
+# --- Redis -------------------------------------------------------------------------------
+
+# CI runs Redis on 127.0.0.1:6379; each branch of work uses its own database number.
+REDIS_URL = os.environ.get("OTARI_TEST_REDIS_URL", "redis://127.0.0.1:6379/8")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """An empty Redis database of the tests' own (the rate limiter's, routing health's;
+    skipped without Redis locally; CI, which sets OTARI_REQUIRE_POSTGRES, fails instead)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.flushdb()
+    except redis.ConnectionError:
+        if os.environ.get("OTARI_REQUIRE_POSTGRES"):
+            raise
+        pytest.skip(f"needs Redis at {REDIS_URL} (set OTARI_TEST_REDIS_URL)")
+    yield REDIS_URL
+    client.flushdb()
+    client.close()

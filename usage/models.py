@@ -125,6 +125,9 @@ class UsageLog(models.Model):
         SUCCESS = "success"
         ERROR = "error"
         CLIENT_DISCONNECTED = "client_disconnected"
+        # A routed attempt that failed before the commit point and was failed over: its
+        # own row, never counted toward a budget (docs/ROUTING.md).
+        ABSORBED = "absorbed"
 
     # Also the request id (X-Otari-Request-Id) and the id of its hold.
     id = models.UUIDField(primary_key=True, default=uuid.uuid4)

@@ -73,6 +73,15 @@ class BudgetState:
             return None
         return max(ZERO, self.limit_usd - self.spend_usd - self.reserved_usd)
 
+    @property
+    def used_pct(self) -> Decimal | None:
+        """Percent of the limit committed (spend + reserved); a limit of 0 is all used."""
+        if self.limit_usd is None:
+            return None
+        if not self.limit_usd:
+            return Decimal(100)
+        return (self.spend_usd + self.reserved_usd) * 100 / self.limit_usd
+
     @classmethod
     def of(cls, user: GatewayUser | Ceiling, now: datetime) -> BudgetState:
         """A user's or a ceiling's state (its budget loaded)."""
@@ -409,41 +418,66 @@ async def hold_open_async(
 
 
 # ---------------------------------------------------------------------------------------
-# RETARGET: a request failing over to an attempt at another provider (platform mode) moves
-# its hold off the ceilings narrowed to the provider it leaves and onto those narrowed to
-# the one it tries next, if the hold fits them all; otherwise nothing changes. Rare (a
-# failover across providers with narrowed ceilings): one transaction under the locks, in
-# the lock order (hold, then ceilings by id), in its ORM spelling on every database.
+# MOVE: a request failing over to another attempt takes its hold along. The hold grows
+# to the next attempt's estimate when that is dearer (a cheaper attempt keeps the larger
+# hold until settlement), on the user and on every ceiling it stays on; and it leaves the
+# ceilings narrowed to the provider it leaves for those narrowed to the one it tries
+# next. All of it fits, or nothing changes and the request stops with the refusal. Rare
+# (a failover): one transaction under the locks, in the lock order (hold, user, ceilings
+# by id), in its ORM spelling on every database.
 
 
-def hold_retarget(*, request_id: uuid.UUID, scopes: Scopes, provider: str, now: datetime) -> None:
-    """Hold the request's amount on the ceilings that apply at `provider` instead of
-    those of the provider it leaves; raise BudgetExceeded (naming the level) when one
-    does not admit it, leaving the hold as it was."""
+def hold_move(
+    *,
+    request_id: uuid.UUID,
+    scopes: Scopes,
+    provider: str,
+    amount_usd: Decimal,
+    model_key: str,
+    now: datetime,
+) -> None:
+    """Hold `amount_usd` (at least what is held) for the attempt at `provider`; raise
+    BudgetExceeded, naming the level, when it does not fit, leaving the hold as it was."""
     with transaction.atomic(durable=True):
         hold = Hold.objects.select_for_update().filter(pk=request_id, status="open").first()
         if hold is None:
             return
+        held = hold.amount_usd
+        grow = max(ZERO, amount_usd - held)
         linked = set(_linked_ids(request_id))
         wanted = {c.pk for c in _applicable(scopes.params(provider))}
-        leaving, joining = linked - wanted, wanted - linked
-        if not leaving and not joining:
+        leaving, joining, staying = linked - wanted, wanted - linked, linked & wanted
+        if not grow and not leaving and not joining:
             return
-        ceilings = selectors.ceilings_lock(leaving | joining)
-        arriving = [c for c in ceilings if c.pk in joining]
-        for ceiling in arriving:
-            period_roll_locked(ceiling, now)
-        refusing = _ceilings_fit(arriving, hold.amount_usd, now)
+        if grow:
+            user = selectors.user_lock(hold.user_id)
+            period_roll_locked(user, now)
+            state = BudgetState.of(user, now)
+            if not rules.admits(user.spend_usd, user.reserved_usd, grow, state.limit_usd):
+                raise BudgetExceeded(state=state, needed_usd=amount_usd)
+        ceilings = selectors.ceilings_lock(leaving | joining | (staying if grow else set()))
+        for ceiling in ceilings:
+            if ceiling.pk not in leaving:
+                period_roll_locked(ceiling, now)
+        refusing = _ceilings_fit(
+            [c for c in ceilings if c.pk in joining], held + grow, now
+        ) or _ceilings_fit([c for c in ceilings if c.pk in staying], grow, now)
         if refusing is not None:
             raise BudgetExceeded(
-                state=BudgetState.of(refusing, now),
-                needed_usd=hold.amount_usd,
-                level=refusing.level,
+                state=BudgetState.of(refusing, now), needed_usd=amount_usd, level=refusing.level
             )
-        _ceilings_move(list(leaving), reserved=-hold.amount_usd)
+        if grow:
+            GatewayUser.objects.filter(pk=hold.user_id).update(
+                reserved_usd=F("reserved_usd") + grow
+            )
+            _ceilings_move(list(staying), reserved=grow)
+        _ceilings_move(list(leaving), reserved=-held)
         HoldCeiling.objects.filter(hold=hold, ceiling_id__in=leaving).delete()
-        _ceilings_move(list(joining), reserved=hold.amount_usd)
-        HoldCeiling.objects.bulk_create([HoldCeiling(hold=hold, ceiling=c) for c in arriving])
+        _ceilings_move(list(joining), reserved=held + grow)
+        HoldCeiling.objects.bulk_create(
+            [HoldCeiling(hold=hold, ceiling=c) for c in ceilings if c.pk in joining]
+        )
+        Hold.objects.filter(pk=request_id).update(amount_usd=held + grow, model_key=model_key)
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -32,7 +33,7 @@ from budgets.selectors import rates_current
 from budgets.services import holds
 from common.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
 from common.rest_json import all_strings
-from llm_proxy import platform, ratelimit
+from llm_proxy import platform, ratelimit, routing
 from llm_proxy.auth import (
     authenticate,
     authenticate_platform_user,
@@ -43,6 +44,7 @@ from llm_proxy.pipeline import budget, pricing
 from llm_proxy.pipeline.attempts import Attempt, Target, refusal_reports
 from llm_proxy.pipeline.exchange import Exchange, refusal_close
 from llm_proxy.providers import resolve_model
+from llm_proxy.routing import health
 from usage.pricing import prompt_tokens_from_chars
 
 if TYPE_CHECKING:
@@ -135,7 +137,10 @@ async def _admit_local(
     model = model_key = ""
     try:
         body = parse_body(request)
-        provider, model = resolve_model(model_selector(body))
+        selector = model_selector(body)
+        if routing.is_routing_name(selector):
+            return await _admit_routed(request, fmt, request_id, started, credential, body)
+        provider, model = resolve_model(selector)
         model_key = f"{provider.name}:{model}"
         fmt.validate(body)
         target = Target.build(fmt, provider, body, model, request.headers)
@@ -185,6 +190,85 @@ async def _admit_local(
         model = model or str(body.get("model") or "")[:255]
         await refusal_close(exc, caller, fmt, request_id, started, provider_name, model)
         raise
+
+
+async def _admit_routed(
+    request: HttpRequest,
+    fmt: ApiFormat,
+    request_id: uuid.UUID,
+    started: float,
+    credential: str,
+    body: dict[str, Any],
+) -> Exchange:
+    """A request naming an alias or a routing policy (docs/ROUTING.md): its attempts are
+    the policy's plan for this caller, tried in order until one reaches its commit point.
+
+    The caller is loaded first (a policy may be the user's own, and its conditions read
+    the budget), then the plan and the prices of its targets (one statement). A name
+    that is no policy is refused as a model selector that names no provider.
+    """
+    now = timezone.now()
+    caller = await authenticate(
+        credential=credential, named_user=fmt.named_user(body), model_key="", now=now
+    )
+    name = body["model"]
+    try:
+        policy = await routing.policy_lookup_async(name, user_id=caller.user_id)
+        if policy is None:
+            resolve_model(name)  # raises the refusal of a selector without a provider
+        fmt.validate(body)
+        state = budget.loaded_state(caller, caller.limit_usd(now), now)
+        plan = routing.plan(
+            policy,
+            routing.Context(
+                user_id=caller.user_id,
+                key_id=str(caller.api_key_id) if caller.api_key_id else None,
+                budget_used_pct=state.used_pct if state else None,
+                budget_remaining_usd=state.remaining_usd if state else None,
+                allowed_models=caller.allowed_models,
+            ),
+            cooling=await health.cooling(policy.targets()),
+        )
+        if not plan.candidates:
+            raise ModelNotAllowed
+        rates = await rates_current(model_keys=plan.candidates, now=now)
+        attempts = [
+            _routed_attempt(request, fmt, body, key, rates.get(key)) for key in plan.candidates
+        ]
+        exchange = await _admit_caller(
+            caller, fmt, body, attempts, request_id, started, now, hold_first=True
+        )
+    except GatewayError as exc:
+        await refusal_close(exc, caller, fmt, request_id, started, "", name[:MAX_MODEL_CHARS])
+        raise
+    exchange.policy = policy.name
+    return exchange
+
+
+def _routed_attempt(
+    request: HttpRequest,
+    fmt: ApiFormat,
+    body: dict[str, Any],
+    model_key: str,
+    rates: Rates | None,
+) -> Attempt:
+    """One target of a plan, routed (and translated) as a direct request to it is; or,
+    when it cannot be tried (no route, no price while prices are required), with its
+    refusal."""
+    provider_name, _, model = model_key.partition(":")
+    attempt = Attempt(
+        provider=None, provider_name=provider_name, model=model, model_key=model_key, rates=rates
+    )
+    try:
+        # A target whose provider left the configuration since the policy was saved.
+        attempt.provider, _ = resolve_model(model_key)
+        if rates is None and settings.OTARI_REQUIRE_PRICING:
+            raise PricingMissing.for_model(attempt.model_key)
+        attempt.target = Target.build(fmt, attempt.provider, body, model, request.headers)
+    except GatewayError as exc:
+        attempt.provider = None
+        attempt.refusal = exc
+    return attempt
 
 
 async def _admit_platform(
@@ -267,13 +351,17 @@ async def _admit_caller(
     started: float,
     now: datetime,
     platform_request_id: str | None = None,
+    *,
+    hold_first: bool = False,
 ) -> Exchange:
     """The admission checks of §3.3, in order, and the hold.
 
     A local request has one attempt; a platform request (§7) has the resolved ones, and
     an attempt that cannot be tried (a model the user may not use, no route) carries its
     refusal. The hold covers the dearest usable attempt, so whichever serves fits under
-    it; the request is charged at the price of the one that serves. The platform prices
+    it; or, for a routed request (`hold_first`), the first one, and a failover to a
+    dearer one grows it (Exchange.advance). The request is charged at the price of the
+    attempt that serves. The platform prices
     and bills its own attempts: `require_pricing` is for local providers.
     """
     if caller.blocked:
@@ -289,7 +377,8 @@ async def _admit_caller(
     priced = [rates for index in usable if (rates := attempts[index].rates) is not None]
     texts = fmt.prompt_texts(body)
     prompt_chars = fmt.prompt_chars(body, texts)
-    ask = budget.Ask(fmt, prompt_chars, fmt.output_token_budget(body), priced)
+    held_for = priced[:1] if hold_first else priced
+    ask = budget.Ask(fmt, prompt_chars, fmt.output_token_budget(body), held_for)
     if not priced and platform_request_id is None and settings.OTARI_REQUIRE_PRICING:
         if state is not None and state.remaining_usd <= 0:
             raise budget.explain(BudgetExceeded(state=state), ask)
@@ -300,9 +389,13 @@ async def _admit_caller(
     fitted = budget.fit_max_output(ask, body, state) if takes_hold else None
     if fitted is not None:
         body = {**body, fmt.max_output_fields[0]: fitted}
-        ask = budget.Ask(fmt, prompt_chars, fitted, priced)
+        ask = budget.Ask(fmt, prompt_chars, fitted, held_for)
         for attempt in attempts:
             attempt.retarget(body)
+    for attempt in attempts:
+        if attempt.rates is not None:
+            alone = budget.Ask(fmt, prompt_chars, ask.max_output_tokens, [attempt.rates])
+            attempt.estimate_usd = alone.estimate_usd()
     # Rate limits (429) before the budget: no hold is taken for a request refused here.
     rate = await ratelimit.rate_admit(
         caller=caller, tokens=prompt_tokens_from_chars(prompt_chars) + ask.max_output_tokens
@@ -343,6 +436,7 @@ async def _admit_caller(
         platform_request_id=platform_request_id,
         rate=rate,
         fitted_max_tokens=fitted,
+        hold_usd=estimate if held else Decimal(0),
     )
 
 

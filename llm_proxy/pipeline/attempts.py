@@ -10,6 +10,7 @@ carries its refusal and is skipped. The platform is told of every attempt tried
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from llm_proxy.translate import route_for
@@ -74,6 +75,8 @@ class Attempt:
     resolved: platform.ResolvedAttempt | None = field(default=None, repr=False)
     # Why it failed, once tried.
     failure: GatewayError | None = None
+    # What a hold for this attempt alone holds (0 when free or unpriced); set at admission.
+    estimate_usd: Decimal = Decimal(0)
 
     def retarget(self, body: dict[str, Any]) -> None:
         """Send `body` instead of the one the target was built from (a request whose

@@ -37,6 +37,7 @@ from llm_proxy.errors import (
     redact,
 )
 from llm_proxy.pipeline import relay
+from llm_proxy.pipeline.naming import renamed
 from llm_proxy.pipeline.sse import EventSplitter
 from llm_proxy.translate import TranslationError
 from otari import metrics
@@ -58,8 +59,11 @@ async def complete(exchange: Exchange) -> HttpResponse:
         failed = await _fail(exchange, answer)
         if failed is not None:
             return failed
+    await exchange.served()
     await exchange.settle_complete(answer.usage, answer.output_chars)
     content = answer.content
+    if exchange.policy is not None:
+        content = renamed(content, exchange.policy)
     result = HttpResponse(content, content_type="application/json")
     result["Content-Length"] = str(len(content))
     result["X-Otari-Request-Id"] = str(exchange.request_id)
@@ -82,6 +86,7 @@ async def stream(exchange: Exchange) -> HttpResponse:
         if failed is not None:
             return failed
     # Committed: from here on the relay settles the exchange, however the stream ends.
+    await exchange.served()
     response, chunks, first_chunk = opened
     return relay.event_stream_response(exchange, response, chunks, first_chunk)
 

@@ -39,6 +39,7 @@ from common.exceptions import GatewayError
 from llm_proxy import ratelimit
 from llm_proxy.errors import ProviderError, error_response
 from llm_proxy.pipeline.budget import budget_headers
+from llm_proxy.routing import health
 from otari import metrics
 from usage import ledger
 from usage.models import UsageLog
@@ -104,6 +105,10 @@ class Exchange:
     # The output maximum the gateway set because the default did not fit the budget
     # (llm_proxy.pipeline.budget); sent back as X-Otari-Max-Tokens.
     fitted_max_tokens: int | None = None
+    # What the hold holds now (the estimate, grown by a failover to a dearer attempt).
+    hold_usd: Decimal = Decimal(0)
+    # The routing policy (or alias) the request named: the response's `model`.
+    policy: str | None = None
     _closing: asyncio.Future | None = field(default=None, repr=False)
 
     # --- the attempt being tried -------------------------------------------------------------
@@ -150,26 +155,71 @@ class Exchange:
         return False
 
     async def advance(self, failure: GatewayError) -> bool:
-        """`next_attempt`, and the hold follows the request to the provider that will
-        serve it: the ceilings narrowed to that provider must admit it (all or none,
-        budgets.services.holds.hold_retarget), or that attempt is refused for budget
-        and the next one is tried."""
-        held_at = self.attempt.provider_name
-        while self.next_attempt(failure):
-            if not self.held or self.attempt.provider_name == held_at:
-                return True
-            try:
-                await sync_to_async(holds.hold_retarget)(
-                    request_id=self.request_id,
-                    scopes=self.caller.scopes,
-                    provider=self.attempt.provider_name,
-                    now=timezone.now(),
-                )
-            except BudgetExceeded as exc:
-                failure = exc
-                continue
+        """The current attempt failed before the commit point: move to the next one that
+        can be tried, taking the hold along (budgets.services.holds.hold_move: grown to
+        a dearer attempt's estimate, onto the ceilings of the provider it goes to). A
+        hold that does not fit stops the chain: the request fails with that refusal.
+        False when the request fails (`final_failure`).
+
+        A routed request (a policy) also leaves an `absorbed` usage row for the failed
+        attempt, and tells the targets' health."""
+        failed = self.attempt
+        if self.policy is not None:
+            await asyncio.gather(
+                holds.usage_record_async(record=self._absorbed(failure), now=timezone.now()),
+                health.record(failed.model_key, ok=False),
+            )
+        held_at = failed.provider_name
+        if not self.next_attempt(failure):
+            return False
+        if not self.held:
             return True
-        return False
+        amount = max(self.hold_usd, self.attempt.estimate_usd)
+        if amount == self.hold_usd and self.attempt.provider_name == held_at:
+            return True
+        try:
+            await sync_to_async(holds.hold_move)(
+                request_id=self.request_id,
+                scopes=self.caller.scopes,
+                provider=self.attempt.provider_name,
+                amount_usd=amount,
+                model_key=self.attempt.model_key,
+                now=timezone.now(),
+            )
+        except BudgetExceeded as exc:
+            self.attempt.failure = exc
+            return False
+        self.hold_usd = amount
+        return True
+
+    def _absorbed(self, failure: GatewayError) -> ledger.UsageRecord:
+        """The usage row of a routed attempt that failed and was failed over: under its
+        own id, never counted toward the budget (docs/ROUTING.md)."""
+        return ledger.UsageRecord(
+            request_id=uuid.uuid4(),
+            user_id=self.caller.user_id,
+            api_key_id=self.caller.api_key_id,
+            workspace_id=self.caller.workspace_id,
+            endpoint=self.fmt.endpoint,
+            provider=self.attempt.provider_name,
+            model=self.model,
+            status=UsageLog.Status.ABSORBED,
+            status_code=failure.status,
+            counts_toward_budget=False,
+            error_message=failure.message,
+            error_code=failure.code,
+            upstream_status_code=failure.upstream_status
+            if isinstance(failure, ProviderError)
+            else None,
+            upstream_error=failure.upstream_detail if isinstance(failure, ProviderError) else "",
+            latency_ms=self.latency_ms(),
+        )
+
+    async def served(self) -> None:
+        """The current attempt reached its commit point (a routed request's targets'
+        health hears of it)."""
+        if self.policy is not None:
+            await health.record(self.attempt.model_key, ok=True)
 
     @property
     def final_failure(self) -> GatewayError:

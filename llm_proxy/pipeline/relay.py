@@ -25,6 +25,7 @@ import httpx
 from django.conf import settings
 from django.http import StreamingHttpResponse
 
+from llm_proxy.pipeline.naming import RenamingCodec
 from llm_proxy.pipeline.sse import EventSplitter, IncompleteStream, with_summary
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def event_stream_response(
             upstream=upstream,
             chunks=chunks,
             first_chunk=first_chunk,
-            codec=exchange.target.route.stream_codec(exchange.body, exchange.model),
+            codec=_codec(exchange),
             keepalive_s=settings.OTARI_STREAM_KEEPALIVE_SECONDS,
         ),
         content_type="text/event-stream",
@@ -71,6 +72,13 @@ def event_stream_response(
     for name, value in exchange.response_headers().items():
         result[name] = value
     return result
+
+
+def _codec(exchange: Exchange) -> StreamCodec:
+    codec = exchange.target.route.stream_codec(exchange.body, exchange.model)
+    if exchange.policy is not None:
+        return RenamingCodec(codec, exchange.policy)
+    return codec
 
 
 async def relay(
