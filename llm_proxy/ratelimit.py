@@ -218,6 +218,24 @@ class _Backend(Protocol):
     ) -> _Step: ...
 
 
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """The asyncio Redis client for `url` on the running loop (its connections belong to
+    the loop that opened them), with short timeouts: the request path's counters must
+    never hold a request up (also routing's health state, llm_proxy.routing.health)."""
+    by_url = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = by_url.get(url)
+    if client is None:
+        client = by_url[url] = aioredis.Redis.from_url(
+            url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S
+        )
+    return client
+
+
 class _RedisBackend:
     """The shared counters: one Lua script per step, so one round trip, atomically.
 
@@ -235,11 +253,7 @@ class _RedisBackend:
     def _scripts(self) -> tuple[AsyncScript, AsyncScript]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._admit is None or self._correct is None:
-            client = aioredis.Redis.from_url(
-                self.url,
-                socket_timeout=_REDIS_TIMEOUT_S,
-                socket_connect_timeout=_REDIS_TIMEOUT_S,
-            )
+            client = redis_client(self.url)
             self._admit = client.register_script(_ADMIT_LUA)
             self._correct = client.register_script(_CORRECT_LUA)
             self._loop = loop

@@ -303,6 +303,19 @@ OTARI_RATELIMIT_REDIS_URL = env.str(
 OTARI_RATELIMIT_WINDOW_SECONDS = env.int("OTARI_RATELIMIT_WINDOW_SECONDS", default=60)
 OTARI_RATELIMIT_KEY_PREFIX = env.str("OTARI_RATELIMIT_KEY_PREFIX", default="otari:rl:")
 
+# --- Routing health (docs/ROUTING.md) -------------------------------------------------------
+# A target that failed this many times in a row is skipped for OTARI_ROUTING_COOLDOWN_SECONDS.
+OTARI_ROUTING_FAILURE_THRESHOLD = env.int("OTARI_ROUTING_FAILURE_THRESHOLD", default=3)
+OTARI_ROUTING_COOLDOWN_SECONDS = env.int("OTARI_ROUTING_COOLDOWN_SECONDS", default=30)
+if OTARI_ROUTING_FAILURE_THRESHOLD < 1 or OTARI_ROUTING_COOLDOWN_SECONDS < 1:
+    raise ImproperlyConfigured(
+        "OTARI_ROUTING_FAILURE_THRESHOLD and OTARI_ROUTING_COOLDOWN_SECONDS must be at least 1"
+    )
+# Where the failure counts and cooldowns are shared by every process: the rate limits'
+# Redis by default; empty: per process.
+OTARI_ROUTING_REDIS_URL = env.str("OTARI_ROUTING_REDIS_URL", default=OTARI_RATELIMIT_REDIS_URL)
+OTARI_ROUTING_KEY_PREFIX = env.str("OTARI_ROUTING_KEY_PREFIX", default="otari:rt:")
+
 # --- REST framework (management API) --------------------------------------------------------
 # JSON with exact Decimals and `{"detail": ...}` errors: common/rest.py (master-key auth:
 # budgets/rest.py).

@@ -41,12 +41,21 @@ class Plan:
     (a weighted router's draw, without replacement), then `on_failure`'s, each once."""
 
     name: str
-    selection_reason: str  # "when[0]", "default", "router:weighted"
-    candidates: list[str]  # "provider:model", at least one
-    # Targets left out, with why: not allowed for this caller, cooling down, unknown.
+    # Why the head is there (otari's words): "condition:budget_used_pct" (a `when` entry,
+    # naming its conditions), "router:weighted", "default", "on_failure" (everything the
+    # selection chose was dropped); "none" when candidates is empty.
+    selection_reason: str
+    # "provider:model"; empty when the caller may use none of the policy's targets.
+    candidates: list[str]
+    # Targets left out, with why: "not_allowed" for this caller, "cooling_down",
+    # "unresolvable" (its provider is no longer configured).
     dropped: list[tuple[str, str]] = field(default_factory=list)
-    # A weighted router's normalised shares (explain's `router_weights`).
+    # A weighted router's shares in percent over the candidates this caller may use
+    # (otari's explain `router_weights`); None when no router was reached.
     router_weights: dict[str, float] | None = None
+    # Each candidate's own reason, parallel to `candidates` (what a usage row records as
+    # its selection_reason).
+    reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +68,7 @@ class Plan:
 
 
 # The public surface (below the dataclasses: plan.py imports them from here).
+from llm_proxy.routing.plan import plan  # noqa: E402
 from llm_proxy.routing.registry import (  # noqa: E402
     is_routing_name,
     policy_lookup,
@@ -72,6 +82,7 @@ __all__ = [
     "Policy",
     "SpecError",
     "is_routing_name",
+    "plan",
     "policy_lookup",
     "policy_lookup_async",
 ]
