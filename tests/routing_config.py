@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 ROUTING_YAML = """
 aliases:
   house: openai:gpt-4o-mini
