@@ -134,7 +134,7 @@ def test_without_a_name_it_lists_what_is_in_force():
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(CommandError, match="unknown policy 'nope'. Policies and aliases: bal"):
+    with pytest.raises(CommandError, match=r"unknown policy .nope.\. Policies and aliases: bal"):
         explain("nope")
     with pytest.raises(CommandError, match="expected a number"):
         explain("thrifty", "--budget-used-pct", "lots")
