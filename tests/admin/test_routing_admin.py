@@ -71,7 +71,8 @@ def test_policy_list_shows_configured_and_stored_with_their_source(admin_client)
         plan_url("fast", "stored", "alice"),
     ):
         assert text in html, text
-    assert ">config<" in html and ">stored<" in html
+    assert ">config<" in html
+    assert ">stored<" in html
 
 
 def test_alias_list_shows_configured_and_stored(admin_client):
