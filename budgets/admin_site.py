@@ -139,6 +139,8 @@ class OtariAdminSite(admin.AdminSite):
         "budgets.ceiling",
         "budgets.apikey",
         "usage.modelpricing",
+        "llm_proxy.routingpolicy",
+        "llm_proxy.alias",
         "budgets.hold",
         "budgets.budgetresetlog",
         "budgets.budgetalert",

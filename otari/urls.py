@@ -22,6 +22,7 @@ health_urls = [
 
 v1 = [
     path("", include("llm_proxy.urls")),
+    path("", include("llm_proxy.api_urls")),
     path("", include("budgets.api_urls")),
     path("", include("usage.api_urls")),
     *health_urls,
