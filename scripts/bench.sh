@@ -135,6 +135,22 @@ for _ in $(seq 100); do
 done
 
 TARGETS=(--target "ours=http://127.0.0.1:$PORT_GATEWAY,key=$KEY,model=openai:gpt-4o-mini,pid=$GATEWAY_PID")
+# BENCH_ROUTING=1: a target naming a routing policy (one default target, the same model):
+# what looking up and planning a policy, and renaming the answer's model, cost per
+# request, against the direct selector.
+if [ -n "${BENCH_ROUTING:-}" ]; then
+  .venv/bin/python - <<'PY'
+import django, os
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
+django.setup()
+from llm_proxy.routing import store
+store.policy_save(
+    name="bench-route",
+    spec={"select": [{"default": "openai:gpt-4o-mini"}]},
+)
+PY
+  TARGETS+=(--target "routed=http://127.0.0.1:$PORT_GATEWAY,key=$KEY,model=bench-route,pid=$GATEWAY_PID")
+fi
 if [ -n "${BENCH_CEILINGS:-}" ]; then
   TARGETS+=(--target "ceilings3=http://127.0.0.1:$PORT_GATEWAY,key=$KEY3,model=openai3:gpt-4o-mini,pid=$GATEWAY_PID")
 fi
