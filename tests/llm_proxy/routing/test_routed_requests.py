@@ -329,3 +329,29 @@ def test_two_gateway_processes_share_the_cooldown(gateway, gateway_config_file, 
     # The second process skipped the target the first one found failing.
     assert UsageLog.objects.filter(status="absorbed").count() == 2
     assert_books_closed(user)
+
+
+def test_a_keys_allowed_models_may_name_the_policy(gateway):
+    set_price("openai:gpt-4o-mini", *CHEAP)
+    store.alias_create(name="quick", target="openai:gpt-4o-mini")
+    user = make_user(budget=make_budget(max_budget_usd=Decimal("5")))
+    _, by_name = make_key(user, allowed_models=["quick"])
+    _, by_target = make_key(user, allowed_models=["openai:*"])
+    _, neither = make_key(user, allowed_models=["anthropic:*"])
+
+    assert post(gateway, by_name, "chat", "quick").status_code == 200
+    assert post(gateway, by_target, "chat", "quick").status_code == 200
+    refused = post(gateway, neither, "chat", "quick")
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "model_not_allowed"
+    # The refusal is the caller's and leaves its row, under the name it sent.
+    row = UsageLog.objects.get(pk=refused.headers["X-Otari-Request-Id"])
+    assert (row.model, row.error_code) == ("quick", "model_not_allowed")
+    assert_books_closed(user)
+
+
+def test_a_name_that_is_no_policy_is_refused_as_a_selector(gateway, caller):
+    _, secret = caller
+    refused = post(gateway, secret, "chat", "no-such-policy")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "invalid_model"
