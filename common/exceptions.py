@@ -63,3 +63,15 @@ class NotFound(GatewayError):
 class Conflict(GatewayError):
     status = 409
     code = "conflict"
+
+
+class ServiceUnavailable(GatewayError):
+    """A dependency the request needs is down (the database): retry shortly."""
+
+    status = 503
+    code = "service_unavailable"
+    message = "The gateway's database is unavailable; retry shortly"
+
+    def __init__(self, message: str | None = None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Retry-After", "1")

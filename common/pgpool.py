@@ -10,21 +10,53 @@ autocommit: each is one statement and one round trip. Everything else uses the O
 The pool is created lazily, per event loop (a server process has one; tests may start
 several), from Django's own connection settings, so it always talks to the same database
 as the ORM, test databases included.
+
+When the database is down (docs/RELIABILITY.md), a request fails fast instead of waiting:
+a checkout waits at most OTARI_DB_TIMEOUT_SECONDS, and once a statement has failed for
+want of the database, the next ones fail at once for a second (one request per second
+and process probes for the database's return). A connection idle for a while is checked
+before use, so that the first requests after a restart do not fail on connections the
+restart broke.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.db import connections
+from django.db.utils import InterfaceError as DjangoInterfaceError
+from django.db.utils import OperationalError as DjangoOperationalError
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from common.exceptions import ServiceUnavailable
 
 _pool: AsyncConnectionPool | None = None
 _pool_loop: asyncio.AbstractEventLoop | None = None
+
+# The errors that mean "the database cannot be reached" (connection, shutdown, resources;
+# psycopg's OperationalError is SQLSTATE classes 08, 53, 57, 58), from either pool.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    PoolTimeout,
+    DjangoOperationalError,
+    DjangoInterfaceError,
+)
+
+# Until when (time.monotonic()) statements fail at once: the database was just found down.
+_down_until = 0.0
+DOWN_PROBE_INTERVAL_S = 1.0
+# A connection idle longer than this is checked before use (one round trip).
+CHECK_IDLE_AFTER_S = 1.0
+_returned_at: weakref.WeakKeyDictionary[AsyncConnection, float] = weakref.WeakKeyDictionary()
 
 
 def enabled() -> bool:
@@ -53,6 +85,17 @@ async def _configure(conn: AsyncConnection) -> None:
     await conn.execute("SET TIME ZONE 'UTC'")
 
 
+async def _returned(conn: AsyncConnection) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+async def _check(conn: AsyncConnection) -> None:
+    """Check a connection that has been idle a while (a busy pool's are not: no round
+    trip on the hot path); the pool discards one that fails and hands out another."""
+    if time.monotonic() - _returned_at.get(conn, 0.0) > CHECK_IDLE_AFTER_S:
+        await AsyncConnectionPool.check_connection(conn)
+
+
 async def pool() -> AsyncConnectionPool:
     global _pool, _pool_loop
     loop = asyncio.get_running_loop()
@@ -63,6 +106,9 @@ async def pool() -> AsyncConnectionPool:
     new = AsyncConnectionPool(
         kwargs={**_conninfo(), "autocommit": True, "row_factory": dict_row},
         configure=_configure,
+        check=_check,
+        reset=_returned,
+        timeout=settings.OTARI_DB_TIMEOUT_SECONDS,
         min_size=1,
         max_size=settings.OTARI_HOTPATH_POOL_SIZE,
         open=False,
@@ -78,16 +124,29 @@ async def pool() -> AsyncConnectionPool:
 
 
 async def fetchone(sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
-    """Run one statement in autocommit and return its first row, if any."""
-    p = await pool()
-    async with p.connection() as conn:
+    """Run one statement in autocommit and return its first row, if any. Raises
+    ServiceUnavailable when the database cannot be reached."""
+    async with _connection() as conn:
         cur = await conn.execute(sql, params)
         return await cur.fetchone() if cur.description else None
 
 
 async def fetchall(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Run one statement in autocommit and return all its rows."""
-    p = await pool()
-    async with p.connection() as conn:
+    async with _connection() as conn:
         cur = await conn.execute(sql, params)
         return await cur.fetchall() if cur.description else []
+
+
+@contextlib.asynccontextmanager
+async def _connection() -> AsyncIterator[AsyncConnection]:
+    """A pooled connection, failing fast while the database is known to be down."""
+    global _down_until
+    if time.monotonic() < _down_until:
+        raise ServiceUnavailable
+    try:
+        async with (await pool()).connection() as conn:
+            yield conn
+    except UNAVAILABLE as exc:
+        _down_until = time.monotonic() + DOWN_PROBE_INTERVAL_S
+        raise ServiceUnavailable from exc

@@ -32,8 +32,9 @@ from rest_framework import exceptions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from common import pgpool
 from common.credentials import API_KEY_PREFIX, MASTER_KEY_PREFIX
-from common.exceptions import GatewayError, PayloadTooLarge
+from common.exceptions import GatewayError, PayloadTooLarge, ServiceUnavailable
 from common.rest_json import STORABLE_MESSAGE, json_number, text_storable
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ def exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response | 
     if isinstance(exc, IntegrityError):
         # A concurrent write won a uniqueness race the view had checked for.
         return Response({"detail": "Conflicts with an existing record"}, status=409)
+    if isinstance(exc, pgpool.UNAVAILABLE):
+        unavailable = ServiceUnavailable()
+        return Response({"detail": unavailable.message}, status=503, headers=unavailable.headers)
     # Imported here: rest_framework.views reads the renderer settings at import time,
     # and they name common.rest_json, so a module-level import would be circular.
     from rest_framework.views import exception_handler as drf_exception_handler

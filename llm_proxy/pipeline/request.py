@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 
-from common.exceptions import GatewayError
+from common import pgpool
+from common.exceptions import GatewayError, ServiceUnavailable
 from llm_proxy import ratelimit
 from llm_proxy.errors import error_response
 from llm_proxy.pipeline import admission, call
@@ -52,7 +53,9 @@ async def handle(request: HttpRequest, fmt: ApiFormat) -> HttpResponse:
     admitting = track(admission.admit(request, fmt, request_id, started))
     try:
         exchange = await asyncio.shield(admitting)
-    except GatewayError as exc:
+    except (GatewayError, *pgpool.UNAVAILABLE) as raised:
+        # The database being down is a 503 to retry, not an error of the gateway's.
+        exc = raised if isinstance(raised, GatewayError) else ServiceUnavailable()
         metrics.refusal_observed(exc)
         exc.headers.setdefault("X-Otari-Request-Id", str(request_id))
         return _with_overhead(error_response(exc, fmt.error_style))
@@ -69,6 +72,11 @@ async def handle(request: HttpRequest, fmt: ApiFormat) -> HttpResponse:
     except asyncio.CancelledError:
         await exchange.refund_disconnected()
         raise
+    except (ServiceUnavailable, *pgpool.UNAVAILABLE):
+        # The database went away during the call: the hold cannot be closed now, and
+        # the sweeper expires it once the database is back (docs/RELIABILITY.md).
+        logger.warning("request %s: the database is unavailable", request_id)
+        response = exchange.error_response(ServiceUnavailable())
     except Exception:
         logger.exception("request %s failed", request_id)
         failure = GatewayError("Internal error")

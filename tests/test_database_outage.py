@@ -1,0 +1,175 @@
+"""The database goes away under a running gateway (docs/RELIABILITY.md): requests fail
+fast with a 503 in their API's shape, readiness says so and liveness does not, and the
+gateway recovers by itself when the database returns.
+
+A private PostgreSQL cluster, started and stopped by the test, so that the suite's own
+database is never touched.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, start_server_process
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+
+
+@dataclass
+class Cluster:
+    data: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/otari"
+
+    def _ctl(self, *args: str) -> None:
+        _as_postgres([f"{PG_BIN[-1]}/pg_ctl", "-D", str(self.data), "-w", "-t", "30", *args])
+
+    def start(self) -> None:
+        self._ctl("-o", f"-p {self.port} -k {self.data}", "-l", str(self.data / "log"), "start")
+
+    def stop(self) -> None:
+        self._ctl("-m", "immediate", "stop")
+
+
+def _as_postgres(command: list[str]) -> None:
+    # PostgreSQL refuses to run as root.
+    if os.geteuid() == 0:
+        command = ["runuser", "-u", "postgres", "--", *command]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _manage(cluster: Cluster, *args: str) -> str:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO,
+        env={**os.environ, "DATABASE_URL": cluster.url, "DJANGO_SETTINGS_MODULE": "otari.settings"},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    if not PG_BIN:
+        pytest.skip("needs PostgreSQL's server binaries")
+    data = Path(tempfile.mkdtemp(prefix="otari-outage-"))
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(data, "postgres", "postgres")
+        _as_postgres([f"{PG_BIN[-1]}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"])
+        cluster = Cluster(data=data, port=_free_port())
+        cluster.start()
+        subprocess.run(
+            [
+                f"{PG_BIN[-1]}/createdb",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(cluster.port),
+                "-U",
+                "postgres",
+                "otari",
+            ],
+            check=True,
+            timeout=30,
+        )
+        _manage(cluster, "migrate", "-v0")
+        yield cluster
+        cluster.stop()
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+SETUP = """
+from decimal import Decimal
+from budgets.services import accounts, keys
+from usage.services import pricing_set
+pricing_set(
+    model_key="openai:gpt-4o-mini", input_per_mtok=Decimal("1"), output_per_mtok=Decimal("2")
+)
+budget = accounts.budget_create(name="b", max_budget_usd=Decimal("10"))
+user = accounts.user_create(user_id="outage", budget=budget)
+print(keys.api_key_create(user=user)[1])
+"""
+
+
+def _chat(url: str, secret: str, path: str = "/v1/chat/completions") -> httpx.Response:
+    body = {
+        "model": "openai:gpt-4o-mini",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    return httpx.post(
+        url + path, json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=30
+    )
+
+
+def test_a_database_outage_is_a_fast_503_and_the_gateway_recovers_by_itself(
+    gateway, gateway_config_file, cluster
+):
+    secret = _manage(cluster, "shell", "-c", SETUP).strip().splitlines()[-1]
+    server = start_server_process(gateway_config_file, DATABASE_URL=cluster.url)
+    try:
+        assert _chat(server.url, secret).status_code == 200
+        assert httpx.get(server.url + "/health/readiness", timeout=5).status_code == 200
+
+        cluster.stop()
+        for path in ("/v1/chat/completions", "/v1/messages"):
+            for _ in range(3):
+                started = time.monotonic()
+                response = _chat(server.url, secret, path)
+                elapsed = time.monotonic() - started
+                assert response.status_code == 503, response.text
+                assert elapsed < 2.5, elapsed
+                assert response.headers["Retry-After"] == "1"
+                assert "X-Otari-Request-Id" in response.headers
+                body = response.json()
+                if path == "/v1/messages":
+                    assert body["type"] == "error"
+                    assert "database" in body["error"]["message"]
+                else:
+                    assert body["error"]["code"] == "service_unavailable"
+        started = time.monotonic()
+        ready = httpx.get(server.url + "/health/readiness", timeout=10)
+        assert ready.status_code == 503
+        assert time.monotonic() - started < 2.5
+        assert httpx.get(server.url + "/health/liveness", timeout=5).status_code == 200
+
+        cluster.start()
+        deadline = time.monotonic() + 15
+        while (response := _chat(server.url, secret)).status_code != 200:
+            assert response.status_code == 503, response.text
+            assert time.monotonic() < deadline, "the gateway did not recover"
+            time.sleep(0.2)
+        # Recovered with no restart; every request after that one succeeds.
+        assert all(_chat(server.url, secret).status_code == 200 for _ in range(5))
+    finally:
+        server.kill()
+    out = _manage(cluster, "audit_budgets")
+    assert "0 user(s) and 0 ceiling(s) out of balance, 0 overdue hold(s)" in out
