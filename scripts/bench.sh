@@ -165,6 +165,6 @@ var/benchvenv/bin/python "$BENCH_DIR/run_matrix.py" \
   "${TARGETS[@]}" \
   --driver-cpus 0 --out "$OUT/results-$SERVER.json" --markdown "$OUT/results-$SERVER.md" "$@"
 
-# The books after the run: every hold closed, spend = sum of usage.
-psql -h 127.0.0.1 -U postgres -d $DB -Atc "SELECT 'open holds: ' || count(*) FROM budgets_hold WHERE status = 'open'"
-psql -h 127.0.0.1 -U postgres -d $DB -Atc "SELECT 'reserved: ' || reserved_usd || ', spend: ' || spend_usd || ', usage sum: ' || (SELECT sum(cost_usd) FROM usage_usagelog) || ', rows: ' || (SELECT count(*) FROM usage_usagelog) FROM budgets_gatewayuser WHERE user_id = 'bench'"
+# The books after the run: every hold closed, and every user's and ceiling's spend the sum of
+# its usage rows (manage.py audit_budgets exits 2 when they are not).
+.venv/bin/python manage.py audit_budgets
