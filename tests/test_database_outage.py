@@ -8,6 +8,7 @@ database is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -47,6 +49,10 @@ class Cluster:
 
     def stop(self) -> None:
         self._ctl("-m", "immediate", "stop")
+
+    def stop_if_running(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
 
 
 def _as_postgres(command: list[str]) -> None:
@@ -101,7 +107,7 @@ def cluster() -> Iterator[Cluster]:
         )
         _manage(cluster, "migrate", "-v0")
         yield cluster
-        cluster.stop()
+        cluster.stop_if_running()
     finally:
         shutil.rmtree(data, ignore_errors=True)
 
@@ -110,9 +116,8 @@ SETUP = """
 from decimal import Decimal
 from budgets.services import accounts, keys
 from usage.services import pricing_set
-pricing_set(
-    model_key="openai:gpt-4o-mini", input_per_mtok=Decimal("1"), output_per_mtok=Decimal("2")
-)
+for model_key in ("openai:gpt-4o-mini", "openai:gpt-4o-mini-chunks-30-delay-100"):
+    pricing_set(model_key=model_key, input_per_mtok=Decimal("1"), output_per_mtok=Decimal("2"))
 budget = accounts.budget_create(name="b", max_budget_usd=Decimal("10"))
 user = accounts.user_create(user_id="outage", budget=budget)
 print(keys.api_key_create(user=user)[1])
@@ -171,5 +176,73 @@ def test_a_database_outage_is_a_fast_503_and_the_gateway_recovers_by_itself(
         assert all(_chat(server.url, secret).status_code == 200 for _ in range(5))
     finally:
         server.kill()
+    out = _manage(cluster, "audit_budgets")
+    assert "0 user(s) and 0 ceiling(s) out of balance, 0 overdue hold(s)" in out
+
+
+BOOKS = """
+from budgets.models import GatewayUser, Hold
+from usage.models import UsageLog
+user = GatewayUser.objects.get(pk="outage")
+rows = list(UsageLog.objects.values_list("status", "cost_usd", "completion_tokens"))
+print("BOOKS", user.spend_usd, user.reserved_usd, Hold.objects.filter(status="open").count(), rows)
+"""
+
+
+def test_a_stream_the_outage_cuts_ends_with_an_error_event_and_is_charged_when_it_returns(
+    gateway, gateway_config_file, cluster, tmp_path
+):
+    secret = _manage(cluster, "shell", "-c", SETUP).strip().splitlines()[-1]
+    server = start_server_process(
+        gateway_config_file,
+        DATABASE_URL=cluster.url,
+        OTARI_VAR_DIR=str(tmp_path),
+        log_path=tmp_path / "gateway.log",
+    )
+    spool = tmp_path / "spool"
+    body = {
+        "model": "openai:gpt-4o-mini-chunks-30-delay-100",
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    try:
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {secret}"},
+            timeout=30,
+        ) as response:
+            assert response.status_code == 200
+            lines = []
+            for line in response.iter_lines():
+                lines.append(line)
+                if len(lines) == 6:
+                    cluster.stop()  # three seconds of the stream still to come
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+        # Every token was delivered (the first chunk carries the role and an empty
+        # content), then the API's error event (OpenAI's: an error chunk, then [DONE])
+        # instead of the closing usage chunk with the request's cost.
+        assert sum('"content":"' in event for event in events) == 31
+        assert events[-2].startswith('{"error"')
+        assert events[-1] == "[DONE]"
+        assert not any('"otari"' in event for event in events)
+        assert len(list(spool.glob("*.json"))) == 1
+
+        cluster.start()
+        deadline = time.monotonic() + 20
+        while list(spool.glob("*.json")):
+            assert time.monotonic() < deadline, "the kept settlement was not replayed"
+            time.sleep(0.2)
+    finally:
+        server.kill()
+    books = _manage(cluster, "shell", "-c", BOOKS)
+    spend, reserved, open_holds, rows = books[books.index("BOOKS") + 6 :].split(" ", 3)
+    assert (Decimal(reserved), open_holds) == (0, "0")
+    # One row: the stream's, charged for its 30 tokens, at the price of what was delivered.
+    assert rows.startswith("[('success', Decimal('")
+    assert rows.endswith("'), 30)]\n")
+    assert Decimal(spend) == Decimal(rows.split("'")[3])
+    assert not (spool / "failed").exists()
     out = _manage(cluster, "audit_budgets")
     assert "0 user(s) and 0 ceiling(s) out of balance, 0 overdue hold(s)" in out

@@ -10,6 +10,7 @@ spellings are built from that list.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -54,6 +55,35 @@ class UsageRecord:
     reports: tuple[AttemptReport, ...] = ()
     # The caller's workspace (None only where no workspace exists yet).
     workspace_id: uuid.UUID | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON (exact: amounts and ids as strings), to be kept on disk."""
+        data = dataclasses.asdict(self)
+        data["request_id"] = str(self.request_id)
+        data["api_key_id"] = str(self.api_key_id) if self.api_key_id else None
+        data["workspace_id"] = str(self.workspace_id) if self.workspace_id else None
+        data["cost_usd"] = str(self.cost_usd) if self.cost_usd is not None else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UsageRecord:
+        def usage(value: dict[str, int] | None) -> TokenUsage | None:
+            return TokenUsage(**value) if value is not None else None
+
+        return cls(
+            **{
+                **data,
+                "request_id": uuid.UUID(data["request_id"]),
+                "api_key_id": uuid.UUID(data["api_key_id"]) if data["api_key_id"] else None,
+                "workspace_id": (uuid.UUID(data["workspace_id"]) if data["workspace_id"] else None),
+                "cost_usd": Decimal(data["cost_usd"]) if data["cost_usd"] is not None else None,
+                "usage": usage(data["usage"]),
+                "reports": tuple(
+                    AttemptReport(**{**report, "usage": usage(report["usage"])})
+                    for report in data["reports"]
+                ),
+            }
+        )
 
     @property
     def charge_usd(self) -> Decimal:

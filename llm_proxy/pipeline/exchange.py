@@ -35,9 +35,11 @@ from django.utils import timezone
 from budgets import alerting
 from budgets.exceptions import BudgetExceeded
 from budgets.services import alerts, holds
-from common.exceptions import GatewayError
+from common import pgpool
+from common.exceptions import GatewayError, ServiceUnavailable
 from llm_proxy import ratelimit
 from llm_proxy.errors import ProviderError, error_response
+from llm_proxy.pipeline import spool
 from llm_proxy.pipeline.budget import budget_headers
 from llm_proxy.routing import health
 from otari import metrics
@@ -109,6 +111,8 @@ class Exchange:
     hold_usd: Decimal = Decimal(0)
     # The routing policy (or alias) the request named: the response's `model`.
     policy: str | None = None
+    # The close could not reach the database and is kept on disk to be replayed.
+    spooled: bool = False
     _closing: asyncio.Future | None = field(default=None, repr=False)
 
     # --- the attempt being tried -------------------------------------------------------------
@@ -329,30 +333,37 @@ class Exchange:
     # --- closing, exactly once -------------------------------------------------------------
 
     def _close_once(
-        self, close: Callable[[], Awaitable[Any]], record: ledger.UsageRecord
+        self, close: Callable[[], Awaitable[Any]], record: ledger.UsageRecord, kind: str
     ) -> asyncio.Future:
         """Run the first close of this request, shielded; later calls await that one.
 
         Shielded: Django cancels the response task when the client disconnects, and a
         settlement cut off half-way would leave the hold open until the sweeper.
+        `kind`: the closing statement ("settle", "refund", "record"), kept on disk when
+        the database cannot take it now (llm_proxy.pipeline.spool).
         """
         if self._closing is None:
-            self._closing = track(self._close(close, record))
+            self._closing = track(self._close(close, record, kind))
         return asyncio.shield(self._closing)
 
-    async def _close(self, close: Callable[[], Awaitable[Any]], record: ledger.UsageRecord) -> None:
+    async def _close(
+        self, close: Callable[[], Awaitable[Any]], record: ledger.UsageRecord, kind: str
+    ) -> None:
         """Close the books and, concurrently, correct the rate limiter's token count to
         what the request used (its estimate was counted at admission)."""
         metrics.request_closed(record)
-        if self.rate is None:
-            await close()
-            return
-        used = record.usage.total_tokens if record.usage is not None else 0
-        correction = asyncio.ensure_future(ratelimit.rate_settle(self.rate, tokens=used))
+        correction = None
+        if self.rate is not None:
+            used = record.usage.total_tokens if record.usage is not None else 0
+            correction = asyncio.ensure_future(ratelimit.rate_settle(self.rate, tokens=used))
         try:
             await close()
+        except (ServiceUnavailable, *pgpool.UNAVAILABLE):
+            spool.keep(kind, record, timezone.now())
+            self.spooled = True
         finally:
-            await correction
+            if correction is not None:
+                await correction
 
     async def settle(
         self,
@@ -384,7 +395,7 @@ class Exchange:
             else:
                 await holds.usage_record_async(record=record, now=now)
 
-        await self._close_once(close, record)
+        await self._close_once(close, record, "settle" if self.held else "record")
 
     def _alerts_after_settle(self, state: BudgetState, charge_usd: Decimal, now) -> None:
         """Arithmetic only, unless this settlement took spend across an alert threshold;
@@ -419,7 +430,7 @@ class Exchange:
             else:
                 await holds.usage_record_async(record=record, now=now)
 
-        await self._close_once(close, record)
+        await self._close_once(close, record, "refund" if self.held else "record")
 
     async def refund_disconnected(self) -> None:
         """The client left before anything was sent: release the hold (a no-op when the

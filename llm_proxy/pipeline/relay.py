@@ -121,6 +121,11 @@ async def relay(
             yield codec.error_event()
             return
         await exchange.settle_stream(codec)
+        if exchange.spooled:
+            # The database went away: the stream ends with the API's error event (its
+            # charge is kept and recorded when the database returns).
+            yield codec.error_event()
+            return
         yield with_summary(codec.closing(), exchange.closing_summary())
     except (asyncio.CancelledError, GeneratorExit):
         # The client went away. Charge what it was sent; the upstream is closed below.

@@ -27,7 +27,7 @@ from common import pgpool
 from common.exceptions import GatewayError, ServiceUnavailable
 from llm_proxy import ratelimit
 from llm_proxy.errors import error_response
-from llm_proxy.pipeline import admission, call
+from llm_proxy.pipeline import admission, call, spool
 from llm_proxy.pipeline.exchange import track
 from otari import metrics
 from otari.celery import embedded_beat_tick
@@ -48,6 +48,7 @@ async def handle(request: HttpRequest, fmt: ApiFormat) -> HttpResponse:
     request_id = bind_request(fmt.endpoint)
     started = time.perf_counter()
     embedded_beat_tick()
+    spool.redrive_once()
     # Admission runs shielded: a hold taken by a statement whose caller was cancelled
     # (client gone) must still be seen, and released.
     admitting = track(admission.admit(request, fmt, request_id, started))
