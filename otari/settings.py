@@ -124,7 +124,7 @@ if _db["ENGINE"] == "django.db.backends.postgresql":
         "max_size": env.int("OTARI_DB_POOL_SIZE", default=10),
         # How long a request waits for a connection: a database that is down answers a
         # 503 in this time, not after psycopg's default 30 s (docs/RELIABILITY.md).
-        "timeout": env.float("OTARI_DB_TIMEOUT_SECONDS", default=1.0),
+        "timeout": env.float("OTARI_DB_TIMEOUT_SECONDS", default=0.5),
     }
 elif _db["ENGINE"] == "django.db.backends.sqlite3":
     VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -194,7 +194,7 @@ OTARI_HOLD_TTL_SECONDS = env.int(
 )
 OTARI_STREAM_KEEPALIVE_SECONDS = env.float("OTARI_STREAM_KEEPALIVE_SECONDS", default=15.0)
 OTARI_HOTPATH_POOL_SIZE = env.int("OTARI_HOTPATH_POOL_SIZE", default=10)
-OTARI_DB_TIMEOUT_SECONDS = env.float("OTARI_DB_TIMEOUT_SECONDS", default=1.0)
+OTARI_DB_TIMEOUT_SECONDS = env.float("OTARI_DB_TIMEOUT_SECONDS", default=0.5)
 # On PostgreSQL each money step is first sent as one statement from the event loop (the
 # fast path). Off: every step takes the general path (row locks, then the same statement
 # in a transaction). For comparing the two and for diagnosis; both keep the books exact.

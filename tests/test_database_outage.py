@@ -151,7 +151,7 @@ def test_a_database_outage_is_a_fast_503_and_the_gateway_recovers_by_itself(
                 response = _chat(server.url, secret, path)
                 elapsed = time.monotonic() - started
                 assert response.status_code == 503, response.text
-                assert elapsed < 2.5, elapsed
+                assert elapsed < 1.0, elapsed
                 assert response.headers["Retry-After"] == "1"
                 assert "X-Otari-Request-Id" in response.headers
                 body = response.json()
@@ -163,7 +163,7 @@ def test_a_database_outage_is_a_fast_503_and_the_gateway_recovers_by_itself(
         started = time.monotonic()
         ready = httpx.get(server.url + "/health/readiness", timeout=10)
         assert ready.status_code == 503
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 1.5
         assert httpx.get(server.url + "/health/liveness", timeout=5).status_code == 200
 
         cluster.start()
