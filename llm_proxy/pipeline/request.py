@@ -25,7 +25,7 @@ from django.conf import settings
 
 from common.exceptions import GatewayError
 from llm_proxy import ratelimit
-from llm_proxy.errors import error_response
+from llm_proxy.errors import InternalError, error_response
 from llm_proxy.pipeline import admission, call
 from llm_proxy.pipeline.exchange import track
 from otari import metrics
@@ -71,7 +71,7 @@ async def handle(request: HttpRequest, fmt: ApiFormat) -> HttpResponse:
         raise
     except Exception:
         logger.exception("request %s failed", request_id)
-        failure = GatewayError("Internal error")
+        failure = InternalError(str(request_id))
         await exchange.refund(failure)
         response = exchange.error_response(failure)
     return _finish(exchange, response)
