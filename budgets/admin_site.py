@@ -28,6 +28,7 @@ from budgets.selectors import (
     users_refused_for_budget,
 )
 from common.charts import BarChart, ShareRow, daily_spend_chart, share_rows
+from common.login_throttle import ThrottledAdminAuthenticationForm
 from common.money import format_usd
 from usage.models import UsageLog
 from usage.selectors import (
@@ -128,6 +129,9 @@ class OtariAdminSite(admin.AdminSite):
     # Navigation runs across the top (templates/admin/base_site.html): Django's sidebar
     # takes 275 px, which on a 1366-px laptop left the usage log 717 px.
     enable_nav_sidebar = False
+    # Failed logins are counted, logged and, past a limit, refused for a while
+    # (common/login_throttle.py).
+    login_form = ThrottledAdminAuthenticationForm
 
     # The sections in the order finance and operations people use them; anything not
     # named here (Django's own users and groups) follows.

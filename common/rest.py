@@ -15,7 +15,6 @@ the budgets app's (budgets/rest.py), and this package imports no app.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -36,8 +35,6 @@ from common import pgpool
 from common.credentials import API_KEY_PREFIX, MASTER_KEY_PREFIX
 from common.exceptions import GatewayError, PayloadTooLarge, ServiceUnavailable
 from common.rest_json import STORABLE_MESSAGE, json_number, text_storable
-
-logger = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -90,11 +87,10 @@ def exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response | 
     # and they name common.rest_json, so a module-level import would be circular.
     from rest_framework.views import exception_handler as drf_exception_handler
 
-    response = drf_exception_handler(exc, context)
-    if response is not None:
-        return response
-    logger.exception("Unhandled error in the management API")
-    return Response({"detail": "Internal server error"}, status=500)
+    # Anything else that DRF does not know either goes on to Django, whose handler500
+    # (otari/urls.py) answers every route's unhandled errors alike: logged once with the
+    # request id, a JSON body that names the id and not the error.
+    return drf_exception_handler(exc, context)
 
 
 def page_not_found(request: Any, exception: Exception | None = None) -> JsonResponse:

@@ -13,11 +13,27 @@ import json
 import re
 from typing import Literal
 
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
+from django.views import defaults
 
 from common.exceptions import GatewayError
+from otari.logging import current as current_request
 
 ErrorStyle = Literal["openai", "anthropic"]
+
+
+class InternalError(GatewayError):
+    """An error the gateway did not expect. The client is told only that, and the request
+    id to quote (OpenAI's own 500s say the same); what went wrong is in the log, under that
+    id, never in the response."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, request_id: str | None) -> None:
+        said = f" (request id {request_id})" if request_id else ""
+        super().__init__("Internal server error" + said)
+        self.request_id = request_id
 
 
 class ProviderError(GatewayError):
@@ -178,11 +194,15 @@ def error_body(exc: GatewayError, style: ErrorStyle) -> dict:
     `error` object as Python dict text. The OpenAI and Anthropic SDKs ignore it."""
     if style == "anthropic":
         error_type = _ANTHROPIC_TYPES.get(exc.status, "api_error")
-        return {
+        body = {
             "type": "error",
             "error": {"type": error_type, "message": exc.message},
             "detail": exc.message,
         }
+        if isinstance(exc, InternalError) and exc.request_id:
+            # Where Anthropic's own error bodies carry it.
+            body["request_id"] = exc.request_id
+        return body
     fallback = "server_error" if exc.status >= 500 else "api_error"
     error_type = _OPENAI_TYPES.get(exc.status, fallback)
     return {
@@ -202,6 +222,9 @@ _GENERATION_PATHS = re.compile(
     r"^/(?:api/)?v1/(?:chat/completions|messages|responses|embeddings|models)(?:/|$)"
 )
 _ANTHROPIC_PATHS = re.compile(r"^/(?:api/)?v1/messages(?:/|$)")
+# Every route that answers JSON: the generation and management APIs, health, metrics and
+# the OpenAPI document. The rest (the console, the home page, /docs) are HTML pages.
+_API_PATHS = re.compile(r"^/(?:(?:api/)?v1/|health(?:/|$)|metrics/?$|openapi\.json$)")
 
 
 def error_body_for_path(exc: GatewayError, path: str) -> dict | None:
@@ -213,13 +236,40 @@ def error_body_for_path(exc: GatewayError, path: str) -> dict | None:
     return error_body(exc, "anthropic" if _ANTHROPIC_PATHS.match(path) else "openai")
 
 
+def server_error_body(path: str, request_id: str | None) -> dict | None:
+    """The body of a 500 on an API route, in the shape of the API at `path`: a generation
+    API's own, else the management API's `{"detail": ...}`; None for an HTML page."""
+    exc = InternalError(request_id)
+    body = error_body_for_path(exc, path)
+    if body is None and _API_PATHS.match(path):
+        body = {"detail": exc.message}
+    return body
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """handler500 (otari/urls.py): an exception no view handled, on any route and through
+    either Django handler (otari/asgi.py). API routes answer JSON in their API's shape,
+    the console Django's HTML page. Django has already logged the traceback, once, with
+    the request id (django.request, "Internal Server Error: <path>"); the response never
+    carries the exception's text."""
+    ctx = current_request()  # None only outside the ASGI application (tests' WSGI client)
+    body = server_error_body(request.path_info, ctx.request_id if ctx is not None else None)
+    if body is None:
+        return defaults.server_error(request)
+    return _json_response(body, 500)
+
+
 def error_response(
     exc: GatewayError, style: ErrorStyle, headers: dict[str, str] | None = None
 ) -> HttpResponse:
-    content = json.dumps(error_body(exc, style)).encode()
-    response = HttpResponse(content, status=exc.status, content_type="application/json")
+    return _json_response(error_body(exc, style), exc.status, {**exc.headers, **(headers or {})})
+
+
+def _json_response(body: dict, status: int, headers: dict[str, str] | None = None) -> HttpResponse:
+    content = json.dumps(body).encode()
+    response = HttpResponse(content, status=status, content_type="application/json")
     # Set here because generation routes run without CommonMiddleware (otari/asgi.py).
     response["Content-Length"] = str(len(content))
-    for name, value in {**exc.headers, **(headers or {})}.items():
+    for name, value in (headers or {}).items():
         response[name] = value
     return response

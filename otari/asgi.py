@@ -25,7 +25,7 @@ django_http = get_asgi_application()
 
 from common.hosts import AllowedHostsMiddleware  # noqa: E402
 from llm_proxy import ratelimit  # noqa: E402 - needs Django set up
-from llm_proxy.errors import error_body_for_path  # noqa: E402
+from llm_proxy.errors import error_body_for_path, server_error_body  # noqa: E402
 from otari import metrics  # noqa: E402
 from otari.metrics import ObservabilityMiddleware  # noqa: E402
 
@@ -55,8 +55,9 @@ GENERATION_ROUTES = r"^(?:api/)?v1/(?:chat/completions|messages|responses|embedd
 ratelimit.warn_if_per_process()
 metrics.warn_if_per_process()
 
-# Outermost: every request's log context (request id), metrics and access log line; then
-# the allowed-hosts policy, for every route (common/hosts.py).
+# Outermost: every request's log context (request id), metrics and access log line, and
+# a JSON 500 for an exception that escapes everything inside; then the allowed-hosts
+# policy, for every route (common/hosts.py).
 application = ObservabilityMiddleware(
     AllowedHostsMiddleware(
         ProtocolTypeRouter(
@@ -70,5 +71,6 @@ application = ObservabilityMiddleware(
             }
         ),
         error_body=error_body_for_path,
-    )
+    ),
+    error_body=server_error_body,
 )

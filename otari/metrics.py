@@ -20,6 +20,7 @@ import atexit
 import functools
 import glob
 import hmac
+import json
 import logging
 import multiprocessing
 import os
@@ -286,8 +287,13 @@ class ObservabilityMiddleware:
     on it is counted and timed to its last byte; with the access log on, one line is
     written when it ends."""
 
-    def __init__(self, app: Callable) -> None:
+    def __init__(
+        self, app: Callable, *, error_body: Callable[[str, str], dict | None] | None = None
+    ) -> None:
         self.app = app
+        # The body of a 500 for a request path and id (llm_proxy.errors.server_error_body,
+        # given by otari/asgi.py), for an exception that escaped the application itself.
+        self.error_body = error_body
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -316,8 +322,18 @@ class ObservabilityMiddleware:
             status = status or STATUS_CLIENT_CLOSED
             raise
         except Exception:
+            body = (
+                None if status or self.error_body is None else self.error_body(path, ctx.request_id)
+            )
             status = status or 500
-            raise
+            if body is None:
+                raise
+            # Django answers every exception raised in a view or its middleware itself
+            # (handler500); this is one from around it (e.g. the allowed-hosts check)
+            # before anything was sent: logged here, once, and answered like the others
+            # rather than with the ASGI server's plain-text page.
+            logger.exception("Unhandled error serving %s %s", scope["method"], path)
+            await _send_json(send_watching_status, 500, body)
         finally:
             duration = time.perf_counter() - ctx.started
             # Nothing sent and no error: the client left before the response started.
@@ -328,6 +344,13 @@ class ObservabilityMiddleware:
             if settings.OTARI_ACCESS_LOG:
                 otari_logging.log_access(ctx, status, duration)
             otari_logging.end(token)
+
+
+async def _send_json(send: Callable, status: int, body: dict) -> None:
+    content = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
 
 
 def _ensure_request_id_header(message: dict, request_id: str) -> None:

@@ -306,6 +306,39 @@ OTARI_RATELIMIT_REDIS_URL = env.str(
 OTARI_RATELIMIT_WINDOW_SECONDS = env.int("OTARI_RATELIMIT_WINDOW_SECONDS", default=60)
 OTARI_RATELIMIT_KEY_PREFIX = env.str("OTARI_RATELIMIT_KEY_PREFIX", default="otari:rl:")
 
+# --- The console's login throttle (docs/ADMIN.md, common/login_throttle.py) ---------------
+# After OTARI_LOGIN_FAILURE_LIMIT failed logins for one username, or from one client
+# address, within OTARI_LOGIN_FAILURE_WINDOW_SECONDS, further attempts are refused for
+# OTARI_LOGIN_LOCKOUT_SECONDS without the password being checked.
+OTARI_LOGIN_FAILURE_LIMIT = env.int("OTARI_LOGIN_FAILURE_LIMIT", default=5)
+OTARI_LOGIN_FAILURE_WINDOW_SECONDS = env.int("OTARI_LOGIN_FAILURE_WINDOW_SECONDS", default=900)
+OTARI_LOGIN_LOCKOUT_SECONDS = env.int("OTARI_LOGIN_LOCKOUT_SECONDS", default=900)
+if (
+    min(OTARI_LOGIN_FAILURE_LIMIT, OTARI_LOGIN_FAILURE_WINDOW_SECONDS, OTARI_LOGIN_LOCKOUT_SECONDS)
+    < 1
+):
+    raise ImproperlyConfigured(
+        "OTARI_LOGIN_FAILURE_LIMIT, OTARI_LOGIN_FAILURE_WINDOW_SECONDS and "
+        "OTARI_LOGIN_LOCKOUT_SECONDS must be at least 1"
+    )
+# Django's cache, where the login throttle counts: Redis (OTARI_CACHE_URL; default the rate
+# limits' Redis), shared by every process and host; unset, each process's own memory.
+OTARI_CACHE_URL = env.str("OTARI_CACHE_URL", default=OTARI_RATELIMIT_REDIS_URL)
+CACHES = {
+    "default": (
+        {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": OTARI_CACHE_URL,
+            "KEY_PREFIX": "otari",
+            # A Redis that does not answer must not hang a console login (the throttle
+            # then lets logins through, with a warning).
+            "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+        }
+        if OTARI_CACHE_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+
 # --- Routing health (docs/ROUTING.md) -------------------------------------------------------
 # A target that failed this many times in a row is skipped for OTARI_ROUTING_COOLDOWN_SECONDS.
 OTARI_ROUTING_FAILURE_THRESHOLD = env.int("OTARI_ROUTING_FAILURE_THRESHOLD", default=3)

@@ -44,3 +44,5 @@ urlpatterns = [
 ]
 
 handler404 = "common.rest.page_not_found"
+# An unhandled exception: JSON in the API's shape on API routes, HTML on the console.
+handler500 = "llm_proxy.errors.server_error"

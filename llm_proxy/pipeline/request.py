@@ -26,7 +26,7 @@ from django.conf import settings
 from common import pgpool
 from common.exceptions import GatewayError, ServiceUnavailable
 from llm_proxy import ratelimit
-from llm_proxy.errors import error_response
+from llm_proxy.errors import InternalError, error_response
 from llm_proxy.pipeline import admission, call, spool
 from llm_proxy.pipeline.exchange import track
 from otari import metrics
@@ -80,7 +80,7 @@ async def handle(request: HttpRequest, fmt: ApiFormat) -> HttpResponse:
         response = exchange.error_response(ServiceUnavailable())
     except Exception:
         logger.exception("request %s failed", request_id)
-        failure = GatewayError("Internal error")
+        failure = InternalError(str(request_id))
         await exchange.refund(failure)
         response = exchange.error_response(failure)
     return _finish(exchange, response)
