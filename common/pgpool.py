@@ -54,6 +54,10 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 # Until when (time.monotonic()) statements fail at once: the database was just found down.
 _down_until = 0.0
 DOWN_PROBE_INTERVAL_S = 1.0
+# Connections this process has checked out of the pool right now.
+_in_use = 0
+# How long a request waits for a connection while the pool is busy (not down).
+BUSY_WAIT_S = 30.0
 # A connection idle longer than this is checked before use (one round trip).
 CHECK_IDLE_AFTER_S = 1.0
 _returned_at: weakref.WeakKeyDictionary[AsyncConnection, float] = weakref.WeakKeyDictionary()
@@ -141,12 +145,34 @@ async def fetchall(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
 @contextlib.asynccontextmanager
 async def _connection() -> AsyncIterator[AsyncConnection]:
     """A pooled connection, failing fast while the database is known to be down."""
-    global _down_until
+    global _down_until, _in_use
     if time.monotonic() < _down_until:
         raise ServiceUnavailable
     try:
-        async with (await pool()).connection() as conn:
-            yield conn
+        p = await pool()
+        conn = await _checkout(p)
     except UNAVAILABLE as exc:
         _down_until = time.monotonic() + DOWN_PROBE_INTERVAL_S
         raise ServiceUnavailable from exc
+    _in_use += 1
+    try:
+        yield conn
+    except UNAVAILABLE as exc:
+        _down_until = time.monotonic() + DOWN_PROBE_INTERVAL_S
+        raise ServiceUnavailable from exc
+    finally:
+        _in_use -= 1
+        await p.putconn(conn)
+
+
+async def _checkout(p: AsyncConnectionPool) -> AsyncConnection:
+    """A connection within OTARI_DB_TIMEOUT_SECONDS, or PoolTimeout. Except when the pool
+    is merely busy: while this process holds connections, the wait is for one of them to
+    come back, not for a database that is down, so it goes on (up to BUSY_WAIT_S)."""
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        try:
+            return await p.getconn(timeout=settings.OTARI_DB_TIMEOUT_SECONDS)
+        except PoolTimeout:
+            if not _in_use or time.monotonic() > deadline:
+                raise
