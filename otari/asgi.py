@@ -54,6 +54,7 @@ GENERATION_ROUTES = r"^(?:api/)?v1/(?:chat/completions|messages|responses|embedd
 
 ratelimit.warn_if_per_process()
 metrics.warn_if_per_process()
+metrics.warn_if_unguarded()
 
 # Outermost: every request's log context (request id), metrics and access log line; then
 # the allowed-hosts policy, for every route (common/hosts.py).
