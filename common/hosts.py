@@ -8,15 +8,16 @@ DJANGO_ALLOWED_HOSTS (`settings.OTARI_ALLOWED_HOSTS`; Django's own check is off,
 otari/settings.py):
 
 - health probes (`/health`, `/health/liveness`, `/health/readiness`, also under `/v1/`
-  and `/api/v1/`) answer whatever the Host: load balancers and Kubernetes probes call them
-  by IP address;
+  and `/api/v1/`) answer any well-formed Host: load balancers and Kubernetes probes call
+  them by IP address; a Host that is no host name at all is refused there too;
 - the generation and management APIs (`/v1/...`, `/api/v1/...`) answer any Host when
   OTARI_API_ANY_HOST is set (keys, not cookies, authenticate them); by default they follow
   the list like the rest;
-- every other request needs a Host in the list, or gets a JSON 400 in the shape of the API
-  it called, and one warning line in the log (no traceback).
+- every other request needs a Host in the list, or gets a 400 and one warning line in the
+  log (no traceback): JSON in the shape of the API it called, except on the console
+  (`/admin/`), whose users are browsers and get a short HTML page.
 
-The refusal is `{"detail": ...}` unless the `error_body` hook, given by otari/asgi.py
+The JSON refusal is `{"detail": ...}` unless the `error_body` hook, given by otari/asgi.py
 (llm_proxy.errors.error_body_for_path), writes it in a generation API's own shape: this
 package imports no app.
 """
@@ -42,11 +43,19 @@ ErrorBodyHook = Callable[[GatewayError, str], dict | None]
 
 HEALTH_PATHS = re.compile(r"^/(?:(?:api/)?v1/)?health(?:/liveness|/readiness)?/?$")
 _API_PATHS = re.compile(r"^/(?:api/)?v1/")
+_CONSOLE_PATHS = re.compile(r"^/admin(?:/|$)")
 
 
 class HostNotAllowed(BadRequest):
     code = "host_not_allowed"
     message = "This gateway does not answer to the Host header sent (see DJANGO_ALLOWED_HOSTS)"
+
+
+# Static: nothing of the request is echoed.
+_CONSOLE_REFUSAL = (
+    "<!doctype html><html lang=en><head><meta charset=utf-8><title>Bad Request (400)</title>"
+    f"</head><body><h1>Bad Request (400)</h1><p>{HostNotAllowed.message}.</p></body></html>"
+).encode()
 
 
 def _host_of(scope: dict) -> str:
@@ -65,8 +74,14 @@ def host_allowed(host: str) -> bool:
 # sees are few (bounded all the same: the header is the client's text).
 @functools.lru_cache(maxsize=256)
 def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
-    domain, _ = split_domain_port(host)
+    domain = _domain(host)
     return bool(domain) and validate_host(domain, allowed)
+
+
+@functools.lru_cache(maxsize=256)
+def _domain(host: str) -> str:
+    """The host name of a Host header; "" when it is not one (Django's syntax check)."""
+    return split_domain_port(host)[0]
 
 
 class AllowedHostsMiddleware:
@@ -76,11 +91,14 @@ class AllowedHostsMiddleware:
         self.app = app
         self.error_body = error_body
 
-    def _refusal(self, path: str) -> bytes:
-        """The 400 body in the shape of the API the request called."""
+    def _refusal(self, path: str) -> tuple[bytes, bytes]:
+        """The 400's content type and body, in the shape of the API the request called."""
         exc = HostNotAllowed()
+        if _CONSOLE_PATHS.match(path):
+            return b"text/html; charset=utf-8", _CONSOLE_REFUSAL
         body = self.error_body(exc, path) if self.error_body else None
-        return json.dumps(body if body is not None else {"detail": exc.message}).encode()
+        payload = body if body is not None else {"detail": exc.message}
+        return b"application/json", json.dumps(payload).encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -92,7 +110,7 @@ class AllowedHostsMiddleware:
             path = path[len(root) :] or "/"
         if (
             host_allowed(host)
-            or HEALTH_PATHS.match(path)
+            or (HEALTH_PATHS.match(path) and _domain(host))
             or (settings.OTARI_API_ANY_HOST and _API_PATHS.match(path))
         ):
             await self.app(scope, receive, send)
@@ -104,13 +122,13 @@ class AllowedHostsMiddleware:
             scope["method"],
             path,
         )
-        body = self._refusal(path)
+        content_type, body = self._refusal(path)
         await send(
             {
                 "type": "http.response.start",
                 "status": 400,
                 "headers": [
-                    (b"content-type", b"application/json"),
+                    (b"content-type", content_type),
                     (b"content-length", str(len(body)).encode()),
                 ],
             }

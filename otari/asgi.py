@@ -54,6 +54,7 @@ GENERATION_ROUTES = r"^(?:api/)?v1/(?:chat/completions|messages|responses|embedd
 
 ratelimit.warn_if_per_process()
 metrics.warn_if_per_process()
+metrics.warn_if_unguarded()
 
 # Outermost: every request's log context (request id), metrics and access log line, and
 # a JSON 500 for an exception that escapes everything inside; then the allowed-hosts

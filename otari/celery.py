@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -75,46 +76,116 @@ def enqueue_on_commit(task: Task, *args: Any, **kwargs: Any) -> None:
     transaction.on_commit(lambda: enqueue(task, *args, **kwargs))
 
 
+# --- the relay of detached publishes: one rule for work whose record is committed -----------
+
 _publisher: ThreadPoolExecutor | None = None
 _publisher_lock = threading.Lock()
-# After a failed publish the broker is presumed down for this long: the work waiting
-# meanwhile is left to the re-drive instead of each item paying for its own failure.
-_PUBLISH_PAUSE_S = 5.0
-_publish_paused_until = 0.0
+# While the broker is down, the publishes waiting are kept (in order) and tried again this
+# often; the first that goes through empties the rest.
+_BROKER_PROBE_S = 1.0
+# Past this many waiting publishes the oldest are dropped: each has its durable record, and
+# the periodic re-drive of its kind finds it (docs/PLATFORM.md, docs/OPERATIONS.md).
+_HELD_MAX = 10_000
 
 
-def enqueue_detached(task: Task, *args: Any, **kwargs: Any) -> None:
-    """Enqueue from a background thread, and only log a failure.
+class _Outage:
+    """The publisher thread's view of the broker. Touched only on that thread (the
+    executor has one worker), so it needs no lock."""
 
-    For work whose durable record the caller has already committed and which a periodic
-    re-drive finds again (platform usage reports): publishing to a broker that is down
-    blocks on kombu's connection retries, and that must never slow or fail the request
-    that produced the work. One thread keeps the publishes in order and bounds their cost.
-    """
+    def __init__(self) -> None:
+        self.since: float | None = None  # monotonic time of the failed publish
+        self.held: deque[tuple[Task, tuple, dict]] = deque()
+        self.dropped = 0
+        self.sent = 0
+
+
+_outage = _Outage()
+
+
+def _publisher_submit(fn: Any, *args: Any) -> None:
     global _publisher
     if _publisher is None:
         with _publisher_lock:
             if _publisher is None:
                 _publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otari-publish")
+    _publisher.submit(fn, *args)
 
-    def publish() -> None:
-        global _publish_paused_until
-        if time.monotonic() < _publish_paused_until:
-            return
+
+def _hold(item: tuple[Task, tuple, dict]) -> None:
+    if len(_outage.held) >= _HELD_MAX:
+        _outage.held.popleft()
+        _outage.dropped += 1
+    _outage.held.append(item)
+
+
+def _probe_later() -> None:
+    timer = threading.Timer(_BROKER_PROBE_S, _publisher_submit, args=(_flush_held,))
+    timer.daemon = True
+    timer.start()
+
+
+def _publish(item: tuple[Task, tuple, dict]) -> None:
+    if _outage.since is None:
+        task, args, kwargs = item
         try:
             enqueue(task, *args, **kwargs)
+            return
         except Exception as exc:
-            _publish_paused_until = time.monotonic() + _PUBLISH_PAUSE_S
-            # The exception's name only: its text can carry the broker URL's password.
+            _outage.since = time.monotonic()
+            # One line for the outage, whatever it holds up. The exception's name only:
+            # its text can carry the broker URL's password.
             logger.warning(
-                "could not enqueue %s, broker presumed down for %.0f s (the re-drive will "
-                "send what waits): %s",
-                task.name,
-                _PUBLISH_PAUSE_S,
+                "broker unreachable (%s): tasks are kept and sent as soon as it is back",
                 type(exc).__name__,
             )
+            _probe_later()
+    _hold(item)
 
-    _publisher.submit(publish)
+
+def _flush_held() -> None:
+    """Send what waits, oldest first; the first failure means the broker is still down."""
+    while _outage.held:
+        task, args, kwargs = _outage.held[0]
+        try:
+            enqueue(task, *args, **kwargs)
+        except Exception:
+            _probe_later()
+            return
+        _outage.held.popleft()
+        _outage.sent += 1
+    if _outage.since is None:
+        return
+    logger.warning(
+        "broker reachable again after %.0f s: sent %d waiting task(s)%s",
+        time.monotonic() - _outage.since,
+        _outage.sent,
+        f", {_outage.dropped} left to the periodic re-drive" if _outage.dropped else "",
+    )
+    _outage.since = None
+    _outage.sent = _outage.dropped = 0
+
+
+def enqueue_detached(task: Task, *args: Any, **kwargs: Any) -> None:
+    """Enqueue from a background thread: never raises, never waits for the broker.
+
+    For work whose durable record the caller has already committed (an outbox row: a
+    platform usage report, a budget alert). Publishing to a broker that is down blocks on
+    kombu's connection retries, and that must never slow or fail the request that produced
+    the work. One thread keeps the publishes in order. When a publish fails, the broker is
+    down: that is logged once, what follows is kept without trying, and the broker is
+    probed every _BROKER_PROBE_S; the first probe that goes through sends everything kept,
+    so the work goes out as soon as the broker is back rather than at the next re-drive.
+    What a process cannot keep (it died, or more than _HELD_MAX waited) is found again by
+    the periodic re-drive of its kind, from its durable record.
+    """
+    _publisher_submit(_publish, (task, args, kwargs))
+
+
+def enqueue_detached_on_commit(task: Task, *args: Any, **kwargs: Any) -> None:
+    """`enqueue_detached` once the current transaction commits (at once outside one)."""
+    from django.db import transaction
+
+    transaction.on_commit(lambda: enqueue_detached(task, *args, **kwargs))
 
 
 # --- the embedded beat: periodic jobs without a broker ---------------------------------------

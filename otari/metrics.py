@@ -170,6 +170,27 @@ def warn_if_per_process() -> None:
         )
 
 
+_UNGUARDED_DETAIL = (
+    "/metrics requires OTARI_METRICS_TOKEN (scrapers send Authorization: Bearer <token>); "
+    "OTARI_METRICS_PUBLIC=true serves it without one"
+)
+
+
+def warn_if_unguarded() -> None:
+    """At server startup: say so loudly when /metrics refuses every scrape (no token), or
+    serves anyone who reaches it (the operator's opt-out)."""
+    if not enabled() or settings.OTARI_METRICS_TOKEN:
+        return
+    if settings.OTARI_METRICS_PUBLIC:
+        logger.warning(
+            "Metrics are PUBLIC: OTARI_METRICS_PUBLIC=true and no OTARI_METRICS_TOKEN, so "
+            "anyone who can reach /metrics reads the gateway's traffic and money. Set "
+            "OTARI_METRICS_TOKEN unless only a trusted network reaches it."
+        )
+    else:
+        logger.warning("Metrics are on but every scrape is refused (403): %s.", _UNGUARDED_DETAIL)
+
+
 # `metric.labels(...)` validates and looks up its labels on every call, the larger part of
 # the per-request cost; the label sets are few (bounded), so their children are kept.
 _children: dict[tuple, Any] = {}
@@ -463,7 +484,7 @@ def _scrape_registry() -> CollectorRegistry:
 def _authorized(request: HttpRequest) -> bool:
     token = settings.OTARI_METRICS_TOKEN
     if not token:
-        return True
+        return settings.OTARI_METRICS_PUBLIC
     presented = request.headers.get("Authorization", "").strip()
     if presented[:7].lower() != "bearer ":
         return False
@@ -475,6 +496,9 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     """`GET /metrics`: Prometheus text (404 when metrics are off)."""
     if not settings.OTARI_ENABLE_METRICS:
         return JsonResponse({"detail": "Not found"}, status=404)
+    if not settings.OTARI_METRICS_TOKEN and not settings.OTARI_METRICS_PUBLIC:
+        # No token could be right: a 403 that says what the operator must set.
+        return JsonResponse({"detail": _UNGUARDED_DETAIL}, status=403)
     if not _authorized(request):
         response = JsonResponse({"detail": "Invalid or missing metrics token"}, status=401)
         response["WWW-Authenticate"] = 'Bearer realm="metrics"'

@@ -285,8 +285,12 @@ vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
 
 # --- Observability and rate limits (docs/OBSERVABILITY.md) ---------------------------------
 OTARI_ENABLE_METRICS = env.bool("OTARI_ENABLE_METRICS", default=False)
-# When set, GET /metrics requires `Authorization: Bearer <token>`.
+# GET /metrics requires `Authorization: Bearer <token>`: the metrics show the gateway's
+# traffic, models, errors and money. Without a token it is refused (403) unless the operator
+# opts out with OTARI_METRICS_PUBLIC (a scraper on a network they trust); either way each
+# worker says so at startup (otari/metrics.py warn_at_startup).
 OTARI_METRICS_TOKEN = env.str("OTARI_METRICS_TOKEN", default="")
+OTARI_METRICS_PUBLIC = env.bool("OTARI_METRICS_PUBLIC", default=False)
 OTARI_LOG_FORMAT = env.str("OTARI_LOG_FORMAT", default="text")
 if OTARI_LOG_FORMAT not in ("text", "json"):
     raise ImproperlyConfigured("OTARI_LOG_FORMAT must be text or json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from django.db import connections
 from tests.budgets.webhook import WebhookReceiver
 from tests.fake_azure import FakeAzure
 from tests.fake_provider import FakeProvider
+from tests.own_redis import OwnRedis
 
 REPO = Path(__file__).resolve().parent.parent
 # Generous for real work, short enough that timeout tests are quick.
@@ -423,3 +425,14 @@ def redis_url() -> Iterator[str]:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    """A Redis server of the test's own, to stop and start (broker outages)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = OwnRedis.on_free_port()
+    server.start()
+    yield server
+    server.stop()

@@ -49,14 +49,23 @@ def test_health_answers_whatever_the_host(gateway, path, hosts_log):
     assert _refusal_lines(hosts_log) == []
 
 
+@pytest.mark.parametrize("path", HEALTH_PATHS)
+def test_health_refuses_a_host_that_is_no_host_name_with_json(gateway, path, hosts_log):
+    with gateway.client() as client:
+        response = client.get(path, headers={"Host": "no such host!"})
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    assert "DJANGO_ALLOWED_HOSTS" in response.json()["detail"]
+    assert [r.name for r in _refusal_lines(hosts_log)] == ["common.hosts"]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [
-        ("GET", "/admin/", None),
-        ("GET", "/admin/login/", None),
         ("GET", "/v1/users", None),
         ("GET", "/openapi.json", None),
         ("GET", "/", None),
+        ("GET", "/metrics", None),
     ],
 )
 def test_a_refused_host_gets_json_and_one_log_line(gateway, hosts_log, method, path, body):
@@ -71,12 +80,26 @@ def test_a_refused_host_gets_json_and_one_log_line(gateway, hosts_log, method, p
     assert "'evil.example'" in lines[0].getMessage()
 
 
+@pytest.mark.parametrize("path", ["/admin/", "/admin/login/", "/admin"])
+def test_the_console_refuses_a_host_with_an_html_page(gateway, hosts_log, path):
+    with gateway.client() as client:
+        response = client.get(path, headers={"Host": "evil.example"})
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert "<h1>Bad Request (400)</h1>" in response.text
+    assert "DJANGO_ALLOWED_HOSTS" in response.text
+    assert "evil.example" not in response.text  # nothing of the request is echoed
+    assert [(r.name, r.exc_info) for r in _refusal_lines(hosts_log)] == [("common.hosts", None)]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "api"),
     [
         ("/v1/chat/completions", CHAT, "openai"),
         ("/api/v1/chat/completions", CHAT, "openai"),
         ("/v1/messages", {**CHAT, "max_tokens": 16}, "anthropic"),
+        ("/v1/responses", {"model": "openai:gpt-4o-mini", "input": "Hello"}, "openai"),
+        ("/v1/embeddings", {"model": "openai:gpt-4o-mini", "input": "Hello"}, "openai"),
         ("/v1/models", None, "openai"),
     ],
 )
@@ -224,3 +247,17 @@ def test_rotate_master_key_refuses_a_configured_key(gateway, settings):
     with pytest.raises(CommandError, match="OTARI_MASTER_KEY"):
         call_command("rotate_master_key", stdout=StringIO())
     assert not MasterKey.objects.exists()
+
+
+@pytest.mark.slow
+def test_metrics_without_a_token_are_said_loudly_at_startup(gateway, gateway_config_file, tmp_path):
+    refused = _started_log(gateway_config_file, tmp_path, "refused")
+    assert "Metrics are on but every scrape is refused (403)" in refused
+    assert "OTARI_METRICS_TOKEN" in refused
+    public = _started_log(gateway_config_file, tmp_path, "public", OTARI_METRICS_PUBLIC="true")
+    assert "Metrics are PUBLIC" in public
+    guarded = _started_log(
+        gateway_config_file, tmp_path, "guarded", OTARI_METRICS_TOKEN="scrape-token-1234"
+    )
+    assert "every scrape is refused" not in guarded
+    assert "Metrics are PUBLIC" not in guarded

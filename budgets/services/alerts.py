@@ -22,7 +22,7 @@ from budgets.models import Budget, BudgetAlert, GatewayUser
 from budgets.services.holds import BudgetState
 from budgets.tasks import budget_alert_deliver as budget_alert_deliver_task
 from common.money import exact_str
-from otari.celery import enqueue, enqueue_on_commit
+from otari.celery import enqueue, enqueue_detached_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ def budget_alerts_check(*, user_id: str, now: datetime | None = None) -> list[Bu
             except IntegrityError:
                 continue
             created.append(alert)
-            enqueue_on_commit(budget_alert_deliver_task, alert.pk)
+            # The alert row is the outbox: its delivery is published without waiting for
+            # the broker, and kept until the broker is back when it is down.
+            enqueue_detached_on_commit(budget_alert_deliver_task, alert.pk)
     for alert in created:
         logger.info("budget alert: user %s reached %s%% of %s", user_id, alert.threshold_pct, limit)
     return created

@@ -143,10 +143,19 @@ class ApiFormat:
         """The output tokens the hold provides for: the request's cap, else the default."""
         return self.max_output_tokens(body) or settings.OTARI_DEFAULT_MAX_OUTPUT_TOKENS
 
+    def named_users(self, body: dict[str, Any]) -> list[str]:
+        """Every gateway user a request names, read the same way on every endpoint
+        (docs/SPEC.md §1): its `user`, then its `metadata.user_id`. The Messages API has
+        only the second; clients of the others may send either (OpenAI's Chat and
+        Responses bodies carry `metadata` too), so a format that read one field only
+        would let a key name another user in the other."""
+        metadata = body.get("metadata")
+        names = (body.get("user"), metadata.get("user_id") if isinstance(metadata, dict) else None)
+        return [name for name in names if isinstance(name, str) and name]
+
     def named_user(self, body: dict[str, Any]) -> str | None:
-        """The gateway user a request names (required with the master key)."""
-        user = body.get("user")
-        return user if isinstance(user, str) and user else None
+        """The user the master key bills: the first the request names."""
+        return next(iter(self.named_users(body)), None)
 
     def upstream_body(self, body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
         """The body as the provider gets it: unchanged but for the model name."""

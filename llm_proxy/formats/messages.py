@@ -257,12 +257,6 @@ class MessagesFormat(ApiFormat):
             chars += len(json.dumps(body["tools"], separators=(",", ":")))
         return math.ceil(chars / 4)
 
-    def named_user(self, body: dict[str, Any]) -> str | None:
-        # The Messages API has no `user`; its end-user id is metadata.user_id (docs/SPEC.md §1).
-        metadata = body.get("metadata")
-        user = metadata.get("user_id") if isinstance(metadata, dict) else None
-        return user if isinstance(user, str) and user else None
-
     def usage_from_body(self, body: dict[str, Any]) -> TokenUsage | None:
         return usage_from_messages(body.get("usage"))
 

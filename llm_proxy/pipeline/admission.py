@@ -107,6 +107,27 @@ def model_selector(body: dict[str, Any]) -> str:
     return selector
 
 
+def named_user_check(caller: Caller, named_users: list[str]) -> None:
+    """The one identity rule of every generation endpoint (docs/SPEC.md §1): a request
+    may name only the user it is billed to, in `user` and in `metadata.user_id` alike
+    (ApiFormat.named_users). A key's request naming another user, or a master-key
+    request whose two names disagree, is a 403 `user_mismatch`.
+
+    Some clients fill those fields with ids of their own (Claude Code sets
+    metadata.user_id); OTARI_REJECT_USER_MISMATCH=false lets them through, and the key's
+    user (the master key's: the first name) is billed either way.
+    """
+    if not settings.OTARI_REJECT_USER_MISMATCH:
+        return
+    if any(name != caller.user_id for name in named_users):
+        raise PermissionDenied(
+            "This API key belongs to a different user than the request names"
+            if caller.api_key_id is not None
+            else "The request's user and metadata.user_id name different users",
+            code="user_mismatch",
+        )
+
+
 # What the usage row's and the hold's model columns hold.
 MAX_MODEL_CHARS = 255
 
@@ -153,20 +174,7 @@ async def _admit_local(
     try:
         if refusal is not None or provider is None or target is None:
             raise refusal or BadRequest("model is required")
-        named = fmt.named_user(body)
-        if (
-            caller.api_key_id is not None
-            and named is not None
-            and named != caller.user_id
-            # Some clients fill the user field with ids of their own (Claude Code sets
-            # metadata.user_id); operators can let those through. Spend is billed to the
-            # key's user either way.
-            and settings.OTARI_REJECT_USER_MISMATCH
-        ):
-            raise PermissionDenied(
-                "This API key belongs to a different user than the request names",
-                code="user_mismatch",
-            )
+        named_user_check(caller, fmt.named_users(body))
         allowed = model_allowed(caller.allowed_models, model_key)
         attempt = Attempt(
             provider=provider,
@@ -213,6 +221,7 @@ async def _admit_routed(
     )
     name = body["model"]
     try:
+        named_user_check(caller, fmt.named_users(body))
         policy = await routing.policy_lookup_async(name, user_id=caller.user_id)
         if policy is None:
             resolve_model(name)  # raises the refusal of a selector without a provider

@@ -178,7 +178,7 @@ def test_invalid_alert_settings_are_refused_with_the_rule(admin_client, field, v
 def alerts(db, receiver, monkeypatch):
     """Three alerts, as settlement raises them: alice at 80% (delivered) and 100%
     (failed: the receiver answered 404), bob at 80% (pending)."""
-    monkeypatch.setattr(alert_services, "enqueue_on_commit", lambda *a, **k: None)
+    monkeypatch.setattr(alert_services, "enqueue_detached_on_commit", lambda *a, **k: None)
     budget = make_budget(name="Team", max_budget_usd=Decimal("10"), alert_webhook_url=receiver.url)
     alice = make_user(budget=budget, user_id="alice")
     bob = make_user(budget=budget, user_id="bob")

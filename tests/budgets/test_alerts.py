@@ -219,7 +219,7 @@ def crossed(db, receiver):
     charge(user.pk, Decimal("9"), datetime.now(UTC))
     with pytest.MonkeyPatch.context() as patch:
         # Deliver by hand in these tests: keep the enqueued task from running.
-        patch.setattr(alerts, "enqueue_on_commit", lambda *a, **k: None)
+        patch.setattr(alerts, "enqueue_detached_on_commit", lambda *a, **k: None)
         (alert,) = alerts.budget_alerts_check(user_id=user.pk)
     assert alert.threshold_pct == 80
     return alert
@@ -286,7 +286,7 @@ def test_two_workers_given_the_same_alert_deliver_it_once(transactional_db, rece
     user = make_user(budget=budget)
     charge(user.pk, Decimal("8"), datetime.now(UTC))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(alerts, "enqueue_on_commit", lambda *a, **k: None)
+        patch.setattr(alerts, "enqueue_detached_on_commit", lambda *a, **k: None)
         (alert,) = alerts.budget_alerts_check(user_id=user.pk)
     receiver.delay_s = 0.5
     barrier = threading.Barrier(4)
@@ -340,7 +340,7 @@ def test_the_sweep_alerts_on_thresholds_reached_without_a_crossing(db, receiver,
     accounts.budget_update(budget_id=budget.pk, alert_webhook_url=receiver.url)
     with pytest.MonkeyPatch.context() as patch:
         enqueued = []
-        patch.setattr(alerts, "enqueue_on_commit", lambda task, *a: enqueued.append(a))
+        patch.setattr(alerts, "enqueue_detached_on_commit", lambda task, *a: enqueued.append(a))
         sweep = alerts.budget_alerts_sweep()
         assert [(a.user_id, a.threshold_pct) for a in sweep.created] == [(user.pk, 80)]
         assert alerts.budget_alerts_sweep().created == []  # once
@@ -361,7 +361,7 @@ def test_the_sweep_redrives_a_delivery_that_was_lost(db, receiver, time_machine)
     user = make_user(budget=budget)
     charge(user.pk, Decimal("8"), datetime.now(UTC))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(alerts, "enqueue_on_commit", lambda *a, **k: None)  # lost
+        patch.setattr(alerts, "enqueue_detached_on_commit", lambda *a, **k: None)  # lost
         alerts.budget_alerts_check(user_id=user.pk)
         redriven = []
         patch.setattr(alerts, "enqueue", lambda task, *a, **k: redriven.append(a))

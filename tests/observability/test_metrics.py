@@ -37,6 +37,7 @@ def two_metered_gateways(gateway, gateway_config_file, redis_url, tmp_path):
     directory.mkdir()
     env = {
         "OTARI_ENABLE_METRICS": "true",
+        "OTARI_METRICS_PUBLIC": "true",
         "PROMETHEUS_MULTIPROC_DIR": str(directory),
         "OTARI_RATELIMIT_REDIS_URL": redis_url,
     }
@@ -185,28 +186,46 @@ def _error(error_class: str) -> dict[str, str]:
 # --- in the test process ----------------------------------------------------------------------
 
 
-def test_metrics_can_be_turned_off_and_can_require_a_token(gateway, settings):
+def test_metrics_are_off_by_default_and_need_a_token_when_on(gateway, settings):
     settings.OTARI_ENABLE_METRICS = False
     with gateway.client() as client:
         assert client.get("/metrics").status_code == 404
+        # On, with no token: no scrape can be right, and the answer says what to set.
         settings.OTARI_ENABLE_METRICS = True
-        response = client.get("/metrics")
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/plain")
-        assert "otari_http_requests_total" in response.text
+        refused = client.get("/metrics")
+        assert refused.status_code == 403
+        assert "OTARI_METRICS_TOKEN" in refused.json()["detail"]
+        assert "otari_" not in refused.text
+        assert client.get("/metrics", headers={"Authorization": "Bearer x"}).status_code == 403
 
         settings.OTARI_METRICS_TOKEN = "scrape-token-1234"
         refused = client.get("/metrics")
         assert refused.status_code == 401
         assert refused.json() == {"detail": "Invalid or missing metrics token"}
+        assert refused.headers["WWW-Authenticate"] == 'Bearer realm="metrics"'
         wrong = client.get("/metrics", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
         right = client.get("/metrics", headers={"Authorization": "Bearer scrape-token-1234"})
         assert right.status_code == 200
+        assert right.headers["content-type"].startswith("text/plain")
+        assert "otari_http_requests_total" in right.text
+
+
+def test_the_operator_can_opt_out_of_the_token(gateway, settings):
+    settings.OTARI_ENABLE_METRICS = True
+    settings.OTARI_METRICS_PUBLIC = True
+    with gateway.client() as client:
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        assert "otari_http_requests_total" in response.text
+        # A token, once set, is required all the same.
+        settings.OTARI_METRICS_TOKEN = "scrape-token-1234"
+        assert client.get("/metrics").status_code == 401
 
 
 def test_open_holds_and_reserved_money_are_read_at_scrape_time(gateway, settings):
     settings.OTARI_ENABLE_METRICS = True
+    settings.OTARI_METRICS_PUBLIC = True
     user = make_user(budget=make_budget(max_budget_usd=Decimal("5")))
     holds.hold_open(
         user_id=user.user_id,
@@ -223,6 +242,7 @@ def test_open_holds_and_reserved_money_are_read_at_scrape_time(gateway, settings
 
 def test_route_templates_label_requests_whatever_the_path(gateway, settings):
     settings.OTARI_ENABLE_METRICS = True
+    settings.OTARI_METRICS_PUBLIC = True
 
     def delta(after: dict, **labels: str) -> float:
         return value(after, "otari_http_requests_total", **labels) - value(
@@ -272,6 +292,7 @@ def test_the_outbox_backlog_and_dead_letters_are_read_at_scrape_time(gateway, se
     """Two attempt reports written with a usage row; the platform refuses one for good
     (404, non-retryable: a dead letter) and has not been sent the other yet."""
     settings.OTARI_ENABLE_METRICS = True
+    settings.OTARI_METRICS_PUBLIC = True
     user = make_user()
     reports = tuple(
         AttemptReport(

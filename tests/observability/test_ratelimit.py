@@ -224,6 +224,7 @@ def test_a_budget_refusal_counts_the_request_but_not_its_tokens(gateway, backend
 
 def test_an_unreachable_redis_lets_requests_through_and_is_counted(gateway, settings, caplog):
     settings.OTARI_ENABLE_METRICS = True
+    settings.OTARI_METRICS_PUBLIC = True
     settings.OTARI_RATELIMIT_REDIS_URL = "redis://127.0.0.1:9/0"  # nothing listens there
     set_price()
     _, limited = make_key(make_user(rpm_limit=1))
