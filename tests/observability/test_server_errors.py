@@ -153,6 +153,8 @@ def test_metrics_answers_the_detail_shape(gateway, caplog, monkeypatch, settings
     caplog.set_level(logging.INFO)
     settings.OTARI_ENABLE_METRICS = True
     settings.OTARI_METRICS_TOKEN = ""
+    # Served without a token only when the operator says so (issue 19, item 6).
+    settings.OTARI_METRICS_PUBLIC = True
     monkeypatch.setattr("otari.metrics._scrape_registry", boom)
     with gateway.client() as client:
         response = client.get("/metrics")
