@@ -1073,13 +1073,22 @@ class FakeProvider:
     def wait_for(
         predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01
     ) -> bool:
-        """Poll ``predicate`` until it is truthy; False if ``timeout`` seconds pass first."""
+        """Poll ``predicate`` until it is truthy; False if ``timeout`` seconds pass first.
+
+        On SQLite's shared in-memory test database a read from the test's thread can meet
+        the gateway's write lock ("database table is locked"): that is "not yet"."""
+        from django.db import OperationalError
+
         deadline = time.monotonic() + timeout
-        while not predicate():
+        while True:
+            try:
+                if predicate():
+                    return True
+            except OperationalError:
+                pass
             if time.monotonic() >= deadline:
                 return False
             time.sleep(interval)
-        return True
 
     # ---- called on the loop thread
     def _opened(self, conn: _Connection) -> None:
