@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from asgiref.sync import async_to_sync
 from django.db import connection
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
+
+from common import pgpool
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +95,14 @@ class ReadinessApi(_Public):
     )
     def get(self, request: Request) -> Response:
         try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT 1")
-                cursor.fetchone()
+            if pgpool.enabled():
+                # Through the hot path's pool: it answers within OTARI_DB_TIMEOUT_SECONDS
+                # when the database is down (docs/RELIABILITY.md).
+                async_to_sync(pgpool.fetchone)("SELECT 1", {})
+            else:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                    cursor.fetchone()
         except Exception:
             # Any failure means "not ready"; the message may name hosts or users, so it
             # goes to the log only.

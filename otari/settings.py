@@ -122,9 +122,10 @@ if _db["ENGINE"] == "django.db.backends.postgresql":
     _db.setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": env.int("OTARI_DB_POOL_SIZE", default=10),
-        # How long a request waits for a connection: a database that is down answers a
-        # 503 in this time, not after psycopg's default 30 s (docs/RELIABILITY.md).
-        "timeout": env.float("OTARI_DB_TIMEOUT_SECONDS", default=0.5),
+        # Under ASGI every concurrent request may hold one of these (a thread each), so a
+        # burst waits for them; an outage is detected by the hot path's pool instead
+        # (common/pgpool.py, OTARI_DB_TIMEOUT_SECONDS; docs/RELIABILITY.md).
+        "timeout": 10,
     }
 elif _db["ENGINE"] == "django.db.backends.sqlite3":
     VAR_DIR.mkdir(parents=True, exist_ok=True)
