@@ -4,6 +4,7 @@
     python3 dev.py run     # the gateway on 127.0.0.1:8000 (SQLite and no broker by default)
     python3 dev.py test    # the test suite (pytest arguments may follow)
     python3 dev.py lint    # ruff check and format check
+    python3 dev.py soak    # the fault drills at full length, with their figures (PostgreSQL, Redis)
 
 Each command creates `.venv/` on first use and installs the project into it, again only
 when pyproject.toml changes.
@@ -81,13 +82,34 @@ def test(argv: list[str]) -> None:
     _run(PYTHON, "-m", "pytest", *argv)
 
 
+def soak(argv: list[str]) -> None:
+    """The drills of docs/RELIABILITY.md at full length (about 10 minutes): the tests
+    marked `drill`, with OTARI_SOAK=1, then their figures as a table. They need
+    PostgreSQL and Redis, as CI does; DATABASE_URL defaults to the local server."""
+    _ensure_venv("dev")
+    env = dict(os.environ)
+    env.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/otari_soak")
+    env.update(OTARI_SOAK="1", OTARI_REQUIRE_POSTGRES="1")
+    report = ROOT / ".soak-report.jsonl"
+    report.unlink(missing_ok=True)
+    env["OTARI_DRILL_REPORT"] = str(report)
+    result = subprocess.run(
+        [str(PYTHON), "-m", "pytest", "-m", "drill", "-p", "no:cacheprovider", *argv],
+        cwd=ROOT,
+        env=env,
+    )
+    _run(PYTHON, "-m", "tests.drill_report", report)
+    if result.returncode:
+        sys.exit(result.returncode)
+
+
 def lint(argv: list[str]) -> None:
     _ensure_venv("dev")
     _run(PYTHON, "-m", "ruff", "check", ".")
     _run(PYTHON, "-m", "ruff", "format", "--check", ".")
 
 
-COMMANDS = {"run": run, "test": test, "lint": lint}
+COMMANDS = {"run": run, "test": test, "lint": lint, "soak": soak}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
