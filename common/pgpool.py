@@ -42,14 +42,36 @@ from common.exceptions import ServiceUnavailable
 _pool: AsyncConnectionPool | None = None
 _pool_loop: asyncio.AbstractEventLoop | None = None
 
-# The errors that mean "the database cannot be reached" (connection, shutdown, resources;
-# psycopg's OperationalError is SQLSTATE classes 08, 53, 57, 58), from either pool.
+# The error classes that may mean "the database cannot be reached", from either pool.
+# They also cover errors that do not (psycopg's OperationalError includes a deadlock or a
+# cancelled statement), so a handler catches these and then asks `is_unavailable`.
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
     PoolTimeout,
     DjangoOperationalError,
     DjangoInterfaceError,
 )
+# SQLSTATEs of an unreachable database: connection exceptions (class 08), insufficient
+# resources (53: too many connections, out of memory or disk), and the server shutting
+# down or starting (57P01-57P05). Not 40P01 (deadlock) nor 57014 (statement cancelled):
+# those are one statement's failure, and must not turn the process away from a database
+# that is up.
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when `exc` (one of UNAVAILABLE) says the database is unreachable."""
+    if isinstance(exc, PoolTimeout | DjangoInterfaceError):
+        return True
+    error = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+    if not isinstance(error, psycopg.Error):
+        return isinstance(exc, DjangoOperationalError)
+    if isinstance(error, psycopg.InterfaceError):
+        return True
+    # No SQLSTATE: the client failed to connect or lost the connection.
+    sqlstate = error.sqlstate
+    return sqlstate is None or sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
+
 
 # Until when (time.monotonic()) statements fail at once: the database was just found down.
 _down_until = 0.0
@@ -152,12 +174,16 @@ async def _connection() -> AsyncIterator[AsyncConnection]:
         p = await pool()
         conn = await _checkout(p)
     except UNAVAILABLE as exc:
+        if not is_unavailable(exc):
+            raise
         _down_until = time.monotonic() + DOWN_PROBE_INTERVAL_S
         raise ServiceUnavailable from exc
     _in_use += 1
     try:
         yield conn
     except UNAVAILABLE as exc:
+        if not is_unavailable(exc):
+            raise
         _down_until = time.monotonic() + DOWN_PROBE_INTERVAL_S
         raise ServiceUnavailable from exc
     finally:
