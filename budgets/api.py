@@ -23,7 +23,6 @@ from typing import Any
 
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -55,16 +54,10 @@ from common.rest import (
     error_responses,
     page_params,
     quoted_id,
+    validated,
 )
 from usage import selectors as usage_selectors
 from usage.serializers import UsageEntry
-
-
-def validated(serializer_class: type[serializers.Serializer], data: Any, **kwargs: Any) -> Any:
-    """The request body through `serializer_class`, or a 422 naming the fields."""
-    serializer = serializer_class(data=data, **kwargs)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
 
 
 def _budget_or_404(budget_id: str) -> Budget:
