@@ -105,8 +105,56 @@ class Budget(models.Model):
         )
 
 
-class GatewayUser(models.Model):
-    """Who is billed. `spend` is this period's settled cost, `reserved` its open holds."""
+class BudgetAccount(models.Model):
+    """What a request's money is held against: a user, or a ceiling. Both keep their
+    window's money in the same columns, under the same rules (budgets.rules), moved by the
+    same statements (budgets.services.holds): `spend` is this period's settled cost,
+    `reserved` its open holds, and a live top-up raises the limit by `topup_usd` until
+    `topup_expires_at`."""
+
+    spend_usd = MoneyField()
+    reserved_usd = MoneyField()
+    lifetime_spend_usd = MoneyField()
+    budget_started_at = models.DateTimeField(null=True, blank=True)
+    next_budget_reset_at = models.DateTimeField(null=True, blank=True)
+    topup_usd = MoneyField()
+    topup_expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+    @staticmethod
+    def money_constraints(prefix: str) -> list[models.BaseConstraint]:
+        """The database's own refusal of impossible money, named `<prefix>_...`."""
+        return [
+            models.CheckConstraint(
+                condition=Q(spend_usd__gte=0), name=f"{prefix}_spend_nonnegative"
+            ),
+            models.CheckConstraint(
+                condition=Q(reserved_usd__gte=0), name=f"{prefix}_reserved_nonnegative"
+            ),
+            models.CheckConstraint(
+                condition=Q(lifetime_spend_usd__gte=0),
+                name=f"{prefix}_lifetime_spend_nonnegative",
+            ),
+            models.CheckConstraint(
+                condition=Q(topup_usd__gte=0, topup_usd__lte=settings.MONEY_MAX_USD),
+                name=f"{prefix}_topup_in_range",
+            ),
+        ]
+
+    @staticmethod
+    def due_reset_index(prefix: str) -> models.Index:
+        """The reset sweep looks for due windows."""
+        return models.Index(
+            fields=["next_budget_reset_at"],
+            condition=Q(next_budget_reset_at__isnull=False),
+            name=f"{prefix}_due_reset_idx",
+        )
+
+
+class GatewayUser(BudgetAccount):
+    """Who is billed."""
 
     user_id = models.CharField(primary_key=True, max_length=255)
     alias = models.CharField(max_length=255, blank=True, default="")
@@ -118,14 +166,6 @@ class GatewayUser(models.Model):
     allowed_models = models.JSONField(null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
 
-    spend_usd = MoneyField()
-    reserved_usd = MoneyField()
-    lifetime_spend_usd = MoneyField()
-    budget_started_at = models.DateTimeField(null=True, blank=True)
-    next_budget_reset_at = models.DateTimeField(null=True, blank=True)
-    # A temporary top-up raises this user's limit by `topup_usd` until `topup_expires_at`.
-    topup_usd = MoneyField()
-    topup_expires_at = models.DateTimeField(null=True, blank=True)
     # Rate limits (llm_proxy/ratelimit.py), per window of OTARI_RATELIMIT_WINDOW_SECONDS
     # (a minute): null = unlimited, else 1..MAX_RPM_LIMIT / MAX_TPM_LIMIT (checked by
     # budgets.services; to stop a user, block them). A key's own limits apply on top.
@@ -152,27 +192,8 @@ class GatewayUser(models.Model):
     class Meta:
         ordering = ["created_at"]
         verbose_name = "user"
-        constraints = [
-            models.CheckConstraint(condition=Q(spend_usd__gte=0), name="user_spend_nonnegative"),
-            models.CheckConstraint(
-                condition=Q(reserved_usd__gte=0), name="user_reserved_nonnegative"
-            ),
-            models.CheckConstraint(
-                condition=Q(lifetime_spend_usd__gte=0), name="user_lifetime_spend_nonnegative"
-            ),
-            models.CheckConstraint(
-                condition=Q(topup_usd__gte=0, topup_usd__lte=settings.MONEY_MAX_USD),
-                name="user_topup_in_range",
-            ),
-        ]
-        indexes = [
-            # The reset sweep looks for due windows.
-            models.Index(
-                fields=["next_budget_reset_at"],
-                condition=Q(next_budget_reset_at__isnull=False),
-                name="user_due_reset_idx",
-            ),
-        ]
+        constraints = BudgetAccount.money_constraints("user")
+        indexes = [BudgetAccount.due_reset_index("user")]
 
     def __str__(self) -> str:
         return self.alias or self.user_id
@@ -414,7 +435,7 @@ class Workspace(models.Model):
         return self.pk == DEFAULT_WORKSPACE_ID
 
 
-class Ceiling(models.Model):
+class Ceiling(BudgetAccount):
     """A cap on what one scope (the organization, a workspace, an API key) spends,
     optionally at one provider only, enforced together with the user's own budget.
 
@@ -438,14 +459,6 @@ class Ceiling(models.Model):
     budget = models.ForeignKey(Budget, on_delete=models.PROTECT, related_name="ceilings")
     name = models.CharField(max_length=200, blank=True, default="")
 
-    spend_usd = MoneyField()
-    reserved_usd = MoneyField()
-    lifetime_spend_usd = MoneyField()
-    budget_started_at = models.DateTimeField(null=True, blank=True)
-    next_budget_reset_at = models.DateTimeField(null=True, blank=True)
-    topup_usd = MoneyField()
-    topup_expires_at = models.DateTimeField(null=True, blank=True)
-
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -460,26 +473,9 @@ class Ceiling(models.Model):
                 condition=Q(scope_type__in=["organization", "workspace", "api_token"]),
                 name="ceiling_scope_type_valid",
             ),
-            models.CheckConstraint(condition=Q(spend_usd__gte=0), name="ceiling_spend_nonnegative"),
-            models.CheckConstraint(
-                condition=Q(reserved_usd__gte=0), name="ceiling_reserved_nonnegative"
-            ),
-            models.CheckConstraint(
-                condition=Q(lifetime_spend_usd__gte=0),
-                name="ceiling_lifetime_spend_nonnegative",
-            ),
-            models.CheckConstraint(
-                condition=Q(topup_usd__gte=0, topup_usd__lte=settings.MONEY_MAX_USD),
-                name="ceiling_topup_in_range",
-            ),
+            *BudgetAccount.money_constraints("ceiling"),
         ]
-        indexes = [
-            models.Index(
-                fields=["next_budget_reset_at"],
-                condition=Q(next_budget_reset_at__isnull=False),
-                name="ceiling_due_reset_idx",
-            ),
-        ]
+        indexes = [BudgetAccount.due_reset_index("ceiling")]
 
     def __str__(self) -> str:
         if self.name:
