@@ -342,7 +342,7 @@ _memory = _MemoryBackend()
 _redis: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _RedisBackend]] = (
     weakref.WeakKeyDictionary()
 )
-_last_failure_log = 0.0
+_last_failure_log = float("-inf")  # time.monotonic() may be small after a boot
 
 
 def _backend() -> _Backend:
