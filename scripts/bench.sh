@@ -6,6 +6,8 @@
 # SERVER: uvicorn (default), daphne or granian. Needs PostgreSQL on 127.0.0.1:5432, wrk, and
 # the bench harness, which is not in this repository (BENCH_DIR, default ../shared/bench). Pins the gateway to CPU 1 and the
 # fake provider and load generator to CPU 0, as the harness recommends on 2 cores.
+# BENCH_LITELLM=1 adds the LiteLLM proxy to the run (installed into a scratch venv); ours'
+# CPU is reported with and without its PostgreSQL backends (docs/PERFORMANCE.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVER="${1:-uvicorn}"
