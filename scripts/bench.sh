@@ -6,6 +6,8 @@
 # SERVER: uvicorn (default), daphne or granian. Needs PostgreSQL on 127.0.0.1:5432, wrk, and
 # the bench harness, which is not in this repository (BENCH_DIR, default ../shared/bench). Pins the gateway to CPU 1 and the
 # fake provider and load generator to CPU 0, as the harness recommends on 2 cores.
+# BENCH_LITELLM=1 adds the LiteLLM proxy to the run (installed into a scratch venv); ours'
+# CPU is reported with and without its PostgreSQL backends (docs/PERFORMANCE.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVER="${1:-uvicorn}"
@@ -18,6 +20,7 @@ DB="${BENCH_DB:-otari_bench}"
 PORT_UPSTREAM="${BENCH_PORT_UPSTREAM:-9100}"
 PORT_GATEWAY="${BENCH_PORT_GATEWAY:-8100}"
 mkdir -p "$OUT"
+[ -f "$BENCH_DIR/run_matrix.py" ] || { echo "no bench harness in BENCH_DIR=$BENCH_DIR" >&2; exit 2; }
 
 [ -x var/benchvenv/bin/python ] || {
   python3 -m venv var/benchvenv
@@ -128,7 +131,7 @@ case "$SERVER" in
 esac
 taskset -c 1 "${CMD[@]}" >"$OUT/gateway.log" 2>&1 &
 GATEWAY_PID=$!
-trap 'kill $GATEWAY_PID $UPSTREAM_PID ${CLOUD_PID:-} 2>/dev/null || true' EXIT
+trap 'kill $GATEWAY_PID $UPSTREAM_PID ${CLOUD_PID:-} ${LITELLM_PID:-} 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
   curl -s -o /dev/null "http://127.0.0.1:$PORT_GATEWAY/v1/models" && break
   sleep 0.1
@@ -160,7 +163,41 @@ if [ -n "${BENCH_CLOUD:-}" ]; then
     TARGETS+=(--target "${model%%:*}=http://127.0.0.1:$PORT_GATEWAY,key=$KEY,model=$model,pid=$GATEWAY_PID")
   done
 fi
-var/benchvenv/bin/python "$BENCH_DIR/run_matrix.py" \
+# BENCH_LITELLM=1: the LiteLLM proxy as a peer in the same run, on the same fake provider
+# (an OpenAI-compatible model), pinned to the gateway's core, with no database (it does no
+# budget work). It is installed from PyPI into a scratch venv outside the repository
+# (BENCH_SCRATCH); no LiteLLM code is part of this repository.
+if [ -n "${BENCH_LITELLM:-}" ]; then
+  SCRATCH="${BENCH_SCRATCH:-${TMPDIR:-/tmp}/otari-bench}"
+  PORT_LITELLM="${BENCH_PORT_LITELLM:-4100}"
+  mkdir -p "$SCRATCH"
+  [ -x "$SCRATCH/litellm-venv/bin/litellm" ] || {
+    python3 -m venv "$SCRATCH/litellm-venv"
+    "$SCRATCH/litellm-venv/bin/pip" install -q 'litellm[proxy]'
+  }
+  cat >"$SCRATCH/litellm.yaml" <<YAML
+model_list:
+  - model_name: gpt-4o-mini
+    litellm_params: {model: openai/gpt-4o-mini, api_key: bench, api_base: "http://127.0.0.1:$PORT_UPSTREAM/v1"}
+general_settings: {master_key: sk-bench}
+YAML
+  # Without DATABASE_URL: with one, LiteLLM sets up its own database (and needs prisma).
+  env -u DATABASE_URL LITELLM_LOCAL_MODEL_COST_MAP=True taskset -c 1 \
+    "$SCRATCH/litellm-venv/bin/litellm" --config "$SCRATCH/litellm.yaml" --port "$PORT_LITELLM" \
+    >"$OUT/litellm.log" 2>&1 &
+  LITELLM_PID=$!
+  for _ in $(seq 600); do
+    curl -s -o /dev/null -H 'Authorization: Bearer sk-bench' \
+      "http://127.0.0.1:$PORT_LITELLM/v1/models" && break
+    sleep 0.2
+  done
+  TARGETS+=(--target "litellm=http://127.0.0.1:$PORT_LITELLM,key=sk-bench,model=gpt-4o-mini,pid=$LITELLM_PID")
+fi
+# scripts/bench_matrix.py runs the harness's run_matrix.py and also counts the CPU of the
+# PostgreSQL backends serving $DB during each measured run of `ours` (docs/PERFORMANCE.md),
+# then writes the side-by-side summary ($OUT/summary-$SERVER.md).
+var/benchvenv/bin/python scripts/bench_matrix.py --bench-dir "$BENCH_DIR" --pg-db "$DB" \
+  --pg-targets ours ${BENCH_PG_TREE:+--pg-tree} --summary "$OUT/summary-$SERVER.md" -- \
   --upstream "http://127.0.0.1:$PORT_UPSTREAM" --upstream-pid "$UPSTREAM_PID" \
   "${TARGETS[@]}" \
   --driver-cpus 0 --out "$OUT/results-$SERVER.json" --markdown "$OUT/results-$SERVER.md" "$@"
