@@ -33,6 +33,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from llm_proxy.routing import store as routing_store
 from tests.admin.conftest import open_hold
 from tests.admin.routes import console_routes
+from tests.drills import record
 from tests.factories import (
     make_budget,
     make_ceiling,
@@ -150,6 +151,7 @@ def test_an_api_key_reaches_no_management_route(gateway, settings, rows):
             assert read.status_code in (200, 405), (path, read.text)
     assert state() == before
     assert refused == len(paths) * 5 * len(KEY_HEADERS)
+    record("api key on management routes", paths=len(paths), requests=refused, refused=refused)
 
 
 def test_an_api_key_opens_no_console_page(gateway, rows):
@@ -170,6 +172,7 @@ def test_an_api_key_opens_no_console_page(gateway, rows):
                     assert response.status_code == 302, (method, route.url, response.status_code)
                     assert response.headers["Location"].startswith("/admin/login/"), route.url
                     assert "victim" not in response.text
+    record("api key on console routes", routes=len(routes), requests=len(routes) * 6)
 
 
 # --- the console: staff who may only look, and CSRF -----------------------------------------
@@ -337,6 +340,7 @@ def test_staff_who_may_only_look_change_no_setting_through_any_form_or_action(
                 saved = root.post(url, data=_form(body, token))
                 # 403: history (ledgers), which nobody may change.
                 assert saved.status_code in (302, 403), (url, _errors(saved.text))
+    record("view-only staff POSTs", posts=len(posts), statuses=sorted(statuses), rows_changed=0)
     changed = _difference(before, state())
     for label in ("budgets.Budget", "budgets.Ceiling", "budgets.APIKey", "budgets.GatewayUser"):
         assert label in changed, changed
@@ -382,6 +386,7 @@ def test_every_console_post_without_its_csrf_token_is_refused(gateway, rows, dja
         assert response.status_code == 403
     assert state() == before
     assert len(posts) >= 100
+    record("console POSTs without CSRF token", posts=len(posts) + 1, refused=len(posts) + 1)
 
 
 # --- provider addresses come from the operator only (SSRF) ----------------------------------
@@ -441,6 +446,7 @@ def test_no_request_sends_a_provider_call_anywhere_but_the_configured_address(ga
         assert elsewhere.requests == []
     assert 200 in statuses
     assert not [s for s in statuses if s >= 500], statuses
+    record("SSRF attempts", requests=len(statuses), elsewhere_hits=0, server_errors=0)
     configured = {f"127.0.0.1:{gateway.fake.port}"}
     assert gateway.fake.requests
     for request in gateway.fake.requests:
