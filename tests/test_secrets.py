@@ -310,7 +310,11 @@ def _session(server_url: str, seen: Seen, known: Secrets, s: dict[str, str], tag
         seen.add(client.post(f"/v1/users/{user.pk}/topup", json={"amount": 5}, headers=master))
 
         # /metrics, with its token.
-        seen.add(client.get("/metrics", headers={"Authorization": f"Bearer {s['metrics token']}"}))
+        metrics = seen.add(
+            client.get("/metrics", headers={"Authorization": f"Bearer {s['metrics token']}"})
+        )
+        assert metrics.status_code == 200
+        assert 'status="502"' in metrics.text  # the session's traffic, failures included
 
     # The console, logged in over HTTP: a key made and one rotated there, then every page.
     with httpx.Client(base_url=server_url, timeout=30) as console:
@@ -386,6 +390,8 @@ def test_no_secret_appears_in_any_response_log_row_page_metric_or_dump(
         s["platform"] = platform
         for log_format in ("text", "json"):
             log_path = tmp_path / f"gateway-{log_format}.log"
+            metrics_dir = tmp_path / f"metrics-{log_format}"
+            metrics_dir.mkdir()
             server = start_server_process(
                 config,
                 log_path=log_path,
@@ -399,7 +405,8 @@ def test_no_secret_appears_in_any_response_log_row_page_metric_or_dump(
                 OTARI_PLATFORM_URL=platform.url,
                 OTARI_PLATFORM_TOKEN=s["platform token"],
                 DJANGO_SECRET_KEY=django_key,
-                PROMETHEUS_MULTIPROC_DIR="",
+                # As production runs several workers (docs/OBSERVABILITY.md).
+                PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
             )
             try:
                 _session(server.url, seen, known, s, log_format)
