@@ -321,11 +321,12 @@ class ServerProcess:
 
 
 def start_server_process(
-    config_file: Path, *, log_path: Path | None = None, **env: str
+    config_file: Path, *, log_path: Path | None = None, stdout_too: bool = False, **env: str
 ) -> ServerProcess:
     """`uvicorn otari.asgi:application` in its own process, on the test database.
 
-    `log_path`: where its stderr (the log stream) goes, for tests that read its logs.
+    `log_path`: where its stderr (the log stream) goes, for tests that read its logs;
+    with `stdout_too`, its stdout as well (everything the process writes).
     """
     sock = _free_socket()
     port = sock.getsockname()[1]
@@ -354,6 +355,7 @@ def start_server_process(
             **env,
         },
         stderr=log_path.open("ab") if log_path is not None else None,
+        stdout=log_path.open("ab") if log_path is not None and stdout_too else None,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

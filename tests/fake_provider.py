@@ -41,6 +41,12 @@ Behaviour is selected by substrings of the request's ``model`` (combine freely, 
   cachewrite-<n>  messages only: cache_creation_input_tokens = n
   tools           answer with one call of ``get_weather`` with arguments ``{"city": "Paris"}``
                   (streamed in 4 fragments = 4 completion tokens; max-token caps are ignored)
+  echokey         fail (fail-<status>, default 401) with an error that echoes the credential the
+                  fake was sent (``Authorization`` and ``x-api-key``, in full) in its message and
+                  in an ``x-echo-authorization`` header, as careless OpenAI-compatible servers
+                  do; with ``plain`` the body is text/plain, with ``errorfirst`` (streams) it
+                  is a 200 whose first event is that error, with ``latefail`` (streams) the
+                  answer starts and its fourth event is that error
 
 Run in the foreground:  python tests/fake_provider.py --port 9100
 """
@@ -601,6 +607,7 @@ class _Reply:
     hang: bool = False
     abort_after: int | None = None  # stream: send this many events, then drop the connection
     cut_body: bool = False  # JSON: send half the body, then drop the connection
+    text: str | None = None  # a text/plain body instead of `body`
 
 
 def _error(api: str, status: int, message: str | None = None) -> _Reply:
@@ -836,8 +843,9 @@ class _Connection(asyncio.Protocol):
             self.owner._abandoned()
             return False
         if reply.events is None:
-            body = _dumps(reply.body).encode()
-            head = _head(reply.status, "application/json", len(body), reply.headers, keep_alive)
+            ctype = "application/json" if reply.text is None else "text/plain; charset=utf-8"
+            body = (_dumps(reply.body) if reply.text is None else reply.text).encode()
+            head = _head(reply.status, ctype, len(body), reply.headers, keep_alive)
             if reply.cut_body:
                 self._write(head + body[: len(body) // 2])
                 await self._drop()
@@ -1126,6 +1134,14 @@ class FakeProvider:
             return _error(api, 400)
         model = str(request.body.get("model") or "gpt-4o-mini")
         behaviour = _Behaviour.from_model(model)
+        stream = bool(request.body.get("stream"))
+        if "echokey" in model and "latefail" in model and stream and api in _MAX_TOKEN_FIELDS:
+            # The answer starts, then the stream reports an error that echoes the key.
+            reply = self._generate(api, request.body, model, behaviour)
+            reply.events = [*reply.events[:3], _echo_event(api, _echo_message(request))]
+            return reply
+        if "echokey" in model:
+            return _echo_key(api, request, behaviour, stream=stream)
         reply = self._generate(api, request.body, model, behaviour)
         reply.delay_before = self.latency_s + behaviour.slow_s
         return reply
@@ -1212,6 +1228,39 @@ def _stream_error_event(api: str) -> str:
             "error",
         )
     return _sse({"error": {"message": message, "type": "server_error", "code": None}})
+
+
+def _echo_message(request: RecordedRequest) -> str:
+    authorization = request.headers.get("authorization", "")
+    api_key = request.headers.get("x-api-key", "")
+    return (
+        f"Incorrect API key provided: {_presented_key(request.headers)}. "
+        f"You sent Authorization: {authorization!r} and x-api-key: {api_key!r}"
+    )
+
+
+def _echo_event(api: str, message: str) -> str:
+    """The API's in-stream error event, saying `message`."""
+    error = json.loads(_stream_error_event(api).split("data: ", 1)[1])
+    (error if api == "responses" else error["error"])["message"] = message
+    return _sse(error, "error" if api in ("messages", "responses") else None)
+
+
+def _echo_key(api: str, request: RecordedRequest, b: _Behaviour, *, stream: bool) -> _Reply:
+    """An error that repeats the credential the fake was sent (model `echokey`)."""
+    message = _echo_message(request)
+    echo = {
+        "x-echo-authorization": request.headers.get("authorization")
+        or request.headers.get("x-api-key", "")
+    }
+    status = b.fail_status or 401
+    if b.error_first and stream and api != "embeddings":
+        return _Reply(events=[_echo_event(api, message)], headers=echo)
+    if "plain" in request.body.get("model", ""):
+        return _Reply(status, text=f"{_phrase(status)}\n{message}\n", headers=echo)
+    reply = _error(api, status, message)
+    reply.headers.update(echo)
+    return reply
 
 
 def _presented_key(headers: dict[str, str]) -> str | None:
