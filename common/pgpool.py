@@ -9,7 +9,9 @@ autocommit: each is one statement and one round trip. Everything else uses the O
 
 The pool is created lazily, per event loop (a server process has one; tests may start
 several), from Django's own connection settings, so it always talks to the same database
-as the ORM, test databases included.
+as the ORM, test databases included. Behind a pooler in transaction mode
+(OTARI_DB_POOLER=transaction) it prepares no statements; it keeps no other session state
+than the time zone, which PgBouncer carries over.
 
 When the database is down (docs/RELIABILITY.md), a request fails fast instead of waiting:
 a checkout waits at most OTARI_DB_TIMEOUT_SECONDS, and once a statement has failed for
@@ -103,11 +105,20 @@ def _conninfo() -> dict[str, Any]:
         # Django-only options; everything else (sslmode, ...) is libpq's.
         if key not in ("pool", "server_side_binding", "isolation_level", "assume_role"):
             params[key] = value
-    return {k: v for k, v in params.items() if v is not None}
+    params = {k: v for k, v in params.items() if v is not None}
+    if settings.OTARI_DB_POOLER == "transaction":
+        # psycopg prepares a statement on the server after a few executions, and the next
+        # execution may find another server connection behind the pooler ("prepared
+        # statement does not exist"). Direct connections keep preparing: the hot path's few
+        # statements are then parsed and planned once per connection.
+        params["prepare_threshold"] = None
+    return params
 
 
 async def _configure(conn: AsyncConnection) -> None:
     # UTC sessions, as Django's own connections are: timestamps compare the same way.
+    # Behind a transaction pooler too: PgBouncer tracks TimeZone per client and sets it on
+    # whichever server connection it hands the client next.
     await conn.execute("SET TIME ZONE 'UTC'")
 
 

@@ -132,6 +132,18 @@ elif _db["ENGINE"] == "django.db.backends.sqlite3":
     # BEGIN IMMEDIATE takes SQLite's write lock up front, so two writers queue on the
     # timeout instead of failing with "database is locked" halfway through a transaction.
     _db.setdefault("OPTIONS", {}).update({"transaction_mode": "IMMEDIATE", "timeout": 20})
+# How PostgreSQL is reached: directly (or through a pooler in session mode), or through a
+# pooler in transaction mode (PgBouncer's pool_mode = transaction), which hands each
+# transaction, not each connection, a server connection of its own. Nothing of a session
+# then carries from one transaction to the next (docs/OPERATIONS.md, "Several hosts").
+OTARI_DB_POOLER = env.str("OTARI_DB_POOLER", default="none")
+if OTARI_DB_POOLER not in ("none", "transaction"):
+    raise ImproperlyConfigured("OTARI_DB_POOLER must be none or transaction")
+if OTARI_DB_POOLER == "transaction" and _db["ENGINE"] == "django.db.backends.postgresql":
+    # QuerySet.iterator() would DECLARE a cursor WITH HOLD in one transaction and FETCH
+    # from it in the next, maybe on another server connection: Django then reads the
+    # whole result at once instead.
+    _db["DISABLE_SERVER_SIDE_CURSORS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -132,6 +132,20 @@ esac
 taskset -c 1 "${CMD[@]}" >"$OUT/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 trap 'kill $GATEWAY_PID $UPSTREAM_PID ${CLOUD_PID:-} ${LITELLM_PID:-} 2>/dev/null || true' EXIT
+# BENCH_PGBOUNCER=1: a second gateway process, the same in every way but that it reaches
+# PostgreSQL through a PgBouncer in transaction mode (scripts/pgbouncer-local, port
+# BENCH_PGBOUNCER_PORT), measured in the same run as target `pgbouncer`, its CPU counted
+# with PgBouncer's (docs/OPERATIONS.md, "Several hosts").
+if [ -n "${BENCH_PGBOUNCER:-}" ]; then
+  PGB_PORT="${BENCH_PGBOUNCER_PORT:-6436}"
+  rm -f "$OUT/pgbouncer/pgbouncer.pid"
+  scripts/pgbouncer-local "$PGB_PORT" "$OUT/pgbouncer"
+  PGB_PID=$(cat "$OUT/pgbouncer/pgbouncer.pid" 2>/dev/null || true)
+  DATABASE_URL="postgres://postgres@127.0.0.1:$PGB_PORT/$DB" OTARI_DB_POOLER=transaction \
+    taskset -c 1 "${CMD[@]/#$PORT_GATEWAY/$((PORT_GATEWAY + 1))}" >"$OUT/gateway-pgbouncer.log" 2>&1 &
+  GATEWAY2_PID=$!
+  trap 'kill $GATEWAY_PID $UPSTREAM_PID ${CLOUD_PID:-} ${LITELLM_PID:-} $GATEWAY2_PID ${PGB_PID:-} 2>/dev/null || true' EXIT
+fi
 for _ in $(seq 100); do
   curl -s -o /dev/null "http://127.0.0.1:$PORT_GATEWAY/v1/models" && break
   sleep 0.1
@@ -153,6 +167,13 @@ store.policy_save(
 )
 PY
   TARGETS+=(--target "routed=http://127.0.0.1:$PORT_GATEWAY,key=$KEY,model=bench-route,pid=$GATEWAY_PID")
+fi
+if [ -n "${BENCH_PGBOUNCER:-}" ]; then
+  for _ in $(seq 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$((PORT_GATEWAY + 1))/v1/models" && break
+    sleep 0.1
+  done
+  TARGETS+=(--target "pgbouncer=http://127.0.0.1:$((PORT_GATEWAY + 1)),key=$KEY,model=openai:gpt-4o-mini,pid=$GATEWAY2_PID${PGB_PID:++$PGB_PID}")
 fi
 if [ -n "${BENCH_CEILINGS:-}" ]; then
   TARGETS+=(--target "ceilings3=http://127.0.0.1:$PORT_GATEWAY,key=$KEY3,model=openai3:gpt-4o-mini,pid=$GATEWAY_PID")
