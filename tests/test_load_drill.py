@@ -275,7 +275,12 @@ async def _load(url, secrets, capped, ample, seconds) -> tuple[list[Outcome], li
     outcomes: list[Outcome] = []
     errors: list[str] = []
     users = _turns(capped, ample)
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    # Idle connections are dropped before uvicorn's keep-alive timeout (5 s) closes them:
+    # at equal timeouts a request can go out on a connection the server is closing, a
+    # ReadError in the client that no server could prevent.
+    limits = httpx.Limits(
+        max_connections=CLIENTS, max_keepalive_connections=CLIENTS, keepalive_expiry=2
+    )
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
         started = time.monotonic()
         await asyncio.gather(
