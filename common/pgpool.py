@@ -80,6 +80,12 @@ _down_until = 0.0
 DOWN_PROBE_INTERVAL_S = 1.0
 # Connections this process has checked out of the pool right now.
 _in_use = 0
+# Statements this process's pool has completed: while they keep coming, the database is
+# serving, and a checkout that times out is in a queue, not facing an outage.
+_completed = 0
+# How long a probe may take to connect (a busy host forks a backend slowly).
+PROBE_TIMEOUT_S = 2.0
+_probe: asyncio.Task | None = None
 # How long a request waits for a connection while the pool is busy (not down).
 BUSY_WAIT_S = 30.0
 # A connection idle longer than this is checked before use (one round trip).
@@ -122,10 +128,6 @@ async def _configure(conn: AsyncConnection) -> None:
     await conn.execute("SET TIME ZONE 'UTC'")
 
 
-async def _returned(conn: AsyncConnection) -> None:
-    _returned_at[conn] = time.monotonic()
-
-
 async def _check(conn: AsyncConnection) -> None:
     """Check a connection that has been idle a while (a busy pool's are not: no round
     trip on the hot path); the pool discards one that fails and hands out another."""
@@ -144,7 +146,6 @@ async def pool() -> AsyncConnectionPool:
         kwargs={**_conninfo(), "autocommit": True, "row_factory": dict_row},
         configure=_configure,
         check=_check,
-        reset=_returned,
         timeout=settings.OTARI_DB_TIMEOUT_SECONDS,
         min_size=1,
         max_size=settings.OTARI_HOTPATH_POOL_SIZE,
@@ -178,7 +179,7 @@ async def fetchall(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
 @contextlib.asynccontextmanager
 async def _connection() -> AsyncIterator[AsyncConnection]:
     """A pooled connection, failing fast while the database is known to be down."""
-    global _down_until, _in_use
+    global _completed, _down_until, _in_use
     if time.monotonic() < _down_until:
         raise ServiceUnavailable
     try:
@@ -192,6 +193,7 @@ async def _connection() -> AsyncIterator[AsyncConnection]:
     _in_use += 1
     try:
         yield conn
+        _completed += 1
     except UNAVAILABLE as exc:
         if not is_unavailable(exc):
             raise
@@ -199,17 +201,54 @@ async def _connection() -> AsyncIterator[AsyncConnection]:
         raise ServiceUnavailable from exc
     finally:
         _in_use -= 1
+        # Stamped here, not in the pool's `reset` callback: with one, every return goes
+        # through a worker task of the pool, and on a loaded event loop the connection
+        # waits there, counted nowhere, while requests time out waiting for it.
+        _returned_at[conn] = time.monotonic()
         await p.putconn(conn)
 
 
 async def _checkout(p: AsyncConnectionPool) -> AsyncConnection:
     """A connection within OTARI_DB_TIMEOUT_SECONDS, or PoolTimeout. Except when the pool
-    is merely busy: while this process holds connections, the wait is for one of them to
-    come back, not for a database that is down, so it goes on (up to BUSY_WAIT_S)."""
+    is merely busy, and the wait is for a connection to come back or to be opened, not
+    for a database that is down: then it goes on (up to BUSY_WAIT_S).
+
+    Busy: this process holds connections, or completed statements during the wait, or
+    else a probe connects to the database. Holding alone is not proof: a connection the
+    pool has just handed to another waiting request is counted nowhere until that request
+    runs, and a pool that has just been opened is still connecting; on a loaded host
+    both outlast the timeout, and taking them for an outage failed the whole process
+    for a second (the load drill, docs/RELIABILITY.md). A database that is down refuses
+    the probe at once. Once a statement has failed for want of the database, the wait
+    ends at its next timeout."""
     deadline = time.monotonic() + BUSY_WAIT_S
     while True:
+        completed = _completed
         try:
             return await p.getconn(timeout=settings.OTARI_DB_TIMEOUT_SECONDS)
         except PoolTimeout:
-            if not _in_use or time.monotonic() > deadline:
+            now = time.monotonic()
+            if now < _down_until or now > deadline:
                 raise
+            if not (_in_use or _completed != completed or await _reachable()):
+                raise
+
+
+async def _reachable() -> bool:
+    """Whether the database takes a new connection now. One probe at a time per
+    process: the requests that ask meanwhile share its answer."""
+    global _probe
+    if _probe is None or _probe.done() or _probe.get_loop() is not asyncio.get_running_loop():
+        _probe = asyncio.ensure_future(_connects())
+    return await asyncio.shield(_probe)
+
+
+async def _connects() -> bool:
+    try:
+        conn = await asyncio.wait_for(
+            AsyncConnection.connect(**_conninfo(), autocommit=True), PROBE_TIMEOUT_S
+        )
+    except (psycopg.OperationalError, TimeoutError):
+        return False
+    await conn.close()
+    return True

@@ -9,8 +9,10 @@ wrote) and resets the fake provider's counters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -316,17 +318,28 @@ class ServerProcess:
     process: subprocess.Popen
 
     def kill(self) -> None:
-        self.process.kill()
+        # The whole process group: with `workers` > 1 uvicorn's supervisor has children,
+        # which a kill of the supervisor alone would leave serving.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
 
 
 def start_server_process(
-    config_file: Path, *, log_path: Path | None = None, stdout_too: bool = False, **env: str
+    config_file: Path,
+    *,
+    log_path: Path | None = None,
+    stdout_too: bool = False,
+    workers: int = 1,
+    **env: str,
 ) -> ServerProcess:
     """`uvicorn otari.asgi:application` in its own process, on the test database.
 
     `log_path`: where its stderr (the log stream) goes, for tests that read its logs;
     with `stdout_too`, its stdout as well (everything the process writes).
+    `workers`: uvicorn's `--workers`, as the README serves it (one socket, several
+    processes). Returns once one of them answers; the others accept connections as they
+    come up.
     """
     sock = _free_socket()
     port = sock.getsockname()[1]
@@ -345,8 +358,10 @@ def start_server_process(
             "off",
             "--log-level",
             "warning",
+            *(["--workers", str(workers)] if workers > 1 else []),
         ],
         cwd=REPO,
+        start_new_session=True,
         env={
             **os.environ,
             "DATABASE_URL": database_url(),
@@ -358,14 +373,15 @@ def start_server_process(
         stdout=log_path.open("ab") if log_path is not None and stdout_too else None,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    # Each worker imports Django on its own: on a busy 2-core machine, 4 take a while.
+    deadline = time.monotonic() + 30 * workers
     while True:
         try:
             httpx.get(url + "/v1/models", timeout=1)
             return ServerProcess(url=url, process=process)
         except httpx.TransportError:
             if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
+                ServerProcess(url=url, process=process).kill()
                 raise RuntimeError("the gateway process did not start") from None
             time.sleep(0.1)
 
