@@ -216,3 +216,34 @@ def test_a_chunked_body_under_the_limit_is_served(gateway, secret, settings):
     assert status == 200, body
     assert body["object"] == "chat.completion"
     assert gateway.fake.hits == 1
+
+
+# --- NUL and control characters in names (found by tests/llm_proxy/test_generation_fuzz.py) --
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        # No provider prefix: looked up as a routing policy, in SQL.
+        ("/v1/chat/completions", {"model": "a\u0000b", "messages": HELLO}),
+        ("/v1/messages", {"model": "\u0000", "max_tokens": 5, "messages": HELLO}),
+        ("/v1/responses", {"model": "openai:gpt\u0000", "input": "hi"}),
+        # A named user, looked up in SQL for the master key, compared for a key.
+        ("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "user": "bob\u0000"}),
+        (
+            "/v1/messages",
+            {"model": MODEL, "max_tokens": 5, "messages": HELLO, "metadata": {"user_id": "\0"}},
+        ),
+        ("/v1/responses", {"model": MODEL, "input": "hi\u0000"}),
+    ],
+)
+def test_a_nul_anywhere_in_the_body_is_refused(gateway, secret, path, body):
+    response = gateway.post(path, secret, body)
+    _refused(gateway, response, 400, "may not contain NUL characters")
+
+
+@pytest.mark.parametrize("model", ["openai:gpt-4o-mini\r\nX: 1", "openai:a\nb", "\tpolicy"])
+def test_control_characters_in_a_model_name_are_refused(gateway, secret, model):
+    response = gateway.chat(secret, model=model)
+    _refused(gateway, response, 400, "model may not contain control characters")
+    assert response.json()["error"]["code"] == "invalid_model"
