@@ -69,7 +69,9 @@ def parse_body(request: HttpRequest) -> dict[str, Any]:
     except RawPostDataException as exc:  # pragma: no cover - body already consumed
         raise BadRequest("Could not read the request body") from exc
     try:
-        body = json.loads(raw)
+        # Decoded strictly first: json.loads(bytes) decodes with "surrogatepass", which
+        # lets a lone surrogate sent as bytes (CESU-8) through unseen by the check below.
+        body = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         # RecursionError: JSON nested thousands of levels deep.
         raise BadRequest("Request body is not valid JSON", code="invalid_json") from exc

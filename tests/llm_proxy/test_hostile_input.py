@@ -247,3 +247,24 @@ def test_control_characters_in_a_model_name_are_refused(gateway, secret, model):
     response = gateway.chat(secret, model=model)
     _refused(gateway, response, 400, "model may not contain control characters")
     assert response.json()["error"]["code"] == "invalid_model"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xed\xa0\x80",  # a lone surrogate as bytes (CESU-8), not as a \\u escape
+        b"\xff\xfe",  # no UTF-8 at all
+        b"caf\xe9",  # Latin-1
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses"])
+def test_a_body_that_is_not_utf8_is_refused(gateway, secret, path, content):
+    if path == "/v1/responses":
+        body = b'{"model": "openai:gpt-4o-mini", "input": "' + content + b'"}'
+    else:
+        body = (
+            b'{"model": "openai:gpt-4o-mini", "max_tokens": 5, '
+            b'"messages": [{"role": "user", "content": "' + content + b'"}]}'
+        )
+    response = _post_raw(gateway, path, secret, body)
+    _refused(gateway, response, 400, "not valid JSON")
