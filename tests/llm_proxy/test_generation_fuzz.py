@@ -32,9 +32,9 @@ from tests.drills import record, soaking
 from tests.factories import make_budget, make_key, make_user, set_price
 from tests.llm_proxy.apis import APIS, PATHS, assert_error_shape, sse_events
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.drill]
 
-EXAMPLES = 400 if soaking() else 50
+EXAMPLES = 150 if soaking() else 50
 MODELS = ["openai:m-chunks-2", "anthropic:m-chunks-2", "chatonly:m-chunks-2"]
 # Stands for bytes that are not UTF-8: replaced in the encoded body (JSON cannot say them).
 BAD_BYTES = "\u2063BADBYTES\u2063"
