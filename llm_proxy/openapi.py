@@ -41,6 +41,7 @@ _ERROR_TEXT = {
     "(OTARI_REQUIRE_PRICING, OTARI_PRICE_CATALOG)",
     "403": "User blocked, model not allowed, or budget exceeded (code budget_exceeded)",
     "404": "Unknown user (master key) or model",
+    "413": "The body is over OTARI_MAX_REQUEST_BYTES (answered before it is read)",
     "429": "The provider is rate limiting (Retry-After kept)",
     "502": "The provider failed or rejected the gateway's credentials",
     "504": "The provider timed out",
@@ -65,7 +66,7 @@ def _generation(
     request: str,
     error: dict[str, Any],
     streams: bool,
-    statuses: tuple[str, ...] = ("400", "401", "402", "403", "404", "429", "502", "504"),
+    statuses: tuple[str, ...] = ("400", "401", "402", "403", "404", "413", "429", "502", "504"),
 ) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
     if streams:

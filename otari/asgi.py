@@ -23,6 +23,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "otari.settings")
 # Django must be set up before anything imports models.
 django_http = get_asgi_application()
 
+from common.body_limit import BodyLimitMiddleware  # noqa: E402
 from common.hosts import AllowedHostsMiddleware  # noqa: E402
 from llm_proxy import ratelimit  # noqa: E402 - needs Django set up
 from llm_proxy.errors import error_body_for_path, server_error_body  # noqa: E402
@@ -58,18 +59,22 @@ metrics.warn_if_unguarded()
 
 # Outermost: every request's log context (request id), metrics and access log line, and
 # a JSON 500 for an exception that escapes everything inside; then the allowed-hosts
-# policy, for every route (common/hosts.py).
+# policy, for every route (common/hosts.py); then the body size limit, before Django
+# reads a body (common/body_limit.py).
 application = ObservabilityMiddleware(
     AllowedHostsMiddleware(
-        ProtocolTypeRouter(
-            {
-                "http": URLRouter(
-                    [
-                        re_path(GENERATION_ROUTES, GatewayASGIHandler()),
-                        re_path(r"", django_http),
-                    ]
-                ),
-            }
+        BodyLimitMiddleware(
+            ProtocolTypeRouter(
+                {
+                    "http": URLRouter(
+                        [
+                            re_path(GENERATION_ROUTES, GatewayASGIHandler()),
+                            re_path(r"", django_http),
+                        ]
+                    ),
+                }
+            ),
+            error_body=error_body_for_path,
         ),
         error_body=error_body_for_path,
     ),

@@ -34,7 +34,17 @@ Behaviour is selected by substrings of the request's ``model`` (combine freely, 
   hang            never answer; the connection is closed once the client goes away
   chunks-<n>      n content chunks (= completion tokens) instead of the default
   delay-<ms>      wait between SSE events
-  nousage         chat streams never send the usage chunk, even with include_usage
+  nousage         no usage anywhere: chat streams never send the usage chunk (even with
+                  include_usage), messages events and bodies carry no ``usage``, the Responses
+                  API's ``usage`` is null; non-streamed answers likewise
+  resetafter-<n>  like dropafter-<n>, but the connection is reset (TCP RST, not FIN); a JSON
+                  answer is reset after half its body
+  stallafter-<n>  stream the preamble and n content chunks, then never send another byte (the
+                  connection stays open until the client goes); a JSON answer stalls after
+                  half its body
+  garbage         after the preamble and the content chunks, events that are no SSE/JSON at
+                  all (broken JSON, invalid UTF-8, a field-less line), then a clean end of the
+                  body without the closing events; a JSON answer is a 200 of non-JSON bytes
   cached-<n>      n cached prompt tokens, on top of the uncached count P: chat prompt_tokens = P + n
                   with cached_tokens n; messages input_tokens = P with cache_read_input_tokens n;
                   responses input_tokens = P + n with cached_tokens n
@@ -205,6 +215,9 @@ class _Behaviour:
     chunks: int | None = None
     delay_s: float | None = None
     no_usage: bool = False
+    reset: bool = False
+    stall: bool = False
+    garbage: bool = False
     cached: int = 0
     cache_write: int = 0
     tools: bool = False
@@ -219,7 +232,7 @@ class _Behaviour:
         return cls(
             fail_status=fail if fail is not None and 400 <= fail <= 599 else None,
             midstream="fail-midstream" in model,
-            drop_after=number("dropafter"),
+            drop_after=number("dropafter") or number("resetafter") or number("stallafter"),
             cut_stream="cutstream" in model,
             error_first="errorfirst" in model,
             slow_s=(number("slow") or 0) / 1000,
@@ -227,6 +240,9 @@ class _Behaviour:
             chunks=number("chunks"),
             delay_s=None if (d := number("delay")) is None else d / 1000,
             no_usage="nousage" in model,
+            reset="resetafter" in model,
+            stall="stallafter" in model,
+            garbage="garbage" in model,
             cached=number("cached") or 0,
             cache_write=number("cachewrite") or 0,
             tools="tools" in model,
@@ -248,7 +264,7 @@ class _Gen:
     prompt: int  # uncached prompt tokens
     cached: int
     cache_write: int
-    usage_chunk: bool  # chat streams: send the trailing usage chunk
+    usage_chunk: bool  # report usage (chat streams: send the trailing usage chunk)
 
 
 @dataclass
@@ -307,7 +323,7 @@ def _build_chat(g: _Gen, stream: bool) -> dict[str, Any] | _Stream:
         return {
             **envelope,
             "object": "chat.completion",
-            "usage": usage,
+            **({"usage": usage} if g.usage_chunk else {}),
             "choices": [
                 {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             ],
@@ -374,14 +390,13 @@ def _build_messages(g: _Gen, stream: bool) -> dict[str, Any] | _Stream:
         "stop_sequence": None,
         "usage": usage,
     }
+    if not g.usage_chunk:
+        del message["usage"]
     if not stream:
         return message
-    started = {
-        **message,
-        "content": [],
-        "stop_reason": None,
-        "usage": {**usage, "output_tokens": 1},
-    }
+    started = {**message, "content": [], "stop_reason": None}
+    if g.usage_chunk:
+        started["usage"] = {**usage, "output_tokens": 1}
     empty_block = {**block, "input": {}} if g.tools else {"type": "text", "text": ""}
     preamble = [
         _sse({"type": "message_start", "message": started}, "message_start"),
@@ -405,7 +420,7 @@ def _build_messages(g: _Gen, stream: bool) -> dict[str, Any] | _Stream:
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": stop, "stop_sequence": None},
-                "usage": {"output_tokens": n},
+                **({"usage": {"output_tokens": n}} if g.usage_chunk else {}),
             },
             "message_delta",
         ),
@@ -418,13 +433,15 @@ def _build_responses(g: _Gen, stream: bool) -> dict[str, Any] | _Stream:
     k, created, n = next(_ids), int(time.time()), len(g.pieces)
     status = "incomplete" if g.truncated else "completed"
     prompt = g.prompt + g.cached
-    usage = {
+    usage: dict[str, Any] | None = {
         "input_tokens": prompt,
         "input_tokens_details": {"cached_tokens": g.cached},
         "output_tokens": n,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + n,
     }
+    if not g.usage_chunk:
+        usage = None
     text = "".join(g.pieces)
     part = {"type": "output_text", "text": text, "annotations": []}
     item: dict[str, Any]
@@ -567,6 +584,16 @@ def _build_embeddings(body: dict[str, Any], model: str) -> dict[str, Any]:
     }
 
 
+# What a broken server or proxy might send in place of events: broken JSON, bytes that are
+# not UTF-8, a line with no field, JSON that is no event of any API.
+GARBAGE_EVENTS = [
+    'data: {"choices": [{"delta": {"content": "unterminated\n\n',
+    "data: \udcff\udcfe not utf-8\n\n",
+    "this line has no field\n\n",
+    'data: [1, 2, "not an event"]\n\n',
+]
+GARBAGE_BODY = b"<html>502 Bad Gateway from a proxy\xff\xfe</html>"
+
 _BUILDERS: dict[str, Callable[[_Gen, bool], dict[str, Any] | _Stream]] = {
     "chat": _build_chat,
     "messages": _build_messages,
@@ -608,6 +635,9 @@ class _Reply:
     abort_after: int | None = None  # stream: send this many events, then drop the connection
     cut_body: bool = False  # JSON: send half the body, then drop the connection
     text: str | None = None  # a text/plain body instead of `body`
+    reset: bool = False  # the drop above is a TCP reset (RST), not a close (FIN)
+    stall: bool = False  # instead of the drop above, send nothing more, ever
+    raw_body: bytes | None = None  # a JSON reply's bytes as they are (not JSON at all)
 
 
 def _error(api: str, status: int, message: str | None = None) -> _Reply:
@@ -653,7 +683,8 @@ def _head(
 
 
 def _frame(event: str) -> bytes:
-    data = event.encode()
+    # surrogateescape: GARBAGE_EVENTS spell raw bytes that are not UTF-8 as "\udcXX".
+    data = event.encode("utf-8", "surrogateescape")
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
@@ -826,12 +857,24 @@ class _Connection(asyncio.Protocol):
             return True
         return False
 
-    async def _drop(self) -> None:
-        """Deliberate abrupt close: flush what we wrote, then close without the final chunk."""
+    async def _drop(self, reply: _Reply) -> bool:
+        """Deliberate abrupt end after what we wrote was flushed: a close without the final
+        chunk, a reset (RST), or a stall (nothing more until the client goes). False: the
+        connection serves nothing more."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drained.wait(), 5)
+        if reply.stall:
+            await self.gone.wait()
+            self.owner._abandoned()
+            return False
         if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if reply.reset and sock is not None:
+                # Linger on, timeout 0: closing sends a RST instead of a FIN.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.transport.abort()
+        return False
 
     async def _send(self, reply: _Reply, keep_alive: bool) -> bool:
         """Write one reply; True if the connection can serve another request."""
@@ -843,13 +886,16 @@ class _Connection(asyncio.Protocol):
             self.owner._abandoned()
             return False
         if reply.events is None:
-            ctype = "application/json" if reply.text is None else "text/plain; charset=utf-8"
-            body = (_dumps(reply.body) if reply.text is None else reply.text).encode()
+            if reply.raw_body is not None:
+                ctype, body = "application/json", reply.raw_body
+            elif reply.text is not None:
+                ctype, body = "text/plain; charset=utf-8", reply.text.encode()
+            else:
+                ctype, body = "application/json", _dumps(reply.body).encode()
             head = _head(reply.status, ctype, len(body), reply.headers, keep_alive)
             if reply.cut_body:
                 self._write(head + body[: len(body) // 2])
-                await self._drop()
-                return False
+                return await self._drop(reply)
             self._write(head + body)
             return keep_alive
         events = reply.events[: reply.abort_after]  # [:None] keeps them all
@@ -869,8 +915,7 @@ class _Connection(asyncio.Protocol):
                 self._write(_frame(event))
             self._write(end)
         if reply.abort_after is not None:
-            await self._drop()
-            return False
+            return await self._drop(reply)
         return keep_alive
 
     async def _serve(self) -> None:
@@ -1163,6 +1208,9 @@ class FakeProvider:
         drop = b.midstream or b.drop_after is not None or b.cut_stream
         if api == "embeddings":
             return _Reply(body=_build_embeddings(body, model), cut_body=drop)
+        stream = bool(body.get("stream"))
+        if b.garbage and not stream:
+            return _Reply(raw_body=GARBAGE_BODY)
         n = self.chunks if b.chunks is None else b.chunks
         truncated = False
         if not b.tools:  # a tool call is all or nothing: caps do not cut it
@@ -1191,14 +1239,19 @@ class FakeProvider:
             b.cache_write,
             usage_chunk=not b.no_usage,
         )
-        built = _BUILDERS[api](gen, bool(body.get("stream")))
+        built = _BUILDERS[api](gen, stream)
         if not isinstance(built, _Stream):
-            return _Reply(body=built, cut_body=drop)
+            return _Reply(body=built, cut_body=drop, reset=b.reset, stall=b.stall)
         events = built.events()
         if b.error_first:
             events = [_stream_error_event(api)]
+        elif b.garbage:
+            events = [*built.preamble, *built.content, *GARBAGE_EVENTS]
         reply = _Reply(
-            events=events, event_delay=self.chunk_delay_s if b.delay_s is None else b.delay_s
+            events=events,
+            event_delay=self.chunk_delay_s if b.delay_s is None else b.delay_s,
+            reset=b.reset,
+            stall=b.stall,
         )
         if b.cut_stream:
             reply.abort_after = 0

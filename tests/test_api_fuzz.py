@@ -52,3 +52,37 @@ def test_management_api_fuzz(gateway, settings):
             case.call_and_validate(headers=headers, checks=CHECKS)
 
         fuzz()
+
+
+# Per operation: the generation routes (chat, messages, count_tokens, responses,
+# embeddings, models). Their money paths are fuzzed from hypothesis strategies of their
+# own (tests/llm_proxy/test_generation_fuzz.py); this proves the document holds: every
+# status and error body is one it describes.
+GENERATION_EXAMPLES_PER_OPERATION = 10
+
+
+@pytest.mark.slow
+def test_generation_api_fuzz(gateway):
+    from budgets.models import Hold
+    from tests.factories import make_budget, make_key, make_user
+
+    _, secret = make_key(make_user(budget=make_budget(max_budget_usd=100)))
+    schema = schemathesis.openapi.from_url(gateway.url + "/openapi.json")
+    schema = schema.include(tag="generation")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 6
+
+    for operation in operations:
+
+        @hypothesis.settings(
+            max_examples=GENERATION_EXAMPLES_PER_OPERATION,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @hypothesis.given(case=operation.as_strategy())
+        def fuzz(case):
+            case.call_and_validate(headers={"Authorization": f"Bearer {secret}"}, checks=CHECKS)
+
+        fuzz()
+    assert not Hold.objects.filter(status=Hold.Status.OPEN).exists()

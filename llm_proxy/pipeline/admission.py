@@ -32,7 +32,7 @@ from budgets.rest import credential_from_headers
 from budgets.selectors import rates_current
 from budgets.services import holds
 from common.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
-from common.rest_json import all_strings
+from common.rest_json import STORABLE_MESSAGE, storable
 from llm_proxy import platform, ratelimit, routing
 from llm_proxy.auth import (
     authenticate,
@@ -69,28 +69,26 @@ def parse_body(request: HttpRequest) -> dict[str, Any]:
     except RawPostDataException as exc:  # pragma: no cover - body already consumed
         raise BadRequest("Could not read the request body") from exc
     try:
-        body = json.loads(raw)
+        # Decoded strictly first: json.loads(bytes) decodes with "surrogatepass", which
+        # lets a lone surrogate sent as bytes (CESU-8) through unseen by the check below.
+        body = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         # RecursionError: JSON nested thousands of levels deep.
         raise BadRequest("Request body is not valid JSON", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object", code="invalid_json")
-    # A lone surrogate (valid JSON, "\ud800") cannot be encoded for the provider. Only a
-    # body with a surrogate escape at all (rare: emoji arrive as UTF-8) is walked.
-    if _SURROGATE_ESCAPE.search(raw) and not all_strings(body, _encodable):
-        raise BadRequest("Text may not contain unpaired surrogates")
+    # Valid JSON may carry text no one can use, the rule of the management API
+    # (common.rest_json.text_storable): a lone surrogate ("\ud800") cannot be encoded for
+    # the provider, and a NUL ("\u0000") in a model or user name fails the statements
+    # that look it up or write it (PostgreSQL's text refuses NUL). Only a body with such
+    # an escape at all (rare: emoji arrive as UTF-8) is walked.
+    if _UNSTORABLE_ESCAPE.search(raw) and not storable(body):
+        raise BadRequest(STORABLE_MESSAGE)
     return body
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:[dD][89a-fA-F]|0000)")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def model_selector(body: dict[str, Any]) -> str:
@@ -98,6 +96,11 @@ def model_selector(body: dict[str, Any]) -> str:
     selector = body.get("model")
     if not isinstance(selector, str) or not selector:
         raise BadRequest("model is required", code="invalid_model", param="model")
+    if _CONTROL_CHARACTERS.search(selector):
+        # No provider or policy is named so; CR/LF would also forge log lines.
+        raise BadRequest(
+            "model may not contain control characters", code="invalid_model", param="model"
+        )
     if len(selector) > MAX_MODEL_CHARS:
         raise BadRequest(
             f"model must be at most {MAX_MODEL_CHARS} characters",

@@ -26,7 +26,7 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from llm_proxy.pipeline.naming import RenamingCodec
-from llm_proxy.pipeline.sse import EventSplitter, IncompleteStream, with_summary
+from llm_proxy.pipeline.sse import EventSplitter, IncompleteStream, SSEEvent, with_summary
 
 if TYPE_CHECKING:
     from llm_proxy.pipeline.exchange import Exchange
@@ -92,9 +92,10 @@ async def relay(
 ) -> AsyncIterator[bytes]:
     """The response body of a committed stream. See the module docstring."""
     splitter = EventSplitter()
+    garbage = _GarbageFilter(exchange)
     try:
         try:
-            out = b"".join(codec.transform(event) for event in splitter.feed(first_chunk))
+            out = b"".join(codec.transform(e) for e in garbage.drop(splitter.feed(first_chunk)))
             if out:
                 yield out
             if not codec.finished:
@@ -102,7 +103,7 @@ async def relay(
                     if chunk is KEEPALIVE_TICK:
                         yield codec.keepalive
                         continue
-                    out = b"".join(codec.transform(event) for event in splitter.feed(chunk))
+                    out = b"".join(codec.transform(e) for e in garbage.drop(splitter.feed(chunk)))
                     if out:
                         yield out
                     if codec.finished:
@@ -133,6 +134,43 @@ async def relay(
         raise
     finally:
         await upstream.aclose()
+
+
+class _GarbageFilter:
+    """Drops the upstream's events that are no event of any API relayed: every one
+    carries a JSON object (chat's `[DONE]` aside). A broken server or proxy can send
+    anything (broken JSON, bytes that are not UTF-8, lines with no field); passed through,
+    they would break the client's SDK mid-answer. Checked by shape, not parsed: the relay
+    parses only the events that carry usage (the hot path)."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.dropped = 0
+
+    def drop(self, events: list[SSEEvent]) -> list[SSEEvent]:
+        kept = [event for event in events if _well_formed(event.data)]
+        if len(kept) < len(events):
+            if not self.dropped:
+                logger.warning(
+                    "request %s: the provider sent data that is no event; dropped",
+                    self.exchange.request_id,
+                )
+            self.dropped += len(events) - len(kept)
+        return kept
+
+
+def _well_formed(data: bytes) -> bool:
+    if data == b"[DONE]":
+        return True
+    if data[:1] != b"{" or data.rstrip()[-1:] != b"}":
+        return False
+    if data.isascii():
+        return True
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class _Tick:

@@ -85,3 +85,33 @@ def text_of(api: str, body: dict[str, Any]) -> str:
         for part in item["content"]
         if part["type"] == "output_text"
     )
+
+
+# Anthropic's error type for each status (docs/SPEC.md §2); any other status is api_error.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+
+
+def assert_error_shape(api: str, status: int, body: object) -> dict:
+    """An HTTP error body exactly in the wire shape of `api` for `status` (docs/SPEC.md §2),
+    the one the official SDKs parse into their typed errors. Returns the inner error."""
+    assert isinstance(body, dict), body
+    error = body.get("error")
+    assert isinstance(error, dict), body
+    assert isinstance(error.get("message"), str), body
+    assert error["message"], body
+    if api == "messages":
+        assert body["type"] == "error", body
+        assert error["type"] == ANTHROPIC_ERROR_TYPES.get(status, "api_error"), (status, body)
+    else:
+        assert {"message", "type", "param", "code"} <= set(error), body
+        assert isinstance(error["type"], str), body
+        assert error["code"] is None or isinstance(error["code"], str), body
+    return error
