@@ -49,8 +49,9 @@ from usage.models import UsageReport
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.drill]
 
-# Each user raises 10 alerts over ~37 requests; enough users that alerts fire until the end.
-ALERT_USERS = 40 if soaking() else 12
+# Each request raises an alert (10% of its user's budget), for 10 requests a user: enough
+# users that alerts keep firing until the end of the drill.
+ALERT_USERS = 100 if soaking() else 20
 RPM = 5
 
 
@@ -129,7 +130,7 @@ def test_redis_stopped_and_a_worker_killed_mid_task_lose_nothing(
         }
         model = priced("gpt-4o-mini", "1", "1")  # $0.000027 a request
         budget = make_budget(
-            max_budget_usd=Decimal("0.0015"),
+            max_budget_usd=Decimal("0.00027"),  # ten requests
             alert_thresholds_pct=list(range(10, 101, 10)),
             alert_webhook_url=receiver.url,
         )
