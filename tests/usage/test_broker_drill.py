@@ -145,12 +145,29 @@ def test_redis_stopped_and_a_worker_killed_mid_task_lose_nothing(
 
         # One process at a time: on a busy machine, four starting at once take longer than
         # start_server_process waits.
-        platform_gateway = start_server_process(gateway_config_file, **env)
-        log_path = tmp_path / "standalone.log"
-        standalone = start_server_process(gateway_config_file, log_path=log_path, **standalone_env)
-        celery = Celery(env, "otari-broker-drill")
-        celery.start_worker()
-        celery.start_beat()
+        started: list = []  # what to stop, whatever happens
+
+        def stop_everything() -> None:
+            platform.release_hangs()
+            for stop in reversed(started):
+                stop()
+            started.clear()
+
+        try:
+            platform_gateway = start_server_process(gateway_config_file, **env)
+            started.append(platform_gateway.kill)
+            log_path = tmp_path / "standalone.log"
+            standalone = start_server_process(
+                gateway_config_file, log_path=log_path, **standalone_env
+            )
+            started.append(standalone.kill)
+            celery = Celery(env, "otari-broker-drill")
+            started.append(celery.stop)
+            celery.start_worker()
+            celery.start_beat()
+        except BaseException:
+            stop_everything()
+            raise
 
         def standalone_request(n: int) -> httpx.Response:
             return httpx.post(
@@ -230,6 +247,9 @@ def test_redis_stopped_and_a_worker_killed_mid_task_lose_nothing(
             time.sleep(1)
             celery.start_worker()
             time.sleep(steady_s)
+        except BaseException:
+            stop_everything()
+            raise
         finally:
             reports.stop.set()
             alerting.stop.set()
@@ -260,9 +280,7 @@ def test_redis_stopped_and_a_worker_killed_mid_task_lose_nothing(
             )
             time.sleep(2)  # a few more beat rounds: nothing is sent again
         finally:
-            standalone.kill()
-            platform_gateway.kill()
-            celery.stop()
+            stop_everything()
 
     accepted = platform.accepted()
     alert_ids = set(BudgetAlert.objects.values_list("pk", flat=True))
