@@ -418,6 +418,18 @@ def _open_holds_of_outer_user() -> QuerySet:
     )
 
 
+def window_last_charge_at(user: GatewayUser) -> datetime | None:
+    """When the last usage row counted in the user's current window was stamped (§3.5
+    invariant 2: counted rows stamped at or after the window start), or None."""
+    start = user.budget_started_at or user.created_at
+    return (
+        UsageLog.objects.filter(user=user, counts_toward_budget=True, timestamp__gte=start)
+        .order_by("-timestamp")
+        .values_list("timestamp", flat=True)
+        .first()
+    )
+
+
 def _window_usage_of_outer_user() -> QuerySet:
     """The usage rows that count in the current window of the outer query's user (§3.5
     invariant 2): counted rows stamped at or after the window start. Grouped by user."""

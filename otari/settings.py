@@ -290,6 +290,14 @@ CELERY_BEAT_SCHEDULE_FILENAME = env.str(
 
 # --- Budget alerts (docs/OPERATIONS.md) ----------------------------------------------------
 OTARI_ALERT_WEBHOOK_TIMEOUT_SECONDS = env.float("OTARI_ALERT_WEBHOOK_TIMEOUT_SECONDS", default=10.0)
+# A delivery attempt still running after this long is presumed dead (its worker was killed)
+# and the beat sweep sends the alert again. Above the task's hard time limit (90 s), so an
+# attempt in progress is never taken for a dead one.
+OTARI_ALERT_LEASE_SECONDS = env.float("OTARI_ALERT_LEASE_SECONDS", default=120.0)
+# A pending alert with no attempt in progress and none for this long lost its task (the
+# broker lost the message): the beat sweep enqueues it again. Above the retry backoff's cap
+# (60 s), so a scheduled retry is not sent early.
+OTARI_ALERT_REDRIVE_AFTER_SECONDS = env.float("OTARI_ALERT_REDRIVE_AFTER_SECONDS", default=600.0)
 OTARI_ALERT_FROM_EMAIL = env.str("OTARI_ALERT_FROM_EMAIL", default="otari@localhost")
 # Django's mail backend, from one URL: smtp+tls://user:password@host:587 (STARTTLS),
 # smtp+ssl://...:465, consolemail:// (print), dummymail:// (drop). Default: SMTP on

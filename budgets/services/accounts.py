@@ -107,7 +107,11 @@ def budget_update(
         thresholds_pct=alert_thresholds_pct, webhook_url=alert_webhook_url, emails=alert_emails
     )
     with transaction.atomic(durable=True):
-        budget = Budget.objects.select_for_update().get(pk=budget_id)
+        # FOR NO KEY UPDATE, not FOR UPDATE: a settlement on the general path holds its
+        # user's row and, at commit, re-checks the row's foreign key to this budget (a KEY
+        # SHARE lock); FOR UPDATE would make it wait for this edit while the edit waits for
+        # the user below, a deadlock (tests/budgets/test_budget_edit_lock_order.py).
+        budget = Budget.objects.select_for_update(no_key=True).get(pk=budget_id)
         old_period = (budget.budget_duration_sec, budget.reset_alignment)
         for field_name, value in (
             ("name", name),

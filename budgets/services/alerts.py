@@ -28,11 +28,19 @@ logger = logging.getLogger(__name__)
 
 ALERT_MAX_ATTEMPTS = 6
 _ALERT_BACKOFF_CAP_S = 60.0
-# An attempt longer than this is presumed dead and its alert may be attempted again.
-_ALERT_LEASE = timedelta(minutes=2)
-# A pending alert untouched this long lost its delivery (a worker died, the broker lost
-# the message): the periodic sweep enqueues it again.
-_ALERT_REDRIVE_AFTER = timedelta(minutes=10)
+
+
+def _alert_lease() -> timedelta:
+    """An attempt older than this is presumed dead (its worker was killed) and its alert
+    may be attempted again; the sweep re-drives it at once (OTARI_ALERT_LEASE_SECONDS)."""
+    return timedelta(seconds=settings.OTARI_ALERT_LEASE_SECONDS)
+
+
+def _alert_redrive_after() -> timedelta:
+    """A pending alert untouched this long lost its delivery (the broker lost the message,
+    a retry's countdown message with it): the sweep enqueues it again
+    (OTARI_ALERT_REDRIVE_AFTER_SECONDS)."""
+    return timedelta(seconds=settings.OTARI_ALERT_REDRIVE_AFTER_SECONDS)
 
 
 def budget_alerts_check(*, user_id: str, now: datetime | None = None) -> list[BudgetAlert]:
@@ -130,11 +138,18 @@ def budget_alerts_sweep(*, now: datetime | None = None) -> AlertSweep:
         ).values_list("pk", flat=True)
         for uid in candidates:
             created.extend(budget_alerts_check(user_id=uid, now=now))
-    stalled = BudgetAlert.objects.filter(
-        Q(last_attempt_at__isnull=True, created_at__lte=now - _ALERT_REDRIVE_AFTER)
-        | Q(last_attempt_at__lte=now - _ALERT_REDRIVE_AFTER),
-        status=BudgetAlert.Status.PENDING,
-    ).values_list("pk", flat=True)
+    overdue = now - _alert_redrive_after()
+    # A finished attempt clears its lease, so a lease that ran out is an attempt whose
+    # worker died (kill -9, OOM): its alert is due again now, not after the re-drive delay.
+    stalled = (
+        BudgetAlert.objects.filter(status=BudgetAlert.Status.PENDING)
+        .filter(
+            Q(leased_until__lt=now)
+            | Q(leased_until__isnull=True, last_attempt_at__isnull=True, created_at__lte=overdue)
+            | Q(leased_until__isnull=True, last_attempt_at__lte=overdue)
+        )
+        .values_list("pk", flat=True)
+    )
     redriven = 0
     for alert_id in stalled:
         enqueue(budget_alert_deliver_task, alert_id)
@@ -222,7 +237,7 @@ def budget_alert_deliver(*, alert_id: int, now: datetime | None = None) -> Alert
             BudgetAlert.objects.filter(pk=alert_id, status=BudgetAlert.Status.PENDING)
             .filter(Q(leased_until__isnull=True) | Q(leased_until__lt=now))
             .update(
-                attempts=F("attempts") + 1, last_attempt_at=now, leased_until=now + _ALERT_LEASE
+                attempts=F("attempts") + 1, last_attempt_at=now, leased_until=now + _alert_lease()
             )
         )
         alert = BudgetAlert.objects.filter(pk=alert_id).first()

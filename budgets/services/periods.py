@@ -12,7 +12,7 @@ arithmetic itself is pure (budgets/periods.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -24,6 +24,8 @@ from budgets.exceptions import UnknownUser
 from budgets.models import Budget, BudgetResetLog, Ceiling, CeilingResetLog, GatewayUser
 
 ZERO = Decimal("0")
+# The smallest step of a timestamp (PostgreSQL keeps microseconds).
+_INSTANT = timedelta(microseconds=1)
 
 # A user or a ceiling: whatever keeps a window on a budget.
 Account = GatewayUser | Ceiling
@@ -101,10 +103,18 @@ def user_period_reset(*, user_id: str, now: datetime | None = None) -> BudgetRes
     with transaction.atomic(durable=True):
         user = selectors.user_lock(user_id)
         # Under the row lock: a second reset at the same instant (a double-submitted
-        # form) finds the first one's log instead of violating its uniqueness.
-        existing = BudgetResetLog.objects.filter(user=user, reset_at=now).first()
+        # form), or one whose window a reset or roll since `now` already began, finds
+        # that log instead of starting another window.
+        existing = BudgetResetLog.objects.filter(user=user, reset_at__gte=now).first()
         if existing is not None:
             return existing
+        # `now` was read before the lock: a request that settled meanwhile is stamped
+        # after it, and its cost is in the spend this reset moves to the log. The new
+        # window starts after that charge, or the charge would count in both windows
+        # (spend 0, window usage > 0: found by the deadlock drill).
+        last_charge = selectors.window_last_charge_at(user)
+        if last_charge is not None and last_charge >= now:
+            now = last_charge + _INSTANT
         return start_fresh_window(user, user.budget, now, always_log=True)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import httpx
@@ -371,3 +371,33 @@ def test_the_sweep_redrives_a_delivery_that_was_lost(db, receiver, time_machine)
     (alert_id,) = redriven[0]
     assert alerts.budget_alert_deliver(alert_id=alert_id).status == "delivered"
     assert len(receiver.calls) == 1
+
+
+def test_the_sweep_redrives_an_attempt_whose_worker_died_once_its_lease_ran_out(
+    db, receiver, time_machine
+):
+    """A worker killed with -9 mid-delivery leaves the alert claimed (attempts 1, a lease
+    in the future) with no task left anywhere: the first sweep after the lease ran out
+    sends it again, without waiting for the 10-minute re-drive of untouched alerts."""
+    start = datetime(2025, 6, 1, 12, tzinfo=UTC)
+    time_machine.move_to(start, tick=False)
+    budget = make_budget(max_budget_usd=Decimal("10"), alert_webhook_url=receiver.url)
+    user = make_user(budget=budget)
+    charge(user.pk, Decimal("8"), datetime.now(UTC))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(alerts, "enqueue_detached_on_commit", lambda *a, **k: None)
+        (alert,) = alerts.budget_alerts_check(user_id=user.pk)
+        # The row as the killed worker's claim left it.
+        BudgetAlert.objects.filter(pk=alert.pk).update(
+            attempts=1, last_attempt_at=start, leased_until=start + timedelta(seconds=120)
+        )
+        redriven = []
+        patch.setattr(alerts, "enqueue", lambda task, *a, **k: redriven.append(a))
+        time_machine.move_to(start + timedelta(seconds=119), tick=False)
+        assert alerts.budget_alerts_sweep().redriven == 0  # it may still be running
+        time_machine.move_to(start + timedelta(seconds=121), tick=False)
+        assert alerts.budget_alerts_sweep().redriven == 1
+    assert redriven == [(alert.pk,)]
+    assert alerts.budget_alert_deliver(alert_id=alert.pk).status == "delivered"
+    alert.refresh_from_db()
+    assert (alert.status, alert.attempts, len(receiver.calls)) == ("delivered", 2, 1)

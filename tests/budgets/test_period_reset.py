@@ -104,3 +104,21 @@ def test_a_second_reset_at_the_same_instant_is_a_no_op():
 def test_unknown_user():
     with pytest.raises(UnknownUser):
         periods.user_period_reset(user_id="nobody")
+
+
+def test_a_reset_whose_instant_precedes_a_charge_it_zeroes_starts_after_that_charge():
+    """The console reads `now` before the user's lock: a request that settles in between
+    is stamped after `now`, and its cost is part of the spend the reset moves to the log.
+    The new window must start after it, or the charge counts in both windows (the
+    deadlock drill found spend 0 with usage in the window)."""
+    user = make_user(budget=make_budget(max_budget_usd=Decimal("10"), budget_duration_sec=3600))
+    requested = datetime.now(UTC)
+    charged = charge(user, "1.5", at=requested + timedelta(milliseconds=3))
+
+    log = periods.user_period_reset(user_id=user.pk, now=requested)
+
+    user.refresh_from_db()
+    assert log.previous_spend_usd == Decimal("1.5")
+    assert user.spend_usd == 0
+    assert user.budget_started_at > charged.timestamp
+    assert log.reset_at == user.budget_started_at
