@@ -418,12 +418,20 @@ def _open_holds_of_outer_user() -> QuerySet:
     )
 
 
-def window_last_charge_at(user: GatewayUser) -> datetime | None:
-    """When the last usage row counted in the user's current window was stamped (§3.5
-    invariant 2: counted rows stamped at or after the window start), or None."""
-    start = user.budget_started_at or user.created_at
+def window_last_charge_at(account: GatewayUser | Ceiling) -> datetime | None:
+    """When the last usage row counted in the current window of a user or a ceiling
+    was stamped (§3.5 invariant 2: counted rows stamped at or after the window start;
+    a ceiling's are those of the holds it carried), or None."""
+    start = account.budget_started_at or account.created_at
+    rows = (
+        UsageLog.objects.filter(user=account)
+        if isinstance(account, GatewayUser)
+        else UsageLog.objects.filter(
+            id__in=HoldCeiling.objects.filter(ceiling=account).values("hold_id")
+        )
+    )
     return (
-        UsageLog.objects.filter(user=user, counts_toward_budget=True, timestamp__gte=start)
+        rows.filter(counts_toward_budget=True, timestamp__gte=start)
         .order_by("-timestamp")
         .values_list("timestamp", flat=True)
         .first()

@@ -102,20 +102,9 @@ def user_period_reset(*, user_id: str, now: datetime | None = None) -> BudgetRes
     now = now or timezone.now()
     with transaction.atomic(durable=True):
         user = selectors.user_lock(user_id)
-        # Under the row lock: a second reset at the same instant (a double-submitted
-        # form), or one whose window a reset or roll since `now` already began, finds
-        # that log instead of starting another window.
-        existing = BudgetResetLog.objects.filter(user=user, reset_at__gte=now).first()
-        if existing is not None:
-            return existing
-        # `now` was read before the lock: a request that settled meanwhile is stamped
-        # after it, and its cost is in the spend this reset moves to the log. The new
-        # window starts after that charge, or the charge would count in both windows
-        # (spend 0, window usage > 0: found by the deadlock drill).
-        last_charge = selectors.window_last_charge_at(user)
-        if last_charge is not None and last_charge >= now:
-            now = last_charge + _INSTANT
-        return start_fresh_window(user, user.budget, now, always_log=True)
+        log = _period_reset_locked(user, BudgetResetLog.objects.filter(user=user), now)
+    assert isinstance(log, BudgetResetLog)  # noqa: S101 (always_log)
+    return log
 
 
 def ceiling_period_reset(*, ceiling_id: Any, now: datetime | None = None) -> CeilingResetLog:
@@ -123,12 +112,28 @@ def ceiling_period_reset(*, ceiling_id: Any, now: datetime | None = None) -> Cei
     now = now or timezone.now()
     with transaction.atomic(durable=True):
         ceiling = selectors.ceiling_lock(ceiling_id)
-        existing = CeilingResetLog.objects.filter(ceiling=ceiling, reset_at=now).first()
-        if existing is not None:
-            return existing
-        log = start_fresh_window(ceiling, ceiling.budget, now, always_log=True)
-        assert isinstance(log, CeilingResetLog)  # noqa: S101 (always_log)
-        return log
+        log = _period_reset_locked(ceiling, CeilingResetLog.objects.filter(ceiling=ceiling), now)
+    assert isinstance(log, CeilingResetLog)  # noqa: S101 (always_log)
+    return log
+
+
+def _period_reset_locked(account: Account, logs: Any, now: datetime) -> ResetLog:
+    # Under the row lock: a second reset at the same instant (a double-submitted form),
+    # or one whose window a reset or roll since `now` already began, finds that log
+    # instead of starting another window.
+    existing = logs.filter(reset_at__gte=now).first()
+    if existing is not None:
+        return existing
+    # `now` was read before the lock: a request that settled meanwhile is stamped after
+    # it, and its cost is in the spend this reset moves to the log. The new window starts
+    # after that charge, or the charge would count in both windows (spend 0, window usage
+    # > 0: found by the deadlock drill).
+    last_charge = selectors.window_last_charge_at(account)
+    if last_charge is not None and last_charge >= now:
+        now = last_charge + _INSTANT
+    log = start_fresh_window(account, account.budget, now, always_log=True)
+    assert log is not None  # noqa: S101 (always_log)
+    return log
 
 
 def start_fresh_window(

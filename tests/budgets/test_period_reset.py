@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 import time_machine
 
+from budgets import selectors
 from budgets.exceptions import UnknownUser
-from budgets.models import BudgetResetLog, GatewayUser, Hold
+from budgets.models import DEFAULT_ORGANIZATION_ID, BudgetResetLog, GatewayUser, Hold, Organization
+from budgets.rules import Scopes
 from budgets.services import holds, periods
 from tests.admin.conftest import charge, open_hold
-from tests.factories import make_budget, make_user
+from tests.factories import make_budget, make_ceiling, make_user
 from usage import ledger
 
 pytestmark = [pytest.mark.django_db, pytest.mark.calendar]
@@ -122,3 +125,48 @@ def test_a_reset_whose_instant_precedes_a_charge_it_zeroes_starts_after_that_cha
     assert user.spend_usd == 0
     assert user.budget_started_at > charged.timestamp
     assert log.reset_at == user.budget_started_at
+
+
+def test_a_ceiling_reset_whose_instant_precedes_a_charge_it_zeroes_starts_after_that_charge():
+    """The same race on a ceiling's "reset period now": its window must start after the
+    charge the reset moves to the log, or the audit finds spend 0 with usage in it."""
+    budget = make_budget(max_budget_usd=Decimal("10"), budget_duration_sec=3600)
+    organization = Organization.objects.get(pk=DEFAULT_ORGANIZATION_ID)
+    ceiling = make_ceiling(organization, budget)
+    user = make_user()
+    requested = datetime.now(UTC)
+    request_id = uuid.uuid4()
+    scopes = Scopes(str(DEFAULT_ORGANIZATION_ID), None, None)
+    holds.hold_open(
+        user_id=user.pk,
+        request_id=request_id,
+        amount_usd=Decimal("2"),
+        model_key="openai:gpt-4o-mini",
+        now=requested,
+        scopes=scopes,
+    )
+    charged_at = requested + timedelta(milliseconds=3)
+    holds.hold_settle(record=_settled(user, request_id, "1.5"), now=charged_at)
+
+    log = periods.ceiling_period_reset(ceiling_id=ceiling.pk, now=requested)
+
+    ceiling.refresh_from_db()
+    assert log.previous_spend_usd == Decimal("1.5")
+    assert ceiling.spend_usd == 0
+    assert ceiling.budget_started_at > charged_at
+    (book,) = selectors.books_for_ceilings(ceiling_id=ceiling.pk)
+    assert book.balanced, book
+
+
+def _settled(user: GatewayUser, request_id: uuid.UUID, cost: str) -> ledger.UsageRecord:
+    return ledger.UsageRecord(
+        request_id=request_id,
+        user_id=user.pk,
+        api_key_id=None,
+        endpoint="/v1/chat/completions",
+        provider="openai",
+        model="gpt-4o-mini",
+        status="success",
+        status_code=200,
+        cost_usd=Decimal(cost),
+    )
