@@ -41,6 +41,8 @@ Behaviour is selected by substrings of the request's ``model`` (combine freely, 
   cachewrite-<n>  messages only: cache_creation_input_tokens = n
   tools           answer with one call of ``get_weather`` with arguments ``{"city": "Paris"}``
                   (streamed in 4 fragments = 4 completion tokens; max-token caps are ignored)
+  sseframing      streams framed as some servers frame them: CRLF line ends, a comment before
+                  every event, and a blank line after every third event
 
 Run in the foreground:  python tests/fake_provider.py --port 9100
 """
@@ -202,6 +204,7 @@ class _Behaviour:
     cached: int = 0
     cache_write: int = 0
     tools: bool = False
+    sse_framing: bool = False
 
     @classmethod
     def from_model(cls, model: str) -> "_Behaviour":
@@ -224,6 +227,7 @@ class _Behaviour:
             cached=number("cached") or 0,
             cache_write=number("cachewrite") or 0,
             tools="tools" in model,
+            sse_framing="sseframing" in model,
         )
 
 
@@ -1181,6 +1185,11 @@ class FakeProvider:
         events = built.events()
         if b.error_first:
             events = [_stream_error_event(api)]
+        if b.sse_framing:
+            events = [
+                (": keep-alive\n\n" + event + ("\n" if i % 3 == 2 else "")).replace("\n", "\r\n")
+                for i, event in enumerate(events)
+            ]
         reply = _Reply(
             events=events, event_delay=self.chunk_delay_s if b.delay_s is None else b.delay_s
         )
