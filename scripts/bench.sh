@@ -118,10 +118,12 @@ fi
 taskset -c 0 var/benchvenv/bin/python "$BENCH_DIR/fake_upstream.py" --port $PORT_UPSTREAM \
   >"$OUT/upstream.log" 2>&1 &
 UPSTREAM_PID=$!
+# uvicorn's lifespan is left on `auto`: the gateway warms each worker up at startup
+# (otari/startup.py), and a BENCH_BASELINE from before that has no lifespan to run.
 server_cmd() {  # the server's command line, listening on port $1
   case "$SERVER" in
     uvicorn) CMD=("$VENV/bin/uvicorn" otari.asgi:application --port "$1"
-                  --log-level warning --no-access-log --lifespan off) ;;
+                  --log-level warning --no-access-log) ;;
     daphne)  CMD=("$VENV/bin/daphne" -p "$1" otari.asgi:application) ;;
     granian) CMD=("$VENV/bin/granian" --interface asgi --port "$1" --no-ws
                   --log-level warning otari.asgi:application) ;;

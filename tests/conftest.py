@@ -321,11 +321,18 @@ class ServerProcess:
 
 
 def start_server_process(
-    config_file: Path, *, log_path: Path | None = None, **env: str
+    config_file: Path,
+    *,
+    log_path: Path | None = None,
+    lifespan: str = "off",
+    probe: str = "/v1/models",
+    **env: str,
 ) -> ServerProcess:
     """`uvicorn otari.asgi:application` in its own process, on the test database.
 
     `log_path`: where its stderr (the log stream) goes, for tests that read its logs.
+    `lifespan`: "on" to warm the worker up at startup (otari/startup.py), as in production.
+    `probe`: the path whose answer (any status) says the server is up.
     """
     sock = _free_socket()
     port = sock.getsockname()[1]
@@ -341,7 +348,7 @@ def start_server_process(
             "--port",
             str(port),
             "--lifespan",
-            "off",
+            lifespan,
             "--log-level",
             "warning",
         ],
@@ -359,7 +366,7 @@ def start_server_process(
     deadline = time.monotonic() + 30
     while True:
         try:
-            httpx.get(url + "/v1/models", timeout=1)
+            httpx.get(url + probe, timeout=1)
             return ServerProcess(url=url, process=process)
         except httpx.TransportError:
             if process.poll() is not None or time.monotonic() > deadline:
