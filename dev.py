@@ -70,7 +70,7 @@ def run(argv: list[str]) -> None:
             "--port",
             port,
             "--lifespan",
-            "off",
+            "on",
             "--no-access-log",
             *argv,
         ],

@@ -29,6 +29,7 @@ from llm_proxy import ratelimit  # noqa: E402 - needs Django set up
 from llm_proxy.errors import error_body_for_path, server_error_body  # noqa: E402
 from otari import metrics  # noqa: E402
 from otari.metrics import ObservabilityMiddleware  # noqa: E402
+from otari.startup import Lifespan  # noqa: E402
 
 
 class GatewayASGIHandler(ASGIHandler):
@@ -57,26 +58,29 @@ ratelimit.warn_if_per_process()
 metrics.warn_if_per_process()
 metrics.warn_if_unguarded()
 
-# Outermost: every request's log context (request id), metrics and access log line, and
-# a JSON 500 for an exception that escapes everything inside; then the allowed-hosts
-# policy, for every route (common/hosts.py); then the body size limit, before Django
-# reads a body (common/body_limit.py).
-application = ObservabilityMiddleware(
-    AllowedHostsMiddleware(
-        BodyLimitMiddleware(
-            ProtocolTypeRouter(
-                {
-                    "http": URLRouter(
-                        [
-                            re_path(GENERATION_ROUTES, GatewayASGIHandler()),
-                            re_path(r"", django_http),
-                        ]
-                    ),
-                }
+# Outermost: the worker's warm-up at startup (ASGI lifespan, otari/startup.py); then
+# every request's log context (request id), metrics and access log line, and a JSON 500
+# for an exception that escapes everything inside; then the allowed-hosts policy, for
+# every route (common/hosts.py); then the body size limit, before Django reads a body
+# (common/body_limit.py).
+application = Lifespan(
+    ObservabilityMiddleware(
+        AllowedHostsMiddleware(
+            BodyLimitMiddleware(
+                ProtocolTypeRouter(
+                    {
+                        "http": URLRouter(
+                            [
+                                re_path(GENERATION_ROUTES, GatewayASGIHandler()),
+                                re_path(r"", django_http),
+                            ]
+                        ),
+                    }
+                ),
+                error_body=error_body_for_path,
             ),
             error_body=error_body_for_path,
         ),
-        error_body=error_body_for_path,
-    ),
-    error_body=server_error_body,
+        error_body=server_error_body,
+    )
 )

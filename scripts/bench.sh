@@ -121,37 +121,59 @@ fi
 taskset -c 0 var/benchvenv/bin/python "$BENCH_DIR/fake_upstream.py" --port $PORT_UPSTREAM \
   >"$OUT/upstream.log" 2>&1 &
 UPSTREAM_PID=$!
-case "$SERVER" in
-  uvicorn) CMD=(.venv/bin/uvicorn otari.asgi:application --port $PORT_GATEWAY
-                --log-level warning --no-access-log --lifespan off) ;;
-  daphne)  CMD=(.venv/bin/daphne -p $PORT_GATEWAY otari.asgi:application) ;;
-  granian) CMD=(.venv/bin/granian --interface asgi --port $PORT_GATEWAY --no-ws
-                --log-level warning otari.asgi:application) ;;
-  *) echo "unknown server $SERVER" >&2; exit 2 ;;
-esac
+# uvicorn's lifespan is left on `auto`: the gateway warms each worker up at startup
+# (otari/startup.py), and a BENCH_BASELINE from before that has no lifespan to run.
+server_cmd() {  # the server's command line, listening on port $1
+  case "$SERVER" in
+    uvicorn) CMD=("$VENV/bin/uvicorn" otari.asgi:application --port "$1"
+                  --log-level warning --no-access-log) ;;
+    daphne)  CMD=("$VENV/bin/daphne" -p "$1" otari.asgi:application) ;;
+    granian) CMD=("$VENV/bin/granian" --interface asgi --port "$1" --no-ws
+                  --log-level warning otari.asgi:application) ;;
+    *) echo "unknown server $SERVER" >&2; exit 2 ;;
+  esac
+}
+VENV="$PWD/.venv"
+server_cmd "$PORT_GATEWAY"
 taskset -c 1 "${CMD[@]}" >"$OUT/gateway.log" 2>&1 &
 GATEWAY_PID=$!
-trap 'kill $GATEWAY_PID $UPSTREAM_PID ${CLOUD_PID:-} ${LITELLM_PID:-} 2>/dev/null || true' EXIT
 # BENCH_PGBOUNCER=1: a second gateway process, the same in every way but that it reaches
 # PostgreSQL through a PgBouncer in transaction mode (scripts/pgbouncer-local, port
 # BENCH_PGBOUNCER_PORT), measured in the same run as target `pgbouncer`, its CPU counted
 # with PgBouncer's (docs/OPERATIONS.md, "Several hosts").
 if [ -n "${BENCH_PGBOUNCER:-}" ]; then
   PGB_PORT="${BENCH_PGBOUNCER_PORT:-6436}"
+  PORT_PGB_GATEWAY=$((PORT_GATEWAY + 2))
   rm -f "$OUT/pgbouncer/pgbouncer.pid"
   scripts/pgbouncer-local "$PGB_PORT" "$OUT/pgbouncer"
   PGB_PID=$(cat "$OUT/pgbouncer/pgbouncer.pid" 2>/dev/null || true)
+  server_cmd "$PORT_PGB_GATEWAY"
   DATABASE_URL="postgres://postgres@127.0.0.1:$PGB_PORT/$DB" OTARI_DB_POOLER=transaction \
-    taskset -c 1 "${CMD[@]/#$PORT_GATEWAY/$((PORT_GATEWAY + 1))}" >"$OUT/gateway-pgbouncer.log" 2>&1 &
+    taskset -c 1 "${CMD[@]}" >"$OUT/gateway-pgbouncer.log" 2>&1 &
   GATEWAY2_PID=$!
-  trap 'kill $GATEWAY_PID $UPSTREAM_PID ${CLOUD_PID:-} ${LITELLM_PID:-} $GATEWAY2_PID ${PGB_PID:-} 2>/dev/null || true' EXIT
 fi
-for _ in $(seq 100); do
-  curl -s -o /dev/null "http://127.0.0.1:$PORT_GATEWAY/v1/models" && break
-  sleep 0.1
+# BENCH_BASELINE=<a checkout of another commit, e.g. a `git worktree` of main>: the same
+# server started from that tree too (same database, config and key, next port), measured
+# as the target `base` in the same run: before/after figures on an equally loaded machine.
+if [ -n "${BENCH_BASELINE:-}" ]; then
+  PORT_BASE=$((PORT_GATEWAY + 1))
+  server_cmd "$PORT_BASE"
+  LOG="$PWD/$OUT/gateway-base.log"
+  (cd "$BENCH_BASELINE" && exec taskset -c 1 "${CMD[@]}" >"$LOG" 2>&1) &
+  BASE_PID=$!
+fi
+trap 'kill $GATEWAY_PID ${BASE_PID:-} $UPSTREAM_PID ${CLOUD_PID:-} ${LITELLM_PID:-} ${GATEWAY2_PID:-} ${PGB_PID:-} 2>/dev/null || true' EXIT
+for port in $PORT_GATEWAY ${PORT_BASE:-} ${PORT_PGB_GATEWAY:-}; do
+  for _ in $(seq 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$port/v1/models" && break
+    sleep 0.1
+  done
 done
 
 TARGETS=(--target "ours=http://127.0.0.1:$PORT_GATEWAY,key=$KEY,model=openai:gpt-4o-mini,pid=$GATEWAY_PID")
+if [ -n "${BENCH_BASELINE:-}" ]; then
+  TARGETS+=(--target "base=http://127.0.0.1:$PORT_BASE,key=$KEY,model=openai:gpt-4o-mini,pid=$BASE_PID")
+fi
 # BENCH_ROUTING=1: a target naming a routing policy (one default target, the same model):
 # what looking up and planning a policy, and renaming the answer's model, cost per
 # request, against the direct selector.
@@ -170,10 +192,10 @@ PY
 fi
 if [ -n "${BENCH_PGBOUNCER:-}" ]; then
   for _ in $(seq 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$((PORT_GATEWAY + 1))/v1/models" && break
+    curl -s -o /dev/null "http://127.0.0.1:$PORT_PGB_GATEWAY/v1/models" && break
     sleep 0.1
   done
-  TARGETS+=(--target "pgbouncer=http://127.0.0.1:$((PORT_GATEWAY + 1)),key=$KEY,model=openai:gpt-4o-mini,pid=$GATEWAY2_PID${PGB_PID:++$PGB_PID}")
+  TARGETS+=(--target "pgbouncer=http://127.0.0.1:$PORT_PGB_GATEWAY,key=$KEY,model=openai:gpt-4o-mini,pid=$GATEWAY2_PID${PGB_PID:++$PGB_PID}")
 fi
 if [ -n "${BENCH_CEILINGS:-}" ]; then
   TARGETS+=(--target "ceilings3=http://127.0.0.1:$PORT_GATEWAY,key=$KEY3,model=openai3:gpt-4o-mini,pid=$GATEWAY_PID")

@@ -331,6 +331,8 @@ def start_server_process(
     log_path: Path | None = None,
     stdout_too: bool = False,
     workers: int = 1,
+    lifespan: str = "off",
+    probe: str = "/v1/models",
     **env: str,
 ) -> ServerProcess:
     """`uvicorn otari.asgi:application` in its own process, on the test database.
@@ -340,6 +342,8 @@ def start_server_process(
     `workers`: uvicorn's `--workers`, as the README serves it (one socket, several
     processes). Returns once one of them answers; the others accept connections as they
     come up.
+    `lifespan`: "on" to warm the worker up at startup (otari/startup.py), as in production.
+    `probe`: the path whose answer (any status) says the server is up.
     """
     sock = _free_socket()
     port = sock.getsockname()[1]
@@ -355,7 +359,7 @@ def start_server_process(
             "--port",
             str(port),
             "--lifespan",
-            "off",
+            lifespan,
             "--log-level",
             "warning",
             *(["--workers", str(workers)] if workers > 1 else []),
@@ -377,7 +381,7 @@ def start_server_process(
     deadline = time.monotonic() + 30 * workers
     while True:
         try:
-            httpx.get(url + "/v1/models", timeout=1)
+            httpx.get(url + probe, timeout=1)
             return ServerProcess(url=url, process=process)
         except httpx.TransportError:
             if process.poll() is not None or time.monotonic() > deadline:

@@ -57,6 +57,8 @@ Behaviour is selected by substrings of the request's ``model`` (combine freely, 
                   do; with ``plain`` the body is text/plain, with ``errorfirst`` (streams) it
                   is a 200 whose first event is that error, with ``latefail`` (streams) the
                   answer starts and its fourth event is that error
+  sseframing      streams framed as some servers frame them: CRLF line ends, a comment before
+                  every event, and a blank line after every third event
 
 Run in the foreground:  python tests/fake_provider.py --port 9100
 """
@@ -221,6 +223,7 @@ class _Behaviour:
     cached: int = 0
     cache_write: int = 0
     tools: bool = False
+    sse_framing: bool = False
 
     @classmethod
     def from_model(cls, model: str) -> "_Behaviour":
@@ -246,6 +249,7 @@ class _Behaviour:
             cached=number("cached") or 0,
             cache_write=number("cachewrite") or 0,
             tools="tools" in model,
+            sse_framing="sseframing" in model,
         )
 
 
@@ -1247,6 +1251,11 @@ class FakeProvider:
             events = [_stream_error_event(api)]
         elif b.garbage:
             events = [*built.preamble, *built.content, *GARBAGE_EVENTS]
+        if b.sse_framing:
+            events = [
+                (": keep-alive\n\n" + event + ("\n" if i % 3 == 2 else "")).replace("\n", "\r\n")
+                for i, event in enumerate(events)
+            ]
         reply = _Reply(
             events=events,
             event_delay=self.chunk_delay_s if b.delay_s is None else b.delay_s,

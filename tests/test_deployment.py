@@ -261,3 +261,58 @@ def test_metrics_without_a_token_are_said_loudly_at_startup(gateway, gateway_con
     )
     assert "every scrape is refused" not in guarded
     assert "Metrics are PUBLIC" not in guarded
+
+
+# --- a worker's startup (otari/startup.py) ----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.postgres  # the hot path's pool, opened at startup, is PostgreSQL's
+def test_a_worker_warms_up_before_its_first_request(gateway, gateway_config_file, tmp_path):
+    """Served with --lifespan on, as the README says, a worker does at startup what its
+    first request would otherwise pay for, and then serves that request like any other."""
+    user = make_user(user_id="warm")
+    _, secret = make_key(user)
+    set_price("openai:gpt-4o-mini", "0.15", "0.60")
+    log_path = tmp_path / "warm.log"
+    server = start_server_process(gateway_config_file, log_path=log_path, lifespan="on")
+    try:
+        started = log_path.read_text()
+        assert "worker ready in" in started
+        assert "warm-up step" not in started
+        response = httpx.post(
+            server.url + "/v1/chat/completions",
+            json=CHAT,
+            headers={"Authorization": f"Bearer {secret}"},
+            timeout=30,
+        )
+    finally:
+        server.kill()
+    assert response.status_code == 200, response.text
+    assert UsageLog.objects.get(user=user).status == "success"
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_worker_starts_when_its_warm_up_cannot_reach_the_database(
+    gateway, gateway_config_file, tmp_path
+):
+    """A database that is down at startup is a warm-up step skipped, not a worker that
+    never starts: it answers its liveness probe and says what it skipped."""
+    log_path = tmp_path / "cold.log"
+    server = start_server_process(
+        gateway_config_file,
+        log_path=log_path,
+        lifespan="on",
+        probe="/health/liveness",
+        DATABASE_URL="postgres://postgres@127.0.0.1:9/otari_nowhere",
+        OTARI_DB_TIMEOUT_SECONDS="0.5",
+    )
+    try:
+        live = httpx.get(server.url + "/health/liveness", timeout=10)
+    finally:
+        server.kill()
+    assert live.status_code == 200
+    started = log_path.read_text()
+    assert "warm-up step database failed; the first requests will do it" in started
+    assert "worker ready in" in started

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from django.conf import settings
 
 from common.exceptions import BadRequest
+from llm_proxy.pipeline.sse import PassThroughCodec
 from usage.pricing import TokenUsage
 
 if TYPE_CHECKING:
@@ -40,17 +41,16 @@ def usage_cached_inside(usage: Any, *, input_field: str, output_field: str) -> T
     )
 
 
-class CodecState:
+class CodecState(PassThroughCodec):
     """The state a stream codec keeps for the relay (pipeline.sse.StreamCodec), and what
-    an error event from the upstream does to it."""
+    an error event from the upstream does to it. The stream is forwarded as it came
+    (pipeline.sse.PassThroughCodec)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.usage: TokenUsage | None = None
         self.finished = False
         self.failed = False
-        # The data of the content events delivered, as bytes: parsed only if the stream
-        # breaks and what it delivered must be priced.
-        self._deltas: list[bytes] = []
 
     def _upstream_failed(self) -> bytes:
         """The upstream reported a failure inside its stream: the stream broke, whatever
@@ -60,13 +60,13 @@ class CodecState:
         return b""
 
 
-def delta_members(events_data: list[bytes]) -> Iterator[Any]:
-    """The `delta` member of each kept event (its data); data that is not a JSON object
-    is skipped. Codecs keep content deltas as bytes and parse them only here, when a
-    stream broke and what it delivered must be priced."""
-    for data in events_data:
+def delta_members(events: list[SSEEvent]) -> Iterator[Any]:
+    """The `delta` member of each event's data; data that is not a JSON object is
+    skipped. Codecs parse delivered deltas only here, when a stream broke and what it
+    delivered must be priced."""
+    for event in events:
         try:
-            yield json.loads(data).get("delta")
+            yield json.loads(event.data).get("delta")
         except (ValueError, AttributeError):
             continue
 

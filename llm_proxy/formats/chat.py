@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -14,7 +13,7 @@ from llm_proxy.formats.base import (
     text_length,
     usage_cached_inside,
 )
-from llm_proxy.pipeline.sse import SSEEvent, format_event
+from llm_proxy.pipeline.sse import PassThroughCodec, SSEEvent, format_event
 from usage.pricing import TokenUsage
 
 # Cheap byte-level checks, so that only the chunks that matter are parsed as JSON.
@@ -23,6 +22,9 @@ _FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
 _DONE = b"[DONE]"
 _DONE_EVENT = b"data: [DONE]\n\n"
 _ERROR = re.compile(rb'\s*\{\s*"error"\s*:')
+# What a chat stream's codec reads event by event: [DONE], an error object, a usage
+# object (every chunk of a stream with usage carries `"usage":null` until the last).
+_SPECIAL = re.compile(rb'\[DONE\]|"error"\s*:|"usage"\s*:\s*\{|' + PassThroughCodec.FRAMING)
 
 
 def usage_from_chat(usage: Any) -> TokenUsage | None:
@@ -157,6 +159,7 @@ class ChatStreamCodec(CodecState):
     """
 
     keepalive = b": keepalive\n\n"
+    special = _SPECIAL
 
     def __init__(self, *, include_usage: bool) -> None:
         super().__init__()
@@ -169,6 +172,10 @@ class ChatStreamCodec(CodecState):
         if self.failed:
             return False
         return self.finished or self._saw_finish_reason or self.usage is not None
+
+    def forwarded(self, events: bytes) -> None:
+        if not self._saw_finish_reason and _FINISH.search(events):
+            self._saw_finish_reason = True
 
     def transform(self, event: SSEEvent) -> bytes:
         data = event.data
@@ -188,8 +195,7 @@ class ChatStreamCodec(CodecState):
                 if chunk.get("choices") == []:
                     self._usage_chunk = event.raw
                     return b""
-        self._deltas.append(data)
-        return event.raw
+        return self.deliver(event)
 
     def closing(self) -> bytes:
         return (self._usage_chunk if self.include_usage else b"") + _DONE_EVENT
@@ -204,12 +210,9 @@ class ChatStreamCodec(CodecState):
 
     def output_chars(self) -> int:
         total = 0
-        for data in self._deltas:
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                continue
-            for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
+        for event in self.delivered_events():
+            chunk = event.json()
+            for choice in chunk.get("choices") or () if chunk is not None else ():
                 if isinstance(choice, dict):
                     total += _message_output_chars(choice.get("delta"))
         return total

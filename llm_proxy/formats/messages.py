@@ -15,7 +15,7 @@ from llm_proxy.formats.base import (
     require,
     require_output_cap,
 )
-from llm_proxy.pipeline.sse import SSEEvent, event_type, format_event
+from llm_proxy.pipeline.sse import PassThroughCodec, SSEEvent, event_type, format_event
 from usage.pricing import TokenUsage
 
 # Content block types of the Messages API. Anything else is refused here rather than
@@ -53,6 +53,11 @@ ERROR_EVENT = format_event(
 PING = format_event({"type": "ping"}, "ping")
 MESSAGE_STOP = format_event({"type": "message_stop"}, "message_stop")
 _TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
+# What a messages stream's codec reads event by event: the message_* events (usage, the
+# stop) and errors, by their `event:` line or their data's type.
+_SPECIAL = re.compile(
+    rb'message_(?:start|delta|stop)|event:\s*error|"type"\s*:\s*"error"|' + PassThroughCodec.FRAMING
+)
 
 
 def usage_from_messages(usage: Any) -> TokenUsage | None:
@@ -288,6 +293,7 @@ class MessagesStreamCodec(CodecState):
     """
 
     keepalive = PING
+    special = _SPECIAL
 
     def __init__(self) -> None:
         super().__init__()
@@ -301,9 +307,7 @@ class MessagesStreamCodec(CodecState):
 
     def transform(self, event: SSEEvent) -> bytes:
         name = event_type(event, _TYPE)
-        if name == "content_block_delta":
-            self._deltas.append(event.data)
-        elif name == "message_start":
+        if name == "message_start":
             data = event.json() or {}
             message = data.get("message")
             if isinstance(message, dict):
@@ -325,7 +329,7 @@ class MessagesStreamCodec(CodecState):
             return b""
         elif name == "error":
             return self._upstream_failed()
-        return event.raw
+        return self.deliver(event)
 
     def closing(self) -> bytes:
         return self._final_delta + self._terminal
@@ -334,9 +338,15 @@ class MessagesStreamCodec(CodecState):
         return ERROR_EVENT
 
     def output_chars(self) -> int:
+        deltas = [
+            event
+            for event in self.delivered_events()
+            if event_type(event, _TYPE) == "content_block_delta"
+        ]
         total = 0
-        for member in delta_members(self._deltas):
-            delta = member or {}
+        for delta in delta_members(deltas):
+            if not isinstance(delta, dict):
+                continue
             for key in ("text", "partial_json", "thinking"):
                 if isinstance(delta.get(key), str):
                     total += len(delta[key])

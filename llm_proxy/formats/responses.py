@@ -13,7 +13,7 @@ from llm_proxy.formats.base import (
     require_output_cap,
     usage_cached_inside,
 )
-from llm_proxy.pipeline.sse import SSEEvent, event_type, format_event
+from llm_proxy.pipeline.sse import PassThroughCodec, SSEEvent, event_type, format_event
 from usage.pricing import TokenUsage
 
 KEEPALIVE = b": keepalive\n\n"
@@ -29,6 +29,12 @@ _DELTA_EVENTS = frozenset(
     }
 )
 _TYPE = re.compile(rb'"type"\s*:\s*"([a-z_.]+)"')
+# What a responses stream's codec reads event by event: the terminal events (usage) and
+# errors, by their `event:` line or their data's type.
+_SPECIAL = re.compile(
+    rb"response\.(?:completed|incomplete|failed)|event:\s*error|"
+    rb'"type"\s*:\s*"error"|' + PassThroughCodec.FRAMING
+)
 
 
 _SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
@@ -207,22 +213,26 @@ class ResponsesStreamCodec(CodecState):
     """
 
     keepalive = KEEPALIVE
+    special = _SPECIAL
 
     def __init__(self) -> None:
         super().__init__()
         self._terminal = b""
+        # The last event seen (its sequence number numbers the error event).
         self._last = b""
 
     @property
     def complete(self) -> bool:
         return self.finished and not self.failed
 
+    def forwarded(self, events: bytes) -> None:
+        boundary = events.rfind(b"\n\n", 0, -2)
+        self._last = events[boundary + 2 :] if boundary >= 0 else events
+
     def transform(self, event: SSEEvent) -> bytes:
         name = event_type(event, _TYPE)
-        self._last = event.data
-        if name in _DELTA_EVENTS:
-            self._deltas.append(event.data)
-        elif name in TERMINAL_EVENTS or name == "response.failed":
+        self._last = event.raw
+        if name in TERMINAL_EVENTS or name == "response.failed":
             data = event.json() or {}
             response = data.get("response")
             if isinstance(response, dict):
@@ -236,7 +246,7 @@ class ResponsesStreamCodec(CodecState):
             return b""
         elif name == "error":
             return self._upstream_failed()
-        return event.raw
+        return self.deliver(event)
 
     def closing(self) -> bytes:
         return self._terminal
@@ -246,4 +256,7 @@ class ResponsesStreamCodec(CodecState):
         return error_event(int(match.group(1)) + 1 if match else 0)
 
     def output_chars(self) -> int:
-        return sum(len(delta) for delta in delta_members(self._deltas) if isinstance(delta, str))
+        deltas = [
+            event for event in self.delivered_events() if event_type(event, _TYPE) in _DELTA_EVENTS
+        ]
+        return sum(len(delta) for delta in delta_members(deltas) if isinstance(delta, str))

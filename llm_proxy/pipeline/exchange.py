@@ -485,7 +485,9 @@ class Exchange:
             await self.settle(estimated, error_message=message)
 
     async def settle_stream(self, codec: StreamCodec) -> None:
-        await self.settle_complete(codec.usage, codec.output_chars())
+        # What was delivered is counted (its events parsed) only when it is priced.
+        usage = codec.usage
+        await self.settle_complete(usage, codec.output_chars() if usage is None else 0)
 
     async def settle_broken_stream(self, codec: StreamCodec) -> None:
         provider = self.attempt.provider_name

@@ -14,7 +14,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from llm_proxy.pipeline.sse import SSEEvent, StreamCodec
+    from llm_proxy.pipeline.sse import StreamCodec
 
 _MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 
@@ -36,8 +36,8 @@ class RenamingCodec:
     def __getattr__(self, attribute: str) -> Any:
         return getattr(self._codec, attribute)
 
-    def transform(self, event: SSEEvent) -> bytes:
-        return renamed(self._codec.transform(event), self._name)
+    def feed(self, chunk: bytes) -> bytes:
+        return renamed(self._codec.feed(chunk), self._name)
 
     def closing(self) -> bytes:
         return renamed(self._codec.closing(), self._name)

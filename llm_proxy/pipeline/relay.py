@@ -26,7 +26,7 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from llm_proxy.pipeline.naming import RenamingCodec
-from llm_proxy.pipeline.sse import EventSplitter, IncompleteStream, SSEEvent, with_summary
+from llm_proxy.pipeline.sse import IncompleteStream, with_summary
 
 if TYPE_CHECKING:
     from llm_proxy.pipeline.exchange import Exchange
@@ -91,23 +91,19 @@ async def relay(
     keepalive_s: float,
 ) -> AsyncIterator[bytes]:
     """The response body of a committed stream. See the module docstring."""
-    splitter = EventSplitter()
-    garbage = _GarbageFilter(exchange)
+    reader = UpstreamReader(chunks, keepalive_s)
     try:
         try:
-            out = b"".join(codec.transform(e) for e in garbage.drop(splitter.feed(first_chunk)))
+            out = codec.feed(first_chunk)
             if out:
                 yield out
-            if not codec.finished:
-                async for chunk in with_keepalive(chunks, keepalive_s):
-                    if chunk is KEEPALIVE_TICK:
-                        yield codec.keepalive
-                        continue
-                    out = b"".join(codec.transform(e) for e in garbage.drop(splitter.feed(chunk)))
-                    if out:
-                        yield out
-                    if codec.finished:
-                        break
+            while not codec.finished:
+                chunk = await reader.read()
+                if chunk is None:
+                    break
+                out = codec.keepalive if chunk is KEEPALIVE_TICK else codec.feed(chunk)
+                if out:
+                    yield out
             if not codec.complete:
                 raise IncompleteStream
         except Exception as exc:
@@ -133,44 +129,8 @@ async def relay(
         await exchange.settle_disconnected(codec)
         raise
     finally:
+        await reader.aclose()
         await upstream.aclose()
-
-
-class _GarbageFilter:
-    """Drops the upstream's events that are no event of any API relayed: every one
-    carries a JSON object (chat's `[DONE]` aside). A broken server or proxy can send
-    anything (broken JSON, bytes that are not UTF-8, lines with no field); passed through,
-    they would break the client's SDK mid-answer. Checked by shape, not parsed: the relay
-    parses only the events that carry usage (the hot path)."""
-
-    def __init__(self, exchange: Exchange) -> None:
-        self.exchange = exchange
-        self.dropped = 0
-
-    def drop(self, events: list[SSEEvent]) -> list[SSEEvent]:
-        kept = [event for event in events if _well_formed(event.data)]
-        if len(kept) < len(events):
-            if not self.dropped:
-                logger.warning(
-                    "request %s: the provider sent data that is no event; dropped",
-                    self.exchange.request_id,
-                )
-            self.dropped += len(events) - len(kept)
-        return kept
-
-
-def _well_formed(data: bytes) -> bool:
-    if data == b"[DONE]":
-        return True
-    if data[:1] != b"{" or data.rstrip()[-1:] != b"}":
-        return False
-    if data.isascii():
-        return True
-    try:
-        data.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 class _Tick:
@@ -179,28 +139,97 @@ class _Tick:
 
 KEEPALIVE_TICK = _Tick()
 
+# Bytes read ahead of the client at most: past this the reader waits for the relay.
+READ_AHEAD_BYTES = 256 * 1024
 
-async def with_keepalive(
-    chunks: AsyncIterator[bytes], interval_s: float
-) -> AsyncIterator[bytes | _Tick]:
-    """Yield the upstream's chunks, and a tick whenever it is silent for `interval_s`.
 
-    The pending read is never cancelled by a tick (that would break the upstream
-    stream); it is awaited again. Interval 0 turns keepalives off.
+class UpstreamReader:
+    """Reads the upstream's chunks in a task of its own, for the relay.
+
+    - Keepalives: the relay waits for data with a timer, and a tick of the timer never
+      cancels the pending read (that would break the upstream stream).
+    - Chunks that arrived together go out together: the reader takes every chunk
+      already received before the relay runs again, so a burst of events (a provider
+      that sends faster than the network delivers, or several events per packet) costs
+      the relay one pass of the codec and the client one write, not one per event. The
+      first chunk still goes out alone and at once, and a chunk is never held back
+      waiting for another.
     """
-    if interval_s <= 0:
-        async for chunk in chunks:
-            yield chunk
-        return
-    while True:
-        step = asyncio.ensure_future(anext(chunks))
+
+    def __init__(self, chunks: AsyncIterator[bytes], keepalive_s: float) -> None:
+        self._chunks = chunks
+        self._keepalive_s = keepalive_s
+        self._loop = asyncio.get_running_loop()
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._error: Exception | None = None
+        self._ended = False
+        # The relay waiting for data, and the reader waiting for the relay to take some.
+        self._waiter: asyncio.Future | None = None
+        self._room: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
         try:
-            while not (await asyncio.wait({step}, timeout=interval_s))[0]:
-                yield KEEPALIVE_TICK
+            async for chunk in self._chunks:
+                self._buffer.append(chunk)
+                self._buffered += len(chunk)
+                self._wake()
+                if self._buffered >= READ_AHEAD_BYTES:
+                    self._room = self._loop.create_future()
+                    await self._room
+        except Exception as exc:
+            self._error = exc
         finally:
-            if not step.done():
-                step.cancel()
-        try:
-            yield step.result()
-        except StopAsyncIteration:
-            return
+            self._ended = True
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> bytes | _Tick | None:
+        """What arrived since the last read, all of it, waiting for it if need be;
+        KEEPALIVE_TICK when the provider stayed silent for the keepalive interval; None
+        at the end of the stream. A failed read raises here."""
+        if self._task is None:
+            self._task = self._loop.create_task(self._run())
+        if not self._buffer and not self._ended:
+            waiter = self._waiter = self._loop.create_future()
+            timer = (
+                self._loop.call_later(self._keepalive_s, _tick, waiter)
+                if self._keepalive_s > 0
+                else None
+            )
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if waiter.result() is KEEPALIVE_TICK:
+                return KEEPALIVE_TICK
+        if self._buffer:
+            data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            if self._room is not None and not self._room.done():
+                self._room.set_result(None)
+            return data
+        if self._error is not None:
+            raise self._error
+        return None
+
+    async def aclose(self) -> None:
+        """Stop reading (the relay is done, or the client went away)."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            # Waited for, so that the upstream is closed after the read let go of it;
+            # asyncio.wait, unlike awaiting the task, lets a cancellation of our own through.
+            await asyncio.wait({task})
+
+
+def _tick(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(KEEPALIVE_TICK)

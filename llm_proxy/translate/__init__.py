@@ -17,6 +17,7 @@ from django.conf import settings
 from common.exceptions import BadRequest
 from llm_proxy.formats import FORMATS
 from llm_proxy.formats.chat import usage_requested
+from llm_proxy.pipeline.sse import EventSplitter
 from llm_proxy.translate import chat, converse, gemini, messages, responses
 from llm_proxy.translate.ir import API_TITLES, TranslationError
 
@@ -113,6 +114,7 @@ class TranslatingCodec:
         self.decoder = decoder
         self.encoder = encoder
         self.keepalive = encoder.keepalive
+        self._splitter = EventSplitter()
 
     @property
     def usage(self) -> TokenUsage | None:
@@ -125,6 +127,10 @@ class TranslatingCodec:
     @property
     def complete(self) -> bool:
         return self.decoder.complete
+
+    def feed(self, chunk: bytes) -> bytes:
+        # Translation reads every event: each is parsed and written anew.
+        return b"".join(self.transform(event) for event in self._splitter.feed(chunk))
 
     def transform(self, event: SSEEvent) -> bytes:
         return self.decoder.feed(event, self.encoder)

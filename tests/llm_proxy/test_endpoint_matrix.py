@@ -10,6 +10,7 @@ provider, chat and responses on an anthropic one).
 
 from __future__ import annotations
 
+import json
 import math
 from decimal import Decimal
 
@@ -27,6 +28,7 @@ from tests.llm_proxy.apis import (
     PROMPT,
     body_for,
     error_shape_ok,
+    sse_events,
     stream_error,
     text_of,
 )
@@ -263,4 +265,60 @@ def test_a_stream_that_opens_with_an_error_is_refunded(gateway, carol, api, kind
     assert Hold.objects.get().status == Hold.Status.REFUNDED
     user.refresh_from_db()
     assert (user.spend_usd, user.reserved_usd) == (0, 0)
+    assert_books_balance(user)
+
+
+# The instance kind that speaks each API natively: its stream is passed through.
+NATIVE = {"chat": "openai", "messages": "anthropic", "responses": "openai"}
+
+
+def _stream_seen(api: str, text: str) -> tuple[list[str | None], str]:
+    """What a client reads from a stream: its events' types, and the answer's text."""
+    kinds, answer = [], ""
+    for name, data in sse_events(text):
+        if data == "[DONE]":
+            kinds.append("[DONE]")
+            continue
+        event = json.loads(data)
+        kinds.append(name or event.get("object"))
+        if api == "chat":
+            for choice in event.get("choices") or ():
+                answer += choice["delta"].get("content") or ""
+        elif name in ("content_block_delta", "response.output_text.delta"):
+            delta = event["delta"]
+            answer += delta if isinstance(delta, str) else delta.get("text", "")
+    return kinds, answer
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_passed_through_stream_is_the_same_whatever_its_framing(gateway, carol, api):
+    """A native stream goes to the client as the provider sent it, read only for its usage
+    and its end (llm_proxy/pipeline/sse.py PassThroughCodec). CRLF line ends, comments and
+    blank lines between events, as some servers send them, change nothing the client
+    reads or pays, whether the stream ends or breaks off: comments are not forwarded, and
+    a broken stream is charged the text it delivered."""
+    user, secret = carol
+    seen = {}
+    for framing in ("", "-sseframing"):
+        for ending in ("", "-dropafter-4"):
+            model = f"{NATIVE[api]}:m-chunks-9{ending}{framing}"
+            set_price(model, "0.15", "0.60")
+            response = gateway.post(PATHS[api], secret, body_for(api, model, stream=True))
+            assert response.status_code == 200
+            assert "\r" not in response.text
+            assert not [line for line in response.text.split("\n") if line.startswith(":")]
+            row = UsageLog.objects.get(model=model.split(":", 1)[1])
+            seen[framing, ending] = (
+                _stream_seen(api, response.text),
+                (row.status, row.status_code, row.completion_tokens, row.cost_usd),
+            )
+    assert seen["-sseframing", ""] == seen["", ""]
+    assert seen["-sseframing", "-dropafter-4"] == seen["", "-dropafter-4"]
+    (_, answer), (status, _, completion, _) = seen["", ""]
+    assert (answer, status, completion) == ("".join(WORDS[:9]), "success", 9)
+    (_, answer), (status, code, completion, charged) = seen["", "-dropafter-4"]
+    assert (answer, status, code) == ("".join(WORDS[:4]), "error", 502)
+    # Charged what was delivered: the prompt estimate and the text sent, 4 characters a token.
+    delivered = math.ceil(len("".join(WORDS[:4])) / 4)
+    assert (completion, charged) == (delivered, cost(PROMPT_TOKENS, delivered))
     assert_books_balance(user)
