@@ -170,8 +170,9 @@ WHITENOISE_USE_FINDERS = True
 warnings.filterwarnings("ignore", message="No directory at: ")
 
 # Generation requests carry whole conversations (and base64 images): allow large bodies,
-# but bounded. An oversized body is a 413 in the API's own error shape.
-DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("OTARI_MAX_REQUEST_BYTES", default=20 * 1024 * 1024)
+# but bounded (10 MiB by default; a deployment that sends many large images raises it).
+# An oversized body is a 413 in the API's own error shape, before it is read.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("OTARI_MAX_REQUEST_BYTES", default=10 * 1024 * 1024)
 
 # --- Money ----------------------------------------------------------------------------------
 # One definition of a money column for the whole project. Twelve integer digits hold the
