@@ -168,12 +168,13 @@ CROSS JOIN LATERAL (
     SELECT {_CALLER_MONEY} FROM budgets_gatewayuser u WHERE u.user_id = cfg.user_id
 ) m
 """
-# For ADMIT_CHECKED: the fingerprint of the key's caller now (%(fp_key_id)s, the model
-# %(model_key)s, prices in effect at %(now)s); no row when the key is gone.
+# For ADMIT_CHECKED: the fingerprint of the caller of the key %(key_hash)s now (the model
+# %(model_key)s, prices in effect at %(now)s); no row when no key has that secret any
+# more (deleted, or rotated: found by its hash, as the load finds it, not by its id).
 KEY_CALLER_FINGERPRINT_SQL = f"""
 SELECT {_KEY_CALLER_FINGERPRINT} FROM (
     SELECT {_USER_CONFIG}, {_KEY_CONFIG} {_KEY_CALLER_FROM}
-    WHERE k.id = %(fp_key_id)s
+    WHERE k.key_hash = %(key_hash)s
 ) cfg
 """
 _CALLER_BY_USER_SQL = f"""

@@ -90,19 +90,21 @@ def _keep(key_hash: str, model_key: str, caller: Caller, now: datetime) -> None:
     _kept[key_hash, model_key] = caller
 
 
-def kept_caller(*, credential: str, model_key: str, now: datetime) -> Caller | None:
-    """The kept caller of a `gw-` key for this model, when it may still be current: its
-    key not past its expiry, its period not ended (ADMIT_CHECKED verifies the rest)."""
+def kept_caller(*, credential: str, model_key: str, now: datetime) -> tuple[Caller, str] | None:
+    """The kept caller of a `gw-` key for this model and the key's hash, when it may still
+    be current: its key not past its expiry, its period not ended (ADMIT_CHECKED, given
+    the hash, verifies the rest)."""
     if not credential.startswith(keys.API_KEY_PREFIX):
         return None
-    caller = _kept.get((keys.secret_hash(credential), model_key))
+    key_hash = keys.secret_hash(credential)
+    caller = _kept.get((key_hash, model_key))
     if caller is None:
         return None
     if caller.key_expires_at is not None and caller.key_expires_at <= now:
         return None
     if not rules.period_current(caller.next_budget_reset_at, now):
         return None
-    return caller
+    return caller, key_hash
 
 
 async def is_platform_user_token(credential: str) -> bool:

@@ -437,7 +437,7 @@ async def hold_open_async(
 async def hold_open_checked(
     *,
     fingerprint: str,
-    api_key_id: uuid.UUID,
+    key_hash: str,
     user_id: str,
     request_id: uuid.UUID,
     amount_usd: Decimal,
@@ -461,7 +461,7 @@ async def hold_open_checked(
         now=now,
     )
     row = await pgpool.fetchone(
-        _ADMIT_CHECKED_SQL, {**params, "fingerprint": fingerprint, "fp_key_id": api_key_id}
+        _ADMIT_CHECKED_SQL, {**params, "fingerprint": fingerprint, "key_hash": key_hash}
     )
     if row is None:
         raise CallerUnverified

@@ -31,7 +31,13 @@ from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, 
 from budgets.rest import credential_from_headers
 from budgets.selectors import rates_current
 from budgets.services import holds
-from common.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
+from common.exceptions import (
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServiceUnavailable,
+)
 from common.rest_json import all_strings
 from llm_proxy import platform, ratelimit, routing
 from llm_proxy.auth import (
@@ -229,9 +235,10 @@ async def _admit_kept(
     if not holds.caller_reuse_enabled():
         return None
     model_key = f"{provider.name}:{model}"
-    caller = kept_caller(credential=credential, model_key=model_key, now=now)
-    if caller is None:
+    kept = kept_caller(credential=credential, model_key=model_key, now=now)
+    if kept is None:
         return None
+    caller, key_hash = kept
     attempt = Attempt(
         provider=provider,
         provider_name=provider.name,
@@ -248,8 +255,11 @@ async def _admit_kept(
             caller=caller, provider=provider, model=model, model_key=model_key, now=now
         )
         return await _admit_caller(
-            caller, fmt, body, [attempt], request_id, started, now, kept=True
+            caller, fmt, body, [attempt], request_id, started, now, kept=key_hash
         )
+    except ServiceUnavailable:
+        # The database, not the caller: answered as any request's outage is.
+        raise
     except (GatewayError, holds.CallerUnverified):
         return None
 
@@ -416,7 +426,7 @@ async def _admit_caller(
     platform_request_id: str | None = None,
     *,
     hold_first: bool = False,
-    kept: bool = False,
+    kept: str | None = None,
 ) -> Exchange:
     """The admission checks of §3.3, in order, and the hold.
 
@@ -428,10 +438,10 @@ async def _admit_caller(
     attempt that serves. The platform prices
     and bills its own attempts: `require_pricing` is for local providers.
 
-    A `kept` caller (_admit_kept) is not fitted to its loaded money, which may be out of
-    date: its hold is the full estimate, taken by ADMIT_CHECKED; when that fits the
-    locked row, fitting would have changed nothing, and when it does not, the request
-    is admitted again from a fresh load and fitted there.
+    A `kept` caller (_admit_kept; `kept` is its key's hash) is not fitted to its loaded
+    money, which may be out of date: its hold is the full estimate, taken by
+    ADMIT_CHECKED; when that fits the locked row, fitting would have changed nothing, and
+    when it does not, the request is admitted again from a fresh load and fitted there.
     """
     if caller.blocked:
         raise UserBlocked
@@ -455,9 +465,9 @@ async def _admit_caller(
     # Free models and keys excluded from budget take no hold and are never refused for
     # money (docs/SPEC.md §1, §3.3).
     takes_hold = any(not rates.is_free for rates in priced) and not caller.exclude_from_budget
-    if kept and not takes_hold:
+    if kept is not None and not takes_hold:
         raise holds.CallerUnverified
-    fitted = budget.fit_max_output(ask, body, state) if takes_hold and not kept else None
+    fitted = budget.fit_max_output(ask, body, state) if takes_hold and kept is None else None
     if fitted is not None:
         body = {**body, fmt.max_output_fields[0]: fitted}
         ask = budget.Ask(fmt, prompt_chars, fitted, held_for)
@@ -477,7 +487,7 @@ async def _admit_caller(
         try:
             state = await _hold_open(
                 rate,
-                kept=caller if kept else None,
+                kept=(caller, kept) if kept is not None else None,
                 user_id=caller.user_id,
                 request_id=request_id,
                 amount_usd=estimate,
@@ -512,15 +522,18 @@ async def _admit_caller(
     )
 
 
-async def _hold_open(rate: RateAdmission | None, kept: Caller | None, **hold: Any) -> BudgetState:
-    """`hold_open_async` (`hold_open_checked` for a kept caller); a refusal gives the rate
-    limiter back the request's tokens (it used none) and still shows the caller its rate
-    limits."""
+async def _hold_open(
+    rate: RateAdmission | None, kept: tuple[Caller, str] | None, **hold: Any
+) -> BudgetState:
+    """`hold_open_async` (`hold_open_checked` for a kept caller and its key's hash); a
+    refusal gives the rate limiter back the request's tokens (it used none) and still
+    shows the caller its rate limits."""
     if kept is not None:
-        if kept.fingerprint is None or kept.api_key_id is None:
+        caller, key_hash = kept
+        if caller.fingerprint is None:
             raise holds.CallerUnverified
         return await holds.hold_open_checked(
-            fingerprint=kept.fingerprint, api_key_id=kept.api_key_id, **hold
+            fingerprint=caller.fingerprint, key_hash=key_hash, **hold
         )
     try:
         return await holds.hold_open_async(**hold)

@@ -128,6 +128,17 @@ def test_a_refusing_change_counts_from_the_next_request(
     assert Hold.objects.count() == holds_before
 
 
+def test_a_rotated_keys_old_secret_is_refused_from_the_next_request(other_process, admin, carol):
+    _user, key, secret = carol
+    warm(other_process, secret)
+
+    rotated = admin.post(f"/v1/keys/{key.pk}/rotate")
+    assert rotated.is_success
+
+    refused(chat(other_process, secret), 401, "invalid_api_key")
+    assert chat(other_process, rotated.json()["key"]).status_code == 200
+
+
 def test_a_rate_limit_counts_from_the_next_request(other_process, admin, carol, redis_url):
     _user, key, secret = carol
     warm(other_process, secret)
