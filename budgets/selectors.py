@@ -87,6 +87,9 @@ class Caller:
     user_tpm_limit: int | None = None
     key_rpm_limit: int | None = None
     key_tpm_limit: int | None = None
+    # The configuration's fingerprint (a key's caller on PostgreSQL, see
+    # KEY_CALLER_FINGERPRINT_SQL); None when it cannot be reused.
+    fingerprint: str | None = None
 
     @property
     def has_rate_limits(self) -> bool:
@@ -120,9 +123,16 @@ class Caller:
         return rules.limit_usd(self.max_budget_usd, self.topup_usd, self.topup_expires_at, now)
 
 
-_CALLER_COLUMNS = f"""
+# What the caller load reads, in two parts: the configuration (who the caller is and what
+# it may do, the budget's cap, the model's price) and the user's money, which changes on
+# every request. The configuration's fingerprint lets a gateway process reuse a key's
+# caller across requests: ADMIT recomputes it from the current rows and takes nothing
+# when it differs (budgets.services.holds, ADMIT_CHECKED), so a change to any of these
+# columns counts from the next request on. A column read here is configuration unless
+# it is money.
+_USER_CONFIG = f"""
     u.user_id, u.blocked, u.deleted_at, u.allowed_models AS user_allowed_models,
-    u.budget_id, b.max_budget_usd, u.spend_usd, u.reserved_usd, u.next_budget_reset_at,
+    u.budget_id, b.max_budget_usd, u.next_budget_reset_at,
     u.topup_usd, u.topup_expires_at,
     CASE WHEN {rules.ALERTS_ENABLED_SQL} THEN b.alert_thresholds_pct END
         AS alert_thresholds_pct,
@@ -130,24 +140,45 @@ _CALLER_COLUMNS = f"""
     p.input_price_per_mtok_usd, p.output_price_per_mtok_usd,
     p.cache_read_price_per_mtok_usd, p.cache_write_price_per_mtok_usd, p.origin AS price_origin
 """
+_KEY_CONFIG = """
+    k.id AS api_key_id, k.is_active, k.expires_at AS key_expires_at,
+    k.allowed_models AS key_allowed_models, k.exclude_from_budget,
+    k.rpm_limit AS key_rpm_limit, k.tpm_limit AS key_tpm_limit,
+    COALESCE(k.workspace_id, dw.id) AS workspace_id
+"""
+_CALLER_MONEY = "u.spend_usd, u.reserved_usd"
 _PRICE_JOIN = f"""
     LEFT JOIN budgets_budget b ON b.budget_id = u.budget_id
     LEFT JOIN budgets_workspace dw ON dw.id = '{DEFAULT_WORKSPACE_ID}'
     LEFT JOIN LATERAL ({price_at_sql()}) p ON TRUE
 """
-_CALLER_BY_KEY_SQL = f"""
-SELECT {_CALLER_COLUMNS},
-       k.id AS api_key_id, k.is_active, k.expires_at AS key_expires_at,
-       k.allowed_models AS key_allowed_models, k.exclude_from_budget,
-       k.rpm_limit AS key_rpm_limit, k.tpm_limit AS key_tpm_limit,
-       COALESCE(k.workspace_id, dw.id) AS workspace_id
+_KEY_CALLER_FROM = f"""
 FROM budgets_apikey k
 JOIN budgets_gatewayuser u ON u.user_id = k.user_id
 {_PRICE_JOIN}
-WHERE k.key_hash = %(key_hash)s
+"""
+# The configuration's fingerprint: a digest of its columns' text, as this statement and
+# ADMIT_CHECKED both compute it on the same pool (one session time zone).
+_KEY_CALLER_FINGERPRINT = "md5(ROW(cfg.*)::text)"
+_CALLER_BY_KEY_SQL = f"""
+SELECT cfg.*, {_KEY_CALLER_FINGERPRINT} AS fingerprint, m.*
+FROM (SELECT {_USER_CONFIG}, {_KEY_CONFIG} {_KEY_CALLER_FROM}
+      WHERE k.key_hash = %(key_hash)s) cfg
+CROSS JOIN LATERAL (
+    SELECT {_CALLER_MONEY} FROM budgets_gatewayuser u WHERE u.user_id = cfg.user_id
+) m
+"""
+# For ADMIT_CHECKED: the fingerprint of the caller of the key %(key_hash)s now (the model
+# %(model_key)s, prices in effect at %(now)s); no row when no key has that secret any
+# more (deleted, or rotated: found by its hash, as the load finds it, not by its id).
+KEY_CALLER_FINGERPRINT_SQL = f"""
+SELECT {_KEY_CALLER_FINGERPRINT} FROM (
+    SELECT {_USER_CONFIG}, {_KEY_CONFIG} {_KEY_CALLER_FROM}
+    WHERE k.key_hash = %(key_hash)s
+) cfg
 """
 _CALLER_BY_USER_SQL = f"""
-SELECT {_CALLER_COLUMNS}, dw.id AS workspace_id
+SELECT {_USER_CONFIG}, {_CALLER_MONEY}, dw.id AS workspace_id
 FROM budgets_gatewayuser u
 {_PRICE_JOIN}
 WHERE u.user_id = %(user_id)s
@@ -196,6 +227,7 @@ def _caller_from_row(row: dict[str, Any]) -> Caller:
         key_rpm_limit=row.get("key_rpm_limit"),
         key_tpm_limit=row.get("key_tpm_limit"),
         workspace_id=row["workspace_id"],
+        fingerprint=row.get("fingerprint"),
     )
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 
+from budgets import rules
 from budgets.exceptions import (
     ExpiredAPIKey,
     InactiveAPIKey,
@@ -32,15 +33,16 @@ async def authenticate(
     what was wrong with the key, never the key.
     """
     if credential.startswith(keys.API_KEY_PREFIX):
-        caller = await _caller_load(
-            key_hash=keys.secret_hash(credential), model_key=model_key, now=now
-        )
+        key_hash = keys.secret_hash(credential)
+        _kept.pop((key_hash, model_key), None)
+        caller = await _caller_load(key_hash=key_hash, model_key=model_key, now=now)
         if caller is None:
             raise InvalidAPIKey
         if not caller.key_active or caller.deleted:
             raise InactiveAPIKey
         if caller.key_expires_at is not None and caller.key_expires_at <= now:
             raise ExpiredAPIKey
+        _keep(key_hash, model_key, caller, now)
         return caller
     if await sync_to_async(keys.master_key_matches)(credential):
         if named_user is None:
@@ -54,6 +56,55 @@ async def authenticate(
             raise UnknownUser
         return caller
     raise InvalidAPIKey
+
+
+# ---------------------------------------------------------------------------------------
+# Kept callers. A process keeps the caller of each (key, model) it served, so that the next
+# request of that key can skip the load and go straight to ADMIT_CHECKED, which takes the
+# hold only if the caller's configuration is still the kept one (its fingerprint,
+# budgets.selectors) and otherwise takes nothing: the request is then admitted again
+# from a fresh load (llm_proxy.pipeline.admission). The kept money (spend, reserved) is
+# not trusted for anything: ADMIT judges the locked row. Kept only for what ADMIT_CHECKED
+# can vouch for alone: a caller who would take a hold (priced, billed), with no rate
+# limits (the limiter counts before the hold, and could not be undone) and a current
+# period.
+
+_KEPT_MAX = 10_000
+_kept: dict[tuple[str, str], Caller] = {}
+
+
+def _keep(key_hash: str, model_key: str, caller: Caller, now: datetime) -> None:
+    if (
+        caller.fingerprint is None
+        or not model_key
+        or caller.blocked
+        or caller.exclude_from_budget
+        or caller.rates is None
+        or caller.rates.is_free
+        or caller.has_rate_limits
+        or not rules.period_current(caller.next_budget_reset_at, now)
+    ):
+        return
+    if len(_kept) >= _KEPT_MAX:
+        _kept.pop(next(iter(_kept)))
+    _kept[key_hash, model_key] = caller
+
+
+def kept_caller(*, credential: str, model_key: str, now: datetime) -> tuple[Caller, str] | None:
+    """The kept caller of a `gw-` key for this model and the key's hash, when it may still
+    be current: its key not past its expiry, its period not ended (ADMIT_CHECKED, given
+    the hash, verifies the rest)."""
+    if not credential.startswith(keys.API_KEY_PREFIX):
+        return None
+    key_hash = keys.secret_hash(credential)
+    caller = _kept.get((key_hash, model_key))
+    if caller is None:
+        return None
+    if caller.key_expires_at is not None and caller.key_expires_at <= now:
+        return None
+    if not rules.period_current(caller.next_budget_reset_at, now):
+        return None
+    return caller, key_hash
 
 
 async def is_platform_user_token(credential: str) -> bool:

@@ -213,6 +213,9 @@ OTARI_DB_TIMEOUT_SECONDS = env.float("OTARI_DB_TIMEOUT_SECONDS", default=0.5)
 # fast path). Off: every step takes the general path (row locks, then the same statement
 # in a transaction). For comparing the two and for diagnosis; both keep the books exact.
 OTARI_MONEY_FAST_PATH = env.bool("OTARI_MONEY_FAST_PATH", default=True)
+# A gateway process keeps each key's caller (configuration and price) and lets ADMIT verify
+# it instead of loading it per request (docs/ARCHITECTURE.md); false loads it every time.
+OTARI_CALLER_REUSE = env.bool("OTARI_CALLER_REUSE", default=True)
 
 # --- Platform mode (docs/SPEC.md §7, docs/PLATFORM.md) -------------------------------------------
 # Both set: platform user tokens are resolved per request and every attempt is reported.

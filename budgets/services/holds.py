@@ -302,6 +302,23 @@ def _admit_orm(p: dict[str, Any], _: UsageRecord | None) -> dict[str, Any] | Non
 
 ADMIT = Statement(_ADMIT_SQL, _admit_orm)
 
+# ADMIT for a caller a gateway process kept from an earlier request (llm_proxy.auth): it
+# also requires that the caller's configuration is still the one kept (its fingerprint,
+# budgets.selectors), recomputed from the current rows under the same statement, so that
+# a key revoked, a user blocked, a budget or a price changed since counts for this
+# request as if the caller had just been loaded. PostgreSQL only (the fast path).
+_ADMIT_CHECKED_SQL = _ADMIT_SQL.replace(
+    "AND NOT EXISTS (SELECT 1 FROM ceilings WHERE NOT ceilings.fits)",
+    "AND NOT EXISTS (SELECT 1 FROM ceilings WHERE NOT ceilings.fits)\n"
+    f"      AND ({selectors.KEY_CALLER_FINGERPRINT_SQL}) = %(fingerprint)s",
+)
+assert _ADMIT_CHECKED_SQL != _ADMIT_SQL  # noqa: S101 - the anchor above is in ADMIT
+
+
+class CallerUnverified(Exception):
+    """ADMIT_CHECKED took nothing: the kept caller changed, or the money does not fit (it
+    cannot tell which). The request is admitted again from a fresh load."""
+
 
 def _admit_params(
     *,
@@ -415,6 +432,45 @@ async def hold_open_async(
         provider=provider,
         now=now,
     )
+
+
+async def hold_open_checked(
+    *,
+    fingerprint: str,
+    key_hash: str,
+    user_id: str,
+    request_id: uuid.UUID,
+    amount_usd: Decimal,
+    limit_usd: Decimal | None,
+    model_key: str,
+    now: datetime,
+    scopes: Scopes,
+    provider: str,
+) -> BudgetState:
+    """`hold_open_async` for a kept caller: ADMIT_CHECKED alone, one round trip; raises
+    CallerUnverified when it took nothing (there is no general path to fall back on: the
+    caller itself may be out of date)."""
+    params = _admit_params(
+        user_id=user_id,
+        request_id=request_id,
+        amount_usd=amount_usd,
+        limit_usd=limit_usd,
+        model_key=model_key,
+        scopes=scopes,
+        provider=provider,
+        now=now,
+    )
+    row = await pgpool.fetchone(
+        _ADMIT_CHECKED_SQL, {**params, "fingerprint": fingerprint, "key_hash": key_hash}
+    )
+    if row is None:
+        raise CallerUnverified
+    return _state(row, limit_usd)
+
+
+def caller_reuse_enabled() -> bool:
+    """Whether the request path may keep callers across requests (ADMIT_CHECKED)."""
+    return _fast_path() and settings.OTARI_CALLER_REUSE
 
 
 # ---------------------------------------------------------------------------------------

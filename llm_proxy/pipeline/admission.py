@@ -31,13 +31,20 @@ from budgets.exceptions import BudgetExceeded, ModelNotAllowed, PricingMissing, 
 from budgets.rest import credential_from_headers
 from budgets.selectors import rates_current
 from budgets.services import holds
-from common.exceptions import BadRequest, GatewayError, PayloadTooLarge, PermissionDenied
+from common.exceptions import (
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServiceUnavailable,
+)
 from common.rest_json import STORABLE_MESSAGE, storable
 from llm_proxy import platform, ratelimit, routing
 from llm_proxy.auth import (
     authenticate,
     authenticate_platform_user,
     is_platform_user_token,
+    kept_caller,
     model_allowed,
 )
 from llm_proxy.pipeline import budget, pricing
@@ -171,6 +178,12 @@ async def _admit_local(
     except GatewayError as exc:
         refusal = exc
     now = timezone.now()
+    if refusal is None and provider is not None and target is not None:
+        exchange = await _admit_kept(
+            request, fmt, body, request_id, started, credential, provider, model, target, now
+        )
+        if exchange is not None:
+            return exchange
     caller = await authenticate(
         credential=credential, named_user=fmt.named_user(body), model_key=model_key, now=now
     )
@@ -201,6 +214,57 @@ async def _admit_local(
         model = model or str(body.get("model") or "")[:255]
         await refusal_close(exc, caller, fmt, request_id, started, provider_name, model)
         raise
+
+
+async def _admit_kept(
+    request: HttpRequest,
+    fmt: ApiFormat,
+    body: dict[str, Any],
+    request_id: uuid.UUID,
+    started: float,
+    credential: str,
+    provider: Provider,
+    model: str,
+    target: Target,
+    now: datetime,
+) -> Exchange | None:
+    """Admission with the caller this process kept for the key (llm_proxy.auth), its hold
+    taken by ADMIT_CHECKED, which vouches for the caller: a successful request's only
+    statement before the provider. None when there is no kept caller, or when anything
+    but a hold would come of it (a refusal of any kind, a request that takes no hold):
+    the request is then admitted from a fresh load, which decides it as if nothing had
+    been kept. Nothing is written before ADMIT_CHECKED (a kept caller has no rate
+    limits), so that second admission starts from a clean slate."""
+    if not holds.caller_reuse_enabled():
+        return None
+    model_key = f"{provider.name}:{model}"
+    kept = kept_caller(credential=credential, model_key=model_key, now=now)
+    if kept is None:
+        return None
+    caller, key_hash = kept
+    attempt = Attempt(
+        provider=provider,
+        provider_name=provider.name,
+        model=model,
+        model_key=model_key,
+        rates=caller.rates,
+        target=target,
+    )
+    try:
+        named_user_check(caller, fmt.named_users(body))
+        if not model_allowed(caller.allowed_models, model_key):
+            return None
+        attempt.rates = await pricing.rates_for(
+            caller=caller, provider=provider, model=model, model_key=model_key, now=now
+        )
+        return await _admit_caller(
+            caller, fmt, body, [attempt], request_id, started, now, kept=key_hash
+        )
+    except ServiceUnavailable:
+        # The database, not the caller: answered as any request's outage is.
+        raise
+    except (GatewayError, holds.CallerUnverified):
+        return None
 
 
 async def _admit_routed(
@@ -365,6 +429,7 @@ async def _admit_caller(
     platform_request_id: str | None = None,
     *,
     hold_first: bool = False,
+    kept: str | None = None,
 ) -> Exchange:
     """The admission checks of §3.3, in order, and the hold.
 
@@ -375,6 +440,11 @@ async def _admit_caller(
     dearer one grows it (Exchange.advance). The request is charged at the price of the
     attempt that serves. The platform prices
     and bills its own attempts: `require_pricing` is for local providers.
+
+    A `kept` caller (_admit_kept; `kept` is its key's hash) is not fitted to its loaded
+    money, which may be out of date: its hold is the full estimate, taken by
+    ADMIT_CHECKED; when that fits the locked row, fitting would have changed nothing, and
+    when it does not, the request is admitted again from a fresh load and fitted there.
     """
     if caller.blocked:
         raise UserBlocked
@@ -398,7 +468,9 @@ async def _admit_caller(
     # Free models and keys excluded from budget take no hold and are never refused for
     # money (docs/SPEC.md §1, §3.3).
     takes_hold = any(not rates.is_free for rates in priced) and not caller.exclude_from_budget
-    fitted = budget.fit_max_output(ask, body, state) if takes_hold else None
+    if kept is not None and not takes_hold:
+        raise holds.CallerUnverified
+    fitted = budget.fit_max_output(ask, body, state) if takes_hold and kept is None else None
     if fitted is not None:
         body = {**body, fmt.max_output_fields[0]: fitted}
         ask = budget.Ask(fmt, prompt_chars, fitted, held_for)
@@ -418,6 +490,7 @@ async def _admit_caller(
         try:
             state = await _hold_open(
                 rate,
+                kept=(caller, kept) if kept is not None else None,
                 user_id=caller.user_id,
                 request_id=request_id,
                 amount_usd=estimate,
@@ -452,9 +525,19 @@ async def _admit_caller(
     )
 
 
-async def _hold_open(rate: RateAdmission | None, **hold: Any) -> BudgetState:
-    """`hold_open_async`; a refusal gives the rate limiter back the request's tokens
-    (it used none) and still shows the caller its rate limits."""
+async def _hold_open(
+    rate: RateAdmission | None, kept: tuple[Caller, str] | None, **hold: Any
+) -> BudgetState:
+    """`hold_open_async` (`hold_open_checked` for a kept caller and its key's hash); a
+    refusal gives the rate limiter back the request's tokens (it used none) and still
+    shows the caller its rate limits."""
+    if kept is not None:
+        caller, key_hash = kept
+        if caller.fingerprint is None:
+            raise holds.CallerUnverified
+        return await holds.hold_open_checked(
+            fingerprint=caller.fingerprint, key_hash=key_hash, **hold
+        )
     try:
         return await holds.hold_open_async(**hold)
     except GatewayError as exc:
