@@ -28,8 +28,9 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, start_server_process
+from tests.drills import record
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.drill]
 
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 
@@ -147,11 +148,13 @@ def test_a_database_outage_is_a_fast_503_and_the_gateway_recovers_by_itself(
         assert httpx.get(server.url + "/health/readiness", timeout=5).status_code == 200
 
         cluster.stop()
+        slowest_503 = 0.0
         for path in ("/v1/chat/completions", "/v1/messages"):
             for _ in range(3):
                 started = time.monotonic()
                 response = _chat(server.url, secret, path)
                 elapsed = time.monotonic() - started
+                slowest_503 = max(slowest_503, elapsed)
                 assert response.status_code == 503, response.text
                 assert elapsed < 1.0, elapsed
                 assert response.headers["Retry-After"] == "1"
@@ -164,22 +167,35 @@ def test_a_database_outage_is_a_fast_503_and_the_gateway_recovers_by_itself(
                     assert body["error"]["code"] == "service_unavailable"
         started = time.monotonic()
         ready = httpx.get(server.url + "/health/readiness", timeout=10)
+        readiness_s = time.monotonic() - started
         assert ready.status_code == 503
-        assert time.monotonic() - started < 1.5
+        assert readiness_s < 1.5
         assert httpx.get(server.url + "/health/liveness", timeout=5).status_code == 200
 
         cluster.start()
-        deadline = time.monotonic() + 15
+        returned = time.monotonic()
+        deadline = returned + 15
         while (response := _chat(server.url, secret)).status_code != 200:
             assert response.status_code == 503, response.text
             assert time.monotonic() < deadline, "the gateway did not recover"
             time.sleep(0.2)
+        recovered_s = time.monotonic() - returned
         # Recovered with no restart; every request after that one succeeds.
         assert all(_chat(server.url, secret).status_code == 200 for _ in range(5))
     finally:
         server.kill()
     out = _manage(cluster, "audit_budgets")
     assert "0 user(s) and 0 ceiling(s) out of balance, 0 overdue hold(s)" in out
+    record(
+        "database outage",
+        requests_during_outage=6,
+        statuses="6 x 503 (Retry-After: 1)",
+        slowest_503_s=round(slowest_503, 3),
+        readiness_s=round(readiness_s, 3),
+        recovered_after_restart_s=round(recovered_s, 2),
+        holds_leaked=0,
+        audit="clean",
+    )
 
 
 BOOKS = """
@@ -248,6 +264,15 @@ def test_a_stream_the_outage_cuts_ends_with_an_error_event_and_is_charged_when_i
     assert not (spool / "failed").exists()
     out = _manage(cluster, "audit_budgets")
     assert "0 user(s) and 0 ceiling(s) out of balance, 0 overdue hold(s)" in out
+    record(
+        "stream cut by the outage",
+        tokens_delivered=30,
+        tokens_charged=30,
+        kept_settlements_replayed=1,
+        rows_lost=0,
+        holds_leaked=0,
+        audit="clean",
+    )
 
 
 def test_a_busy_pool_is_not_an_outage(gateway, gateway_config_file, tmp_path):
