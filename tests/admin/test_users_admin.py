@@ -271,7 +271,9 @@ def test_block_and_unblock_actions(admin_client, team):
 
 def test_reset_period_now_zeroes_spend_keeps_reserved_and_logs(admin_client, team):
     _, _users = team
-    with time_machine.travel(NOW, tick=False):
+    # After the team's charges (a reset never starts a window before a charge it clears).
+    later = timezone.now() + timedelta(days=1)
+    with time_machine.travel(later, tick=False):
         response = admin_client.post(
             admin_url(GatewayUser, "changelist"),
             {"action": "reset_period_now", "_selected_action": ["near", "over"]},
@@ -281,8 +283,9 @@ def test_reset_period_now_zeroes_spend_keeps_reserved_and_logs(admin_client, tea
     near, over = GatewayUser.objects.get(pk="near"), GatewayUser.objects.get(pk="over")
     assert (near.spend_usd, near.reserved_usd) == (0, Decimal("0.1"))
     assert over.spend_usd == 0
-    assert near.budget_started_at == NOW
-    assert near.next_budget_reset_at == datetime(2025, 7, 1, tzinfo=UTC)
+    assert near.budget_started_at == later
+    next_month = datetime(later.year + later.month // 12, later.month % 12 + 1, 1, tzinfo=UTC)
+    assert near.next_budget_reset_at == next_month
     logs = {log.user_id: log.previous_spend_usd for log in BudgetResetLog.objects.all()}
     assert logs == {"near": Decimal("7.9"), "over": Decimal("12.5")}
     assert near.lifetime_spend_usd == Decimal("7.9")  # history is not rewritten
