@@ -94,7 +94,18 @@ def soak(argv: list[str]) -> None:
     report.unlink(missing_ok=True)
     env["OTARI_DRILL_REPORT"] = str(report)
     result = subprocess.run(
-        [str(PYTHON), "-m", "pytest", "-m", "drill", "-p", "no:cacheprovider", *argv],
+        # A full-length drill may outlast the suite's 300 s per test on a loaded machine.
+        [
+            str(PYTHON),
+            "-m",
+            "pytest",
+            "-m",
+            "drill",
+            "-p",
+            "no:cacheprovider",
+            "--timeout=900",
+            *argv,
+        ],
         cwd=ROOT,
         env=env,
     )

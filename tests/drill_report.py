@@ -9,13 +9,21 @@ from pathlib import Path
 
 
 def table(lines: list[dict]) -> str:
-    columns: list[str] = []
+    """One row per drill: its name, then its figures as `name: value` pairs (drills
+    measure different things, so the figures are not columns)."""
+    rows = ["| drill | figures |", "|---|---|"]
     for line in lines:
-        columns += [key for key in line if key not in columns]
-    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for line in lines:
-        rows.append("| " + " | ".join(str(line.get(key, "")) for key in columns) + " |")
+        figures = "; ".join(
+            f"{key}: {_text(value)}" for key, value in line.items() if key != "drill"
+        )
+        rows.append(f"| {line.get('drill', '?')} | {figures} |")
     return "\n".join(rows)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_text(inner)}" for key, inner in value.items()) + "}"
+    return str(value)
 
 
 def main(path: str) -> None:
