@@ -25,6 +25,8 @@ OTARI_MODULES = {
     "settings.py",
     "urls.py",
     "asgi.py",
+    # The ASGI lifespan: what a worker process warms up before its first request.
+    "startup.py",
     "celery.py",
     "logging.py",
     "metrics.py",
