@@ -25,45 +25,21 @@ import subprocess
 import sys
 
 
+def _psql(sql: str) -> str:
+    """One query's output, unaligned, on the local server's `postgres` database."""
+    command = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-Atc", sql]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
 def _backend_pids(db: str) -> list[int]:
     """The PostgreSQL backends connected to `db` now (psql connects to `postgres`, so it
     never counts itself)."""
-    out = subprocess.run(
-        [
-            "psql",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-Atc",
-            f"SELECT pid FROM pg_stat_activity WHERE datname = '{db}'",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = _psql(f"SELECT pid FROM pg_stat_activity WHERE datname = '{db}'")
     return [int(line) for line in out.split()]
 
 
 def _postmaster_pid() -> int:
-    datadir = subprocess.run(
-        [
-            "psql",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-Atc",
-            "SHOW data_directory",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    datadir = _psql("SHOW data_directory").strip()
     with open(os.path.join(datadir, "postmaster.pid")) as fh:
         return int(fh.readline())
 
