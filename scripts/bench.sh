@@ -237,10 +237,11 @@ YAML
   TARGETS+=(--target "litellm=http://127.0.0.1:$PORT_LITELLM,key=sk-bench,model=gpt-4o-mini,pid=$LITELLM_PID")
 fi
 # scripts/bench_matrix.py runs the harness's run_matrix.py and also counts the CPU of the
-# PostgreSQL backends serving $DB during each measured run of `ours` (docs/PERFORMANCE.md),
-# then writes the side-by-side summary ($OUT/summary-$SERVER.md).
+# PostgreSQL backends serving $DB during each measured run of `ours` (and of `pgbouncer`:
+# its backends serve the same database, idle while the other target runs;
+# docs/PERFORMANCE.md), then writes the side-by-side summary ($OUT/summary-$SERVER.md).
 var/benchvenv/bin/python scripts/bench_matrix.py --bench-dir "$BENCH_DIR" --pg-db "$DB" \
-  --pg-targets ours ${BENCH_PG_TREE:+--pg-tree} --summary "$OUT/summary-$SERVER.md" -- \
+  --pg-targets "ours${BENCH_PGBOUNCER:+,pgbouncer}" ${BENCH_PG_TREE:+--pg-tree} --summary "$OUT/summary-$SERVER.md" -- \
   --upstream "http://127.0.0.1:$PORT_UPSTREAM" --upstream-pid "$UPSTREAM_PID" \
   "${TARGETS[@]}" \
   --driver-cpus 0 --out "$OUT/results-$SERVER.json" --markdown "$OUT/results-$SERVER.md" "$@"
