@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_scale.py hot-row   # 64 connections billing one user vs 64 users
     .venv/bin/python scripts/bench_scale.py workers   # uvicorn --workers 1 vs 2
     .venv/bin/python scripts/bench_scale.py soak      # RSS over a 10-minute run, and its slope
+    .venv/bin/python scripts/bench_scale.py tail --seconds 40   # every request's latency at c=1
 
 Self-contained like the CI guard (scripts/perf_guard.py, whose fake provider, load loop and
 /proc readings it uses): a PostgreSQL database of its own, dropped and recreated
@@ -20,6 +21,9 @@ Each run ends with `manage.py audit_budgets`, which fails when the books do not 
 - soak: one worker under steady load for `--minutes`; the resident memory of the worker
   every 10 s, and the slope of a least-squares line through the samples after the first
   minute (the warm-up's and the pools' growth are over by then).
+- tail: one connection, every request timed: p50, p99 and the slowest requests with their
+  time into the run. `--synchronous-commit off` on the benchmark's database tells whether
+  the slow ones are WAL flushes.
 """
 
 from __future__ import annotations
@@ -302,9 +306,49 @@ def soak(args: argparse.Namespace, keys: dict[str, list[str]]) -> None:
     )
 
 
+def tail(args: argparse.Namespace, keys: dict[str, list[str]]) -> None:
+    if args.synchronous_commit:
+        # A diagnosis only (is a slow request a slow WAL flush?): the product never runs
+        # without durable commits.
+        import psycopg
+
+        with psycopg.connect(args.database_url, autocommit=True) as conn:
+            name = urlsplit(args.database_url).path.lstrip("/")
+            conn.execute(
+                f'ALTER DATABASE "{name}" SET synchronous_commit = {args.synchronous_commit}'
+            )
+    with Gateway(args) as gateway:
+        request = gateway.requests(keys["spread"][:1])[0]
+        asyncio.run(_timed(gateway.port, request, 3.0))  # warm-up
+        timed = asyncio.run(_timed(gateway.port, request, args.seconds))
+    audit()
+    quantiles = statistics.quantiles([ms for _, ms in timed], n=100)
+    print(
+        f"{len(timed)} requests at c=1: p50 {quantiles[49]:.2f} ms, p99 {quantiles[98]:.2f} ms, "
+        f"p99/p50 {quantiles[98] / quantiles[49]:.2f}; over 25 ms: "
+        f"{sum(ms > 25 for _, ms in timed)}"
+    )
+    slowest = sorted(sorted(timed, key=lambda t: -t[1])[:20])
+    print("slowest (s into the run: ms):", " ".join(f"{t:.1f}:{ms:.0f}" for t, ms in slowest))
+
+
+async def _timed(port: int, request: bytes, seconds: float) -> list[tuple[float, float]]:
+    """One connection in a closed loop: (seconds into the run, latency in ms) per request."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started, timed = time.perf_counter(), []
+    try:
+        while (sent := time.perf_counter()) - started < seconds:
+            writer.write(request)
+            await guard.read_response(reader)
+            timed.append((sent - started, (time.perf_counter() - sent) * 1000))
+    finally:
+        writer.close()
+    return timed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("hot-row", "workers", "soak"))
+    parser.add_argument("what", choices=("hot-row", "workers", "soak", "tail"))
     parser.add_argument(
         "--database-url",
         default=os.environ.get(
@@ -315,6 +359,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
     parser.add_argument("--minutes", type=float, default=10.0, help="soak length")
+    parser.add_argument(
+        "--synchronous-commit",
+        choices=("on", "off"),
+        help="tail: set it on the benchmark's database (a diagnosis, never a setting)",
+    )
     args = parser.parse_args()
     args.concurrency = min(args.concurrency, USERS)
     os.environ.update(
@@ -336,7 +385,7 @@ def main() -> int:
     )
     os.environ["OTARI_CONFIG"] = str(config)
     keys = prepare_database(args.database_url)
-    {"hot-row": hot_row, "workers": workers, "soak": soak}[args.what](args, keys)
+    {"hot-row": hot_row, "workers": workers, "soak": soak, "tail": tail}[args.what](args, keys)
     return 0
 
 
