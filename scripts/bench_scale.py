@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
 import subprocess
@@ -50,13 +49,7 @@ USERS = 64
 def prepare_database(url: str) -> dict[str, list[str]]:
     """A fresh database: 64 users with a key each (`spread`) and one user with 64 keys
     (`hot`), on budgets that never refuse."""
-    import psycopg
-
-    name = urlsplit(url).path.lstrip("/")
-    admin = urlsplit(url)._replace(path="/postgres").geturl()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
+    guard.fresh_database(url)
     script = f"""
 import django
 django.setup()
@@ -83,41 +76,36 @@ for i in range({USERS}):
     return keys
 
 
-async def _load(port: int, requests: list[bytes], seconds: float) -> tuple[int, int, list[float]]:
+async def _load(
+    port: int, requests: list[bytes], seconds: float
+) -> tuple[int, int, list[tuple[float, float]]]:
     """One keep-alive connection per request in `requests`, each sending it in a closed
-    loop for `seconds`: (ok, failed, latencies in ms)."""
-    deadline = time.monotonic() + seconds
+    loop for `seconds`: (ok, failed, and per request: seconds into the run, latency in ms)."""
+    started = time.perf_counter()
     counts = [0, 0]
-    latencies: list[float] = []
+    timed: list[tuple[float, float]] = []
 
     async def worker(request: bytes) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            while time.monotonic() < deadline:
-                sent = time.perf_counter()
+            while (sent := time.perf_counter()) - started < seconds:
                 writer.write(request)
                 status = await guard.read_response(reader)
-                latencies.append((time.perf_counter() - sent) * 1000)
+                timed.append((sent - started, (time.perf_counter() - sent) * 1000))
                 counts[0 if status == 200 else 1] += 1
         finally:
             writer.close()
 
     await asyncio.gather(*(worker(r) for r in requests))
-    return counts[0], counts[1], latencies
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    return counts[0], counts[1], timed
 
 
 def measure(pid: int, port: int, requests: list[bytes], seconds: float) -> dict[str, float]:
-    cpu_before, started, ticks = guard.cpu_seconds(pid), time.monotonic(), machine_ticks()
-    ok, failed, latencies = asyncio.run(_load(port, requests, seconds))
+    cpu_before, started, machine = guard.cpu_seconds(pid), time.monotonic(), guard.busy_seconds()
+    ok, failed, timed = asyncio.run(_load(port, requests, seconds))
     elapsed, cpu = time.monotonic() - started, guard.cpu_seconds(pid) - cpu_before
-    busy, total = (after - before for after, before in zip(machine_ticks(), ticks, strict=True))
+    busy, total = (b - a for a, b in zip(machine, guard.busy_seconds(), strict=True))
+    latencies = [ms for _, ms in timed]
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
     return {
         "req_s": ok / elapsed,
@@ -126,7 +114,7 @@ def measure(pid: int, port: int, requests: list[bytes], seconds: float) -> dict[
         "p99_ms": quantiles[98],
         "cpu_ms_per_req": cpu * 1000 / max(ok, 1),
         # How much of the whole machine was busy: at 100% no process could go faster.
-        "machine_busy_pct": 100 * busy / max(total, 1),
+        "machine_busy_pct": 100 * busy / max(total, 1e-9),
     }
 
 
@@ -136,12 +124,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def children(pid: int) -> list[int]:
-    with contextlib.suppress(OSError):
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return []
 
 
 class Gateway:
@@ -319,8 +301,8 @@ def tail(args: argparse.Namespace, keys: dict[str, list[str]]) -> None:
             )
     with Gateway(args) as gateway:
         request = gateway.requests(keys["spread"][:1])[0]
-        asyncio.run(_timed(gateway.port, request, 3.0))  # warm-up
-        timed = asyncio.run(_timed(gateway.port, request, args.seconds))
+        asyncio.run(_load(gateway.port, [request], 3.0))  # warm-up
+        _, _, timed = asyncio.run(_load(gateway.port, [request], args.seconds))
     audit()
     quantiles = statistics.quantiles([ms for _, ms in timed], n=100)
     print(
@@ -330,20 +312,6 @@ def tail(args: argparse.Namespace, keys: dict[str, list[str]]) -> None:
     )
     slowest = sorted(sorted(timed, key=lambda t: -t[1])[:20])
     print("slowest (s into the run: ms):", " ".join(f"{t:.1f}:{ms:.0f}" for t, ms in slowest))
-
-
-async def _timed(port: int, request: bytes, seconds: float) -> list[tuple[float, float]]:
-    """One connection in a closed loop: (seconds into the run, latency in ms) per request."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    started, timed = time.perf_counter(), []
-    try:
-        while (sent := time.perf_counter()) - started < seconds:
-            writer.write(request)
-            await guard.read_response(reader)
-            timed.append((sent - started, (time.perf_counter() - sent) * 1000))
-    finally:
-        writer.close()
-    return timed
 
 
 def main() -> int:

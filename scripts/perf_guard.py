@@ -82,13 +82,15 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK
 
 
-def core_busy_seconds(cpu: int) -> float:
-    """Seconds core `cpu` has spent running anything (not idle, not waiting on I/O)."""
+def busy_seconds(cpu: int | None = None) -> tuple[float, float]:
+    """(busy, total) seconds since boot of core `cpu`, or of all cores together: busy is
+    running anything, neither idle nor waiting on I/O (/proc/stat)."""
+    prefix = "cpu " if cpu is None else f"cpu{cpu} "
     for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{cpu} "):
+        if line.startswith(prefix):
             fields = [int(x) for x in line.split()[1:]]
-            return (sum(fields) - fields[3] - fields[4]) / CLK
-    return 0.0
+            return (sum(fields) - fields[3] - fields[4]) / CLK, sum(fields) / CLK
+    return 0.0, 0.0
 
 
 # --- the load generator -------------------------------------------------------------------
@@ -149,11 +151,11 @@ def measure(
     """CPU milliseconds per successful request over one load run: of `pid`'s process tree
     ("server"), of the load generator ("client") and of process `also` ("also"); and
     "others", the share of the gateway's core that other processes took meanwhile."""
-    started, core = time.monotonic(), core_busy_seconds(GATEWAY_CPU)
+    started, (core, _) = time.monotonic(), busy_seconds(GATEWAY_CPU)
     before = cpu_seconds(pid), time.process_time(), cpu_seconds(also) if also else 0.0
     ok, failed = asyncio.run(_load(port, request, concurrency, seconds))
     after = cpu_seconds(pid), time.process_time(), cpu_seconds(also) if also else 0.0
-    core, elapsed = core_busy_seconds(GATEWAY_CPU) - core, time.monotonic() - started
+    core, elapsed = busy_seconds(GATEWAY_CPU)[0] - core, time.monotonic() - started
     if failed or not ok:
         raise SystemExit(f"perf guard: {failed} of {ok + failed} requests failed on port {port}")
     spent = [(b - a) * 1000 / ok for a, b in zip(before, after, strict=True)]
@@ -201,7 +203,10 @@ print((time.process_time() - start) * 1000 / 1500)
 def yardstick_ms() -> float:
     """CPU milliseconds per unit of the yardstick, on the gateway's core."""
     done = subprocess.run(
-        [*pin(1), sys.executable, "-c", YARDSTICK], capture_output=True, text=True, check=True
+        [*pin(GATEWAY_CPU), sys.executable, "-c", YARDSTICK],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(done.stdout)
 
@@ -230,8 +235,8 @@ def wait_http(port: int, process: subprocess.Popen, path: str) -> None:
     sys.exit(f"perf guard: nothing answered on port {port}")
 
 
-def prepare_database(url: str) -> str:
-    """A fresh database, migrated, with a user whose budget never refuses; its API key."""
+def fresh_database(url: str) -> None:
+    """Drop and recreate the (empty) database of `url`."""
     import psycopg
 
     name = urlsplit(url).path.lstrip("/")
@@ -239,6 +244,11 @@ def prepare_database(url: str) -> str:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def prepare_database(url: str) -> str:
+    """A fresh database, migrated, with a user whose budget never refuses; its API key."""
+    fresh_database(url)
     script = """
 import django
 django.setup()
@@ -296,7 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, float, float]]]
         processes.append(fake)
         gateway = subprocess.Popen(
             [
-                *pin(1),
+                *pin(GATEWAY_CPU),
                 sys.executable,
                 "-m",
                 "uvicorn",
