@@ -87,7 +87,7 @@ def _beat() -> None:
 
 
 async def _hooks_thread() -> None:
-    # The thread Django runs a generation request's synchronous hooks in (otari/asgi.py).
+    # The thread a generation request's synchronous ORM calls run in (the general path).
     await sync_to_async(lambda: None)()
 
 
