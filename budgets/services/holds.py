@@ -195,7 +195,9 @@ _LOGGED_NOW_SQL = ledger.insert_sql(timestamp="%(now)s")
 # when every ceiling fits, and then the ceilings are reserved and linked to the hold.
 _ADMIT_SQL = f"""
 WITH payer AS MATERIALIZED (
-    SELECT u.user_id FROM budgets_gatewayuser u
+    SELECT u.user_id, u.spend_usd, u.reserved_usd, u.next_budget_reset_at, u.deleted_at,
+           u.blocked
+    FROM budgets_gatewayuser u
     WHERE u.user_id = %(user_id)s
     FOR NO KEY UPDATE
 ), ceilings AS MATERIALIZED (
@@ -307,17 +309,46 @@ ADMIT = Statement(_ADMIT_SQL, _admit_orm)
 # budgets.selectors), recomputed from the current rows under the same statement, so that
 # a key revoked, a user blocked, a budget or a price changed since counts for this
 # request as if the caller had just been loaded. PostgreSQL only (the fast path).
+#
+# When it takes nothing because the money does not fit the user's budget, and for no
+# other reason (the caller is still the one kept, billable, its period current), it says
+# so in the same round trip: `refused`, with the user's money as locked (`payer` holds the
+# row's latest version), from which the refusal is explained. Any other reason (a
+# changed caller, a period to roll, a ceiling that does not fit) returns no row, and the
+# request is admitted again from a fresh load.
+_CALLER_STILL_KEPT_SQL = f"({selectors.KEY_CALLER_FINGERPRINT_SQL}) = %(fingerprint)s"
 _ADMIT_CHECKED_SQL = _ADMIT_SQL.replace(
     "AND NOT EXISTS (SELECT 1 FROM ceilings WHERE NOT ceilings.fits)",
     "AND NOT EXISTS (SELECT 1 FROM ceilings WHERE NOT ceilings.fits)\n"
-    f"      AND ({selectors.KEY_CALLER_FINGERPRINT_SQL}) = %(fingerprint)s",
+    f"      AND {_CALLER_STILL_KEPT_SQL}",
+).replace(
+    "\nSELECT * FROM admitted\n",
+    f"""
+, refused AS (
+    SELECT u.spend_usd, u.reserved_usd, u.next_budget_reset_at
+    FROM payer u
+    WHERE NOT EXISTS (SELECT 1 FROM admitted)
+      AND {rules.BILLABLE_SQL} AND {rules.PERIOD_CURRENT_SQL} AND NOT {rules.ADMITS_SQL}
+      AND {_CALLER_STILL_KEPT_SQL}
 )
-assert _ADMIT_CHECKED_SQL != _ADMIT_SQL  # noqa: S101 - the anchor above is in ADMIT
+SELECT false AS refused, * FROM admitted
+UNION ALL
+SELECT true AS refused, * FROM refused
+""",
+)
+assert "%(fingerprint)s" in _ADMIT_CHECKED_SQL  # noqa: S101 - the anchors above are in ADMIT
+assert "refused AS" in _ADMIT_CHECKED_SQL  # noqa: S101
 
 
 class CallerUnverified(Exception):
-    """ADMIT_CHECKED took nothing: the kept caller changed, or the money does not fit (it
-    cannot tell which). The request is admitted again from a fresh load."""
+    """ADMIT_CHECKED took nothing, and not only for the user's money: the kept caller
+    changed, a period is due, or a ceiling does not fit. The request is admitted again
+    from a fresh load."""
+
+
+class CheckedRefusal(BudgetExceeded):
+    """ADMIT_CHECKED's refusal: the kept caller is current, and the money does not fit
+    its user's budget. `state` is the user's money on the locked row."""
 
 
 def _admit_params(
@@ -447,9 +478,10 @@ async def hold_open_checked(
     scopes: Scopes,
     provider: str,
 ) -> BudgetState:
-    """`hold_open_async` for a kept caller: ADMIT_CHECKED alone, one round trip; raises
-    CallerUnverified when it took nothing (there is no general path to fall back on: the
-    caller itself may be out of date)."""
+    """`hold_open_async` for a kept caller: ADMIT_CHECKED alone, one round trip. Raises
+    CheckedRefusal when the money does not fit the user's budget, and CallerUnverified
+    when it took nothing for any other reason (there is no general path to fall back on:
+    the caller itself may be out of date)."""
     params = _admit_params(
         user_id=user_id,
         request_id=request_id,
@@ -465,7 +497,10 @@ async def hold_open_checked(
     )
     if row is None:
         raise CallerUnverified
-    return _state(row, limit_usd)
+    state = _state(row, limit_usd)
+    if row["refused"]:
+        raise CheckedRefusal(state=state, needed_usd=amount_usd)
+    return state
 
 
 def caller_reuse_enabled() -> bool:

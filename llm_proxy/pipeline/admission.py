@@ -230,11 +230,13 @@ async def _admit_kept(
 ) -> Exchange | None:
     """Admission with the caller this process kept for the key (llm_proxy.auth), its hold
     taken by ADMIT_CHECKED, which vouches for the caller: a successful request's only
-    statement before the provider. None when there is no kept caller, or when anything
-    but a hold would come of it (a refusal of any kind, a request that takes no hold):
-    the request is then admitted from a fresh load, which decides it as if nothing had
-    been kept. Nothing is written before ADMIT_CHECKED (a kept caller has no rate
-    limits), so that second admission starts from a clean slate."""
+    statement before the provider. A refusal for the user's money that ADMIT_CHECKED
+    reports (holds.CheckedRefusal) is explained and recorded here. None when there is no
+    kept caller, or when anything else would come of it (another refusal, a request that
+    takes no hold, an output maximum to fit): the request is then admitted from a fresh
+    load, which decides it as if nothing had been kept. Nothing is written before
+    ADMIT_CHECKED (a kept caller has no rate limits), so that second admission starts
+    from a clean slate."""
     if not holds.caller_reuse_enabled():
         return None
     model_key = f"{provider.name}:{model}"
@@ -260,6 +262,11 @@ async def _admit_kept(
         return await _admit_caller(
             caller, fmt, body, [attempt], request_id, started, now, kept=key_hash
         )
+    except holds.CheckedRefusal as exc:
+        # Refused for money by ADMIT_CHECKED, which verified the caller: a refusal in two
+        # round trips (that statement, and the usage row).
+        await refusal_close(exc, caller, fmt, request_id, started, provider.name, model)
+        raise
     except ServiceUnavailable:
         # The database, not the caller: answered as any request's outage is.
         raise
@@ -443,8 +450,10 @@ async def _admit_caller(
 
     A `kept` caller (_admit_kept; `kept` is its key's hash) is not fitted to its loaded
     money, which may be out of date: its hold is the full estimate, taken by
-    ADMIT_CHECKED; when that fits the locked row, fitting would have changed nothing, and
-    when it does not, the request is admitted again from a fresh load and fitted there.
+    ADMIT_CHECKED; when that fits the locked row, fitting would have changed nothing.
+    When it does not, the refusal carries the locked row's money: a smaller output
+    maximum that fits it sends the request to a fresh load, fitted there; otherwise the
+    refusal is explained from that money.
     """
     if caller.blocked:
         raise UserBlocked
@@ -501,6 +510,9 @@ async def _admit_caller(
                 now=now,
             )
         except BudgetExceeded as exc:
+            if kept is not None and _fits_smaller(ask, body, exc.state):
+                # Admitted from a fresh load, which fits the request to what is left.
+                raise holds.CallerUnverified from None
             raise budget.explain(exc, ask) from None
         held = True
     for index in range(usable[0]):
@@ -523,6 +535,15 @@ async def _admit_caller(
         fitted_max_tokens=fitted,
         hold_usd=estimate if held else Decimal(0),
     )
+
+
+def _fits_smaller(ask: budget.Ask, body: dict[str, Any], state: BudgetState | None) -> bool:
+    """Whether a smaller output maximum than the request's default fits `state`. When
+    not even the floor fits, the refusal is the one the hold's own explains."""
+    try:
+        return budget.fit_max_output(ask, body, state) is not None
+    except BudgetExceeded:
+        return False
 
 
 async def _hold_open(

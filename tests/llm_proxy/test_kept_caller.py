@@ -295,3 +295,87 @@ def test_a_changed_caller_costs_one_reload(gateway, admin, carol, statements):
     # The kept caller's hold took nothing; then load, hold, settle.
     assert len(statements) == 4, statements
     assert_books_balance(user)
+
+
+def tight_user(budget_usd: str = "0.0005") -> tuple[GatewayUser, str]:
+    """A user whose budget a few requests exhaust, and its key's secret."""
+    set_price()
+    user = make_user(budget=make_budget(max_budget_usd=Decimal(budget_usd)), user_id="tight")
+    _key, secret = make_key(user)
+    return user, secret
+
+
+def spend_a_little(gateway, secret: str) -> None:
+    """Two small requests: the key's caller is kept, and some money is spent."""
+    for count in (1, 2):
+        assert gateway.chat(secret, model=MODEL, max_tokens=10).status_code == 200
+        settled(count)
+
+
+@pytest.mark.parametrize(
+    ("budget_usd", "body", "fix"),
+    [
+        # A maximum the client set is kept, and refused with the one that fits.
+        ("0.0005", {"max_tokens": 2000}, "Set max_completion_tokens or max_tokens to "),
+        # No maximum set, and not even the smallest one the gateway would fit (16 tokens,
+        # OTARI_FIT_MIN_OUTPUT_TOKENS) fits what is left: $0.000010 after two requests of
+        # $0.000007 (7 prompt tokens at $0.15/Mtok, 10 output at $0.60).
+        ("0.000024", {}, "(1024 output tokens at most)"),
+    ],
+    ids=["client-maximum", "below-the-floor"],
+)
+def test_a_known_keys_refusal_for_budget_makes_two_round_trips(
+    gateway, statements, settings, budget_usd, body, fix
+):
+    user, secret = tight_user(budget_usd)
+    spend_a_little(gateway, secret)
+    user.refresh_from_db()
+    spent = user.spend_usd
+    statements.clear()
+
+    response = gateway.chat(secret, model=MODEL, **body)
+
+    refused(response, 403, "budget_exceeded")
+    message = response.json()["error"]["message"]
+    left = f"{(Decimal(budget_usd) - spent).normalize():f}"
+    budget = f"{Decimal(budget_usd).normalize():f}"
+    assert message.startswith(f"Budget exceeded: ${left} left of ${budget}"), message
+    assert fix in message, message
+    assert response.headers["X-Otari-Budget-Remaining-Usd"] == left
+    # The hold that took nothing and said why, then the usage row.
+    assert len(statements) == 2, statements
+    assert "refused AS" in statements[0]
+    row = UsageLog.objects.get(pk=response.headers["X-Otari-Request-Id"])
+    assert (row.status, row.status_code, row.error_code) == ("error", 403, "budget_exceeded")
+    assert row.error_message == message
+
+    # The same refusal, word for word, as a caller loaded afresh gets it.
+    settings.OTARI_CALLER_REUSE = False
+    fresh = gateway.chat(secret, model=MODEL, **body)
+    refused(fresh, 403, "budget_exceeded")
+    assert fresh.json()["error"]["message"] == message
+    assert not Hold.objects.filter(status=Hold.Status.OPEN).exists()
+    user.refresh_from_db()
+    assert (user.spend_usd, user.reserved_usd) == (spent, 0)
+    assert_books_balance(user)
+
+
+def test_a_known_keys_request_fitted_to_what_is_left_is_served(gateway, statements):
+    """A request that sets no output maximum, refused at its default by ADMIT_CHECKED, is
+    admitted from a fresh load with the maximum that fits what is left ($0.0005 less two
+    small requests: the default 1,024 output tokens at $0.60/Mtok, ~$0.0006, do not)."""
+    user, secret = tight_user("0.0005")
+    spend_a_little(gateway, secret)
+    statements.clear()
+
+    response = gateway.chat(secret, model=MODEL)
+
+    assert response.status_code == 200, response.text
+    fitted = int(response.headers["X-Otari-Max-Tokens"])
+    assert 16 <= fitted < 1024
+    assert gateway.fake.last_request.body["max_completion_tokens"] == fitted
+    settled(3)
+    # The hold that took nothing, the load, the fitted hold, the settlement.
+    assert len(statements) == 4, statements
+    assert not Hold.objects.filter(status=Hold.Status.OPEN).exists()
+    assert_books_balance(user)
