@@ -8,6 +8,7 @@ import pytest
 from psycopg import errors
 from psycopg_pool import PoolTimeout
 
+from budgets.services import holds
 from common import pgpool
 from common.exceptions import ServiceUnavailable
 from tests.conftest import run_async
@@ -55,3 +56,22 @@ def test_an_unreachable_database_fails_the_next_statements_at_once(transactional
         run_async(scenario())
     finally:
         pgpool._down_until = 0.0
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        holds._ADMIT_CHECKED_SQL,
+        holds.ADMIT.sql,
+        holds.SETTLE.sql,
+        holds.REFUND.sql,
+        holds.RECORD.sql,
+    ],
+    ids=["ADMIT_CHECKED", "ADMIT", "SETTLE", "REFUND", "RECORD"],
+)
+def test_the_hot_paths_statements_fit_psycopgs_conversion_cache(statement):
+    """Past the limit, psycopg parses the statement's text again at every execution."""
+    from psycopg import _queries  # psycopg's own limit, private: pinned here
+
+    assert pgpool.CACHED_STATEMENT_MAX_BYTES == _queries.MAX_CACHED_STATEMENT_LENGTH
+    assert len(statement.encode()) <= pgpool.CACHED_STATEMENT_MAX_BYTES

@@ -310,34 +310,40 @@ ADMIT = Statement(_ADMIT_SQL, _admit_orm)
 # a key revoked, a user blocked, a budget or a price changed since counts for this
 # request as if the caller had just been loaded. PostgreSQL only (the fast path).
 #
-# When it takes nothing because the money does not fit the user's budget, and for no
-# other reason (the caller is still the one kept, billable, its period current), it says
-# so in the same round trip: `refused`, with the user's money as locked (`payer` holds the
-# row's latest version), from which the refusal is explained. Any other reason (a
-# changed caller, a period to roll, a ceiling that does not fit) returns no row, and the
-# request is admitted again from a fresh load.
-_CALLER_STILL_KEPT_SQL = f"({selectors.KEY_CALLER_FINGERPRINT_SQL}) = %(fingerprint)s"
-_ADMIT_CHECKED_SQL = _ADMIT_SQL.replace(
-    "AND NOT EXISTS (SELECT 1 FROM ceilings WHERE NOT ceilings.fits)",
-    "AND NOT EXISTS (SELECT 1 FROM ceilings WHERE NOT ceilings.fits)\n"
-    f"      AND {_CALLER_STILL_KEPT_SQL}",
-).replace(
-    "\nSELECT * FROM admitted\n",
-    f"""
-, refused AS (
-    SELECT u.spend_usd, u.reserved_usd, u.next_budget_reset_at
-    FROM payer u
-    WHERE NOT EXISTS (SELECT 1 FROM admitted)
-      AND {rules.BILLABLE_SQL} AND {rules.PERIOD_CURRENT_SQL} AND NOT {rules.ADMITS_SQL}
-      AND {_CALLER_STILL_KEPT_SQL}
-)
-SELECT false AS refused, * FROM admitted
+# When it takes nothing, and the caller is still the one kept, it returns the user's money
+# as locked (`payer` holds the row's latest version) marked `refused`: from it, Python
+# tells a refusal for the user's budget (billable, period current, and the money does not
+# fit: budgets.rules' Python twins of the conditions above) from anything else (a period
+# to roll, a ceiling that does not fit), and explains it. No row: the caller changed, and
+# the request is admitted again from a fresh load. The fingerprint is computed once
+# (`kept`), and the statement stays under psycopg's limit for caching a query's
+# conversion (common.pgpool.CACHED_STATEMENT_MAX_BYTES).
+_ADMIT_CHECKED_SQL = (
+    _ADMIT_SQL.replace(
+        "WITH payer AS MATERIALIZED (",
+        "WITH kept AS MATERIALIZED (\n"
+        f"    SELECT ({selectors.KEY_CALLER_FINGERPRINT_SQL}) = %(fingerprint)s AS current\n"
+        "), payer AS MATERIALIZED (",
+    )
+    .replace(
+        "AND NOT EXISTS (SELECT 1 FROM ceilings WHERE NOT ceilings.fits)",
+        "AND NOT EXISTS (SELECT 1 FROM ceilings WHERE NOT ceilings.fits)\n"
+        "      AND (SELECT current FROM kept)",
+    )
+    .replace(
+        "\nSELECT * FROM admitted\n",
+        """
+SELECT false AS refused, a.*, NULL::timestamptz AS deleted_at, NULL::boolean AS blocked
+FROM admitted a
 UNION ALL
-SELECT true AS refused, * FROM refused
+SELECT true, u.spend_usd, u.reserved_usd, u.next_budget_reset_at, u.deleted_at, u.blocked
+FROM payer u
+WHERE NOT EXISTS (SELECT 1 FROM admitted) AND (SELECT current FROM kept)
 """,
+    )
 )
-assert "%(fingerprint)s" in _ADMIT_CHECKED_SQL  # noqa: S101 - the anchors above are in ADMIT
-assert "refused AS" in _ADMIT_CHECKED_SQL  # noqa: S101
+assert "AND (SELECT current FROM kept)" in _ADMIT_CHECKED_SQL  # noqa: S101 - anchors in ADMIT
+assert "UNION ALL" in _ADMIT_CHECKED_SQL  # noqa: S101
 
 
 class CallerUnverified(Exception):
@@ -498,9 +504,15 @@ async def hold_open_checked(
     if row is None:
         raise CallerUnverified
     state = _state(row, limit_usd)
-    if row["refused"]:
+    if not row["refused"]:
+        return state
+    if (
+        rules.billable(row["deleted_at"], row["blocked"])
+        and rules.period_current(row["next_budget_reset_at"], now)
+        and not rules.admits(row["spend_usd"], row["reserved_usd"], amount_usd, limit_usd)
+    ):
         raise CheckedRefusal(state=state, needed_usd=amount_usd)
-    return state
+    raise CallerUnverified
 
 
 def caller_reuse_enabled() -> bool:

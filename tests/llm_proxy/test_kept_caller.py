@@ -344,7 +344,7 @@ def test_a_known_keys_refusal_for_budget_makes_two_round_trips(
     assert response.headers["X-Otari-Budget-Remaining-Usd"] == left
     # The hold that took nothing and said why, then the usage row.
     assert len(statements) == 2, statements
-    assert "refused AS" in statements[0]
+    assert "UNION ALL" in statements[0]
     row = UsageLog.objects.get(pk=response.headers["X-Otari-Request-Id"])
     assert (row.status, row.status_code, row.error_code) == ("error", 403, "budget_exceeded")
     assert row.error_message == message
