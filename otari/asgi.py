@@ -80,7 +80,7 @@ class GenerationHandler(ASGIHandler):
         pass
 
     async def __call__(self, scope, receive, send) -> None:
-        view = None
+        view = script_name = None
         if scope["type"] == "http":
             script_name = get_script_prefix(scope)
             path = scope["path"]
@@ -91,7 +91,7 @@ class GenerationHandler(ASGIHandler):
         body = await _read_body(receive)
         if body is None:  # the client left before its request was complete
             return
-        set_script_prefix(get_script_prefix(scope))
+        set_script_prefix(script_name)
         await _close_old_orm_connections()
         request, error_response = self.create_request(scope, io.BytesIO(body))
         if request is None:
