@@ -130,6 +130,13 @@ def test_settle_refund_expiry_resets_edits_and_topups_at_once_never_deadlock(
         key, secret = make_key(make_user(budget=budget, user_id=f"drill-{n}"))
         make_ceiling(key, make_budget(max_budget_usd=Decimal("0.5"), budget_duration_sec=5))
         secrets.append(secret)
+    # A user who sends nothing, on a budget of its own that nothing edits: its periods end
+    # every second and only the sweeper rolls them. The others' are mostly rolled by their
+    # own requests first (admission rolls a due period), the faster the gateway the more.
+    make_user(
+        budget=make_budget(max_budget_usd=Decimal("1"), budget_duration_sec=1),
+        user_id="drill-idle",
+    )
     django_user_model.objects.create_superuser("drill-staff", "", STAFF_PASSWORD)
 
     # Logged in before the clock starts: the password hash alone takes seconds on a busy
